@@ -1,0 +1,215 @@
+"""Patch features of a frozen backbone and the on-disk cache that makes "extract once, fit many" true."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+ProgressFn = Callable[[int, int, str], None]  # (done, total, message)
+
+
+@dataclass
+class PatchFeatures:
+    """Per-layer patch maps of a batch of images.
+
+    Attributes:
+        maps: layer name -> (B, C, h, w) float32 map, in the backbone's layer order.
+        image_size: (H, W) of the backbone input the maps come from.
+        cls: optional (B, C) class token of the last layer.
+        backbone: the backbone's fingerprint (name, weights, size, layers), for sanity checks.
+    """
+
+    maps: dict[str, torch.Tensor]
+    image_size: tuple[int, int]
+    cls: torch.Tensor | None = None
+    backbone: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.maps:
+            raise ValueError("PatchFeatures needs at least one layer map")
+        sizes = {m.shape[0] for m in self.maps.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"all layer maps must have the same batch size, got {sorted(sizes)}")
+
+    def __len__(self) -> int:
+        return next(iter(self.maps.values())).shape[0]
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.maps)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the finest layer map."""
+        return max((tuple(m.shape[-2:]) for m in self.maps.values()), key=lambda s: s[0] * s[1])
+
+    def __getitem__(self, idx) -> "PatchFeatures":
+        """Select images along the batch axis (int, slice, list or bool/long tensor)."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return PatchFeatures(
+            {k: v[idx] for k, v in self.maps.items()},
+            self.image_size,
+            None if self.cls is None else self.cls[idx],
+            self.backbone,
+            dict(self.meta),
+        )
+
+    def select(self, layers: Sequence[str]) -> "PatchFeatures":
+        """Keep only the named layers (a KeyError names the missing one and what exists)."""
+        missing = [l for l in layers if l not in self.maps]
+        if missing:
+            raise KeyError(f"layers {missing} not in features (have {self.layers})")
+        return PatchFeatures({l: self.maps[l] for l in layers}, self.image_size, self.cls, self.backbone, dict(self.meta))
+
+    def stacked(self, layers: Sequence[str] | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Concatenate layers along channels after bilinear resampling to one grid -> (B, sum C, h, w)."""
+        layers = list(layers) if layers is not None else self.layers
+        grid = grid or self.select(layers).grid
+        out = []
+        for l in layers:
+            m = self.maps[l]
+            if tuple(m.shape[-2:]) != tuple(grid):
+                m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+            out.append(m)
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def cat(items: Iterable["PatchFeatures"]) -> "PatchFeatures":
+        items = list(items)
+        if not items:
+            raise ValueError("nothing to concatenate")
+        first = items[0]
+        for it in items[1:]:
+            if it.layers != first.layers or it.image_size != first.image_size:
+                raise ValueError("cannot concatenate features of different layers or image sizes")
+        cls = None if first.cls is None else torch.cat([it.cls for it in items])
+        maps = {l: torch.cat([it.maps[l] for it in items]) for l in first.layers}
+        return PatchFeatures(maps, first.image_size, cls, first.backbone, dict(first.meta))
+
+
+def content_key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+class FeatureCache:
+    """On-disk cache of per-image features, keyed by backbone fingerprint and image content.
+
+    Each entry is one safetensors file (never pickle) at ``root/<backbone-hash>/<image-hash>.safetensors``.
+    When the cache grows past ``max_bytes`` the least recently used entries are evicted.
+
+    Args:
+        root: cache folder (created if missing).
+        max_bytes: size cap; ``None`` means unbounded.
+    """
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int | None = 2 * 1024**3) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+
+    def _dir(self, fingerprint: str) -> Path:
+        d = self.root / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        d.mkdir(exist_ok=True)
+        fp = d / "backbone.json"
+        if not fp.exists():
+            fp.write_text(json.dumps({"fingerprint": fingerprint}))
+        return d
+
+    def get(self, fingerprint: str, key: str) -> PatchFeatures | None:
+        path = self._dir(fingerprint) / f"{key}.safetensors"
+        if not path.exists():
+            return None
+        try:
+            tensors = load_file(str(path))
+            meta = json.loads((path.with_suffix(".json")).read_text())
+        except Exception:  # a half-written or damaged entry is a miss, not a crash
+            path.unlink(missing_ok=True)
+            return None
+        os.utime(path)  # LRU bookkeeping
+        maps = {l: tensors[f"map.{l}"] for l in meta["layers"]}
+        return PatchFeatures(maps, tuple(meta["image_size"]), tensors.get("cls"), fingerprint)
+
+    def put(self, fingerprint: str, key: str, feats: PatchFeatures) -> None:
+        assert len(feats) == 1, "cache entries hold one image"
+        d = self._dir(fingerprint)
+        tensors = {f"map.{l}": m.contiguous() for l, m in feats.maps.items()}
+        if feats.cls is not None:
+            tensors["cls"] = feats.cls.contiguous()
+        tmp = d / f".{key}.tmp"
+        save_file(tensors, str(tmp))
+        (d / f"{key}.json").write_text(json.dumps({"layers": feats.layers, "image_size": list(feats.image_size)}))
+        os.replace(tmp, d / f"{key}.safetensors")  # atomic: a crash never leaves a torn entry
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*.safetensors"))
+
+    def evict(self) -> int:
+        """Remove least recently used entries until the cache fits ``max_bytes``; returns how many went."""
+        if self.max_bytes is None:
+            return 0
+        files = sorted(self.root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        removed = 0
+        for p in files:
+            if total <= self.max_bytes:
+                break
+            total -= p.stat().st_size
+            p.unlink(missing_ok=True)
+            p.with_suffix(".json").unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def extract(
+        self,
+        backbone,
+        samples: Sequence,
+        batch_size: int = 16,
+        progress: ProgressFn | None = None,
+    ) -> PatchFeatures:
+        """Features of ``samples`` (objects with ``load()`` -> PIL and ``content_key()``), from cache or backbone.
+
+        Returns:
+            PatchFeatures of all samples in order; ``meta["backbone_s"]`` holds the seconds spent in the backbone.
+        """
+        fp = backbone.fingerprint
+        out: list[PatchFeatures | None] = []
+        todo: list[int] = []
+        keys = [s.content_key() for s in samples]
+        for i, k in enumerate(keys):
+            f = self.get(fp, k)
+            out.append(f)
+            if f is None:
+                todo.append(i)
+        self.hits += len(samples) - len(todo)
+        self.misses += len(todo)
+        spent = 0.0
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            x = torch.stack([backbone.transform(samples[i].load()) for i in chunk])
+            t0 = time.perf_counter()
+            feats = backbone(x)
+            spent += time.perf_counter() - t0
+            for j, i in enumerate(chunk):
+                one = feats[j]
+                self.put(fp, keys[i], one)
+                out[i] = one
+            if progress is not None:
+                progress(min(start + batch_size, len(todo)), len(todo), f"extracting {backbone.name} features")
+        self.evict()
+        res = PatchFeatures.cat(out)  # type: ignore[arg-type]
+        res.backbone = fp
+        res.meta["backbone_s"] = spent
+        res.meta["extracted"] = len(todo)
+        return res

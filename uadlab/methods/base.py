@@ -12,13 +12,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
 from safetensors.torch import load_file
 
 from ..features import PatchFeatures
+
+if TYPE_CHECKING:
+    from ..backbones import BackboneSpec
 
 StepFn = Callable[[int, int, float], None]  # (step, total_steps, loss) for iterative heads
 
@@ -114,6 +117,15 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
             raise NotFittedError(f"{self.name} is not fitted: call fit(...) or load a trained head first")
         self.eval()
         return self._score(features)
+
+    def layers_for(self, spec: "BackboneSpec") -> list[str]:
+        """Backbone layers this method reads (names as in ``uadlab.backbones``); override per method.
+
+        The pipeline asks every selected method, extracts the union once, and hands each method
+        ``features.select(its layers)``.
+        """
+        layers = getattr(self, "layers", None)
+        return list(layers) if layers else spec.default_layers()
 
     def explain(self, features: PatchFeatures) -> dict[str, Any]:
         """Optional: named explanation images (numpy arrays) for ONE image; methods without any return {}."""

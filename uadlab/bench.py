@@ -1,0 +1,117 @@
+"""``uadlab bench``: every method on the same data, backbone and feature cache, in one run.
+
+Rows per (method, category) plus a mean row per method. Times: ``fit_s`` is the head's fit on cached
+features; ``backbone_ms`` and ``head_ms`` are medians per test image (batch 1) measured in this run;
+``head_mb`` is the size of the head's state; ``peak_rss_mb`` is the process's peak resident memory so far.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .data import Dataset, load_data
+from .features import FeatureCache
+from .methods import get_method_class
+from .pipeline import Run, RunConfig, default_cache_dir, peak_rss_mb
+
+COLUMNS = ["method", "category", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
+           "pixel_f1max", "aupro", "fit_s", "backbone_ms", "head_ms", "head_mb", "peak_rss_mb"]
+METRICS = COLUMNS[2:9]
+
+
+def backbone_ms(run: Run, samples, n: int = 8) -> float:
+    """Median backbone time per image (batch 1, no cache) over up to ``n`` images, after one warm-up."""
+    bb = run.backbone
+    xs = [bb.transform(s.load())[None] for s in samples[:n]]
+    bb(xs[0])
+    times = []
+    for x in xs:
+        t0 = time.perf_counter()
+        bb(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
+def _limit(samples, n: int | None):
+    return list(samples) if not n else list(samples)[:n]
+
+
+def run_bench(data: str | Dataset, backbone: str, methods: Sequence[str], weights: str = "default",
+              categories: Sequence[str] | None = None, multi_class: bool = False, image_size: int = 224,
+              resize: int | None = None, preset: str = "quick", train_limit: int | None = None, seed: int = 0,
+              cache_dir: str | None = None, log=print) -> list[dict[str, Any]]:
+    ds = data if isinstance(data, Dataset) else load_data(data, categories=categories)
+    cats = list(categories) if categories else ds.categories
+    cache = FeatureCache(cache_dir or default_cache_dir())
+    trained = [m for m in methods if not get_method_class(m).zero_shot]
+    zero_shot = [m for m in methods if get_method_class(m).zero_shot]
+    rows: list[dict[str, Any]] = []
+
+    def make(ms):
+        return Run(RunConfig(backbone=backbone, methods=list(ms), preset=preset, image_size=image_size,
+                             resize=resize, weights=weights, seed=seed), cache=cache)
+
+    def emit(run: Run, cat: str, test, bms: float) -> None:
+        res = run.evaluate(test)
+        for name, r in res.items():
+            row = {"method": name, "category": cat, **{k: r[k] for k in METRICS}, "fit_s": r["fit_s"],
+                   "backbone_ms": bms, "head_ms": r["head_ms"], "head_mb": r["head_mb"], "peak_rss_mb": peak_rss_mb()}
+            rows.append(row)
+            log(f"  {name:12s} {cat:10s} image AUROC {row['image_auroc']:.4f}  pixel AUROC {row['pixel_auroc']:.4f}"
+                f"  fit {row['fit_s']:.1f}s  head {row['head_ms']:.1f} ms/img")
+
+    progress = lambda f, m: None  # noqa: E731
+    if trained:
+        groups = [("all", cats)] if multi_class else [(c, [c]) for c in cats]
+        for gname, gcats in groups:
+            run = make(trained)
+            train = _limit([s for s in ds.train if s.category in gcats], train_limit)
+            log(f"[{gname}] fitting {', '.join(trained)} on {len(train)} normal images ({backbone})")
+            run.fit(train, progress)
+            for c in gcats:
+                test = [s for s in ds.test if s.category == c]
+                emit(run, c, test, backbone_ms(run, test))
+    for c in cats if zero_shot else []:
+        aux = [s for s in ds.test if s.category != c]
+        if not aux:
+            raise ValueError(f"zero-shot methods {zero_shot} need other categories than {c!r} as auxiliary set")
+        run = make(zero_shot)
+        log(f"[{c}] zero-shot {', '.join(zero_shot)}: auxiliary set = test splits of the other categories "
+            f"({len(aux)} labelled images); target normals only calibrate the scale")
+        run.fit(_limit([s for s in ds.train if s.category == c], train_limit), progress, aux=aux)
+        test = [s for s in ds.test if s.category == c]
+        emit(run, c, test, backbone_ms(run, test))
+    for name in methods:
+        mine = [r for r in rows if r["method"] == name]
+        if len(mine) > 1:
+            mean = {"method": name, "category": "mean"}
+            for k in COLUMNS[2:]:
+                vals = [r[k] for r in mine if r[k] is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
+                mean[k] = float(np.mean(vals)) if vals else float("nan")
+            rows.append(mean)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    def fmt(k, v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:.4f}" if k in METRICS else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(k, r.get(k)) for k in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_json(rows: list[dict[str, Any]], path: str | Path, meta: dict | None = None) -> None:
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+    Path(path).write_text(json.dumps({"rows": clean, **(meta or {})}, indent=2))

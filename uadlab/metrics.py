@@ -46,10 +46,11 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, num_thres
         lab, n = ndimage.label(m, structure=np.ones((3, 3)))
         regions.append((lab, n))
     normal_px = maps[~masks]
-    # thresholds: quantiles of normal pixels so that FPR spans [0, fpr_limit] finely, plus +inf
-    qs = np.linspace(0.0, fpr_limit, num_thresholds)
-    ths = np.quantile(normal_px, 1.0 - qs)
-    ths = np.unique(np.concatenate([ths, [np.inf]]))[::-1]
+    # thresholds: quantiles of normal pixels (FPR spans [0, fpr_limit] finely) and of anomalous pixels
+    # (PRO steps are not missed when scores tie), plus +inf for the origin
+    qs = np.linspace(0.0, 1.0, num_thresholds)
+    ths = np.concatenate([np.quantile(normal_px, 1.0 - qs * fpr_limit), np.quantile(maps[masks], qs), [np.inf]])
+    ths = np.unique(ths)[::-1]
     fprs, pros = [], []
     for t in ths:
         pred = maps >= t

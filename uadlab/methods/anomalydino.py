@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..features import PatchFeatures
+from ..layers import cached_index
 from .base import AnomalyResult, Method, register_method
 
 
@@ -82,7 +82,7 @@ class AnomalyDINO(Method):
     def _score(self, features: PatchFeatures) -> AnomalyResult:
         t = self._tokens(features)
         B, h, w, C = t.shape
-        sim = _max_inner_product(t.reshape(-1, C), self.memory_bank)
+        sim = cached_index(self, self.memory_bank, "ip").search(t.reshape(-1, C), k=1)[0][:, 0]
         dist = (1 - sim).clamp_min(0).view(B, h, w)  # ||a - b||^2 / 2 = 1 - cos for unit vectors
         if self.masking:
             raw = features.stacked(self.layers or features.layers).permute(0, 2, 3, 1)
@@ -91,16 +91,3 @@ class AnomalyDINO(Method):
         flat = dist.flatten(1)
         k = max(1, int(flat.shape[1] * self.top_percent / 100))
         return AnomalyResult(dist, image_score=flat.topk(k, dim=1).values.mean(1))
-
-
-def _max_inner_product(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """Largest inner product of each query with the bank: faiss IndexFlatIP if installed, else chunked matmul."""
-    try:
-        import faiss
-
-        index = faiss.IndexFlatIP(bank.shape[1])
-        index.add(np.ascontiguousarray(bank.numpy(), dtype=np.float32))
-        sim, _ = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), 1)
-        return torch.from_numpy(sim[:, 0])
-    except ImportError:
-        return torch.cat([(queries[s:s + chunk] @ bank.T).max(1).values for s in range(0, len(queries), chunk)])

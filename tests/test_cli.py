@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from uadlab.cli import main
+
+
+def test_bench_writes_all_columns(tiny_demo, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--data", str(tiny_demo), "--methods", "patchcore,anomalydino", "--categories", "brick,grass",
+               "--image-size", "96", "--preset", "tiny", "--train-limit", "6", "--json", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "| patchcore | brick |" in table and "| anomalydino | mean |" in table
+    rows = json.loads(out.read_text())["rows"]
+    keys = {"method", "category", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max",
+            "aupro", "fit_s", "backbone_ms", "head_ms", "head_mb", "peak_rss_mb"}
+    assert all(keys <= set(r) for r in rows) and len(rows) == 2 * 2 + 2
+    assert all(0 <= r["image_auroc"] <= 1 and r["backbone_ms"] > 0 and r["head_ms"] > 0 for r in rows)
+
+
+def test_bench_multi_class_and_missing_masks(tiny_demo, tmp_path, capsys):
+    import shutil
+
+    for c in ("brick", "gravel"):
+        shutil.copytree(tiny_demo / c, tmp_path / "d" / c, ignore=shutil.ignore_patterns("ground_truth"))
+    rc = main(["bench", "--data", str(tmp_path / "d"), "--methods", "anomalydino", "--multi-class",
+               "--image-size", "64", "--json", str(tmp_path / "m.json")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert [r["category"] for r in rows] == ["brick", "gravel", "mean"]
+    assert all(r["pixel_auroc"] is None and r["aupro"] is None for r in rows)  # missing, not zero
+    assert "n/a" in capsys.readouterr().out
+
+
+def test_fit_score_eval_roundtrip(tiny_demo, tmp_path, capsys):
+    assert main(["fit", "--data", str(tiny_demo / "grass"), "--methods", "anomalydino", "--image-size", "64",
+                 "--out", str(tmp_path / "runs")]) == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    capsys.readouterr()
+    assert main(["score", "--run", str(run_dir), str(tiny_demo / "grass" / "test" / "hole" / "000.png")]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored[0]["image"] == "000.png" and scored[0]["anomalydino"] > 0
+    assert main(["eval", "--run", str(run_dir), "--data", str(tiny_demo / "grass")]) == 0
+    assert "| anomalydino |" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["bench", "--data", str(tmp_path / "missing"), "--methods", "patchcore"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["bench", "--data", "demo", "--methods", "nope", "--categories", "brick"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+
+
+def test_console_script_installed():
+    r = subprocess.run([sys.executable, "-m", "uadlab.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "bench" in r.stdout

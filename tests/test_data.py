@@ -1,0 +1,152 @@
+import io
+import os
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from uadlab.data import (DataError, Sample, load_data, load_files, load_folder, load_hf, load_mvtec, load_zip,
+                         open_image, safe_extract_zip, validate)
+
+
+def _png(path, arr, mode=None):
+    Image.fromarray(arr, mode=mode).save(path) if mode else Image.fromarray(arr).save(path)
+    return path
+
+
+def test_image_modes_become_rgb(tmp_path):
+    g = _png(tmp_path / "g.png", np.full((20, 30), 128, np.uint8))
+    i16 = tmp_path / "i16.png"
+    Image.fromarray(np.linspace(0, 65535, 600).reshape(20, 30).astype(np.uint16)).save(i16)
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, :15, 3] = 255  # left half opaque red, right half transparent
+    ra = _png(tmp_path / "a.png", rgba)
+    pal = tmp_path / "p.png"
+    Image.fromarray(np.full((20, 30, 3), (0, 200, 0), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE).save(pal)
+    for p in (g, i16, ra, pal):
+        im = open_image(p)
+        assert im.mode == "RGB" and im.size == (30, 20)
+    a = np.asarray(open_image(i16))
+    assert a.min() == 0 and a.max() == 255  # 16-bit rescaled by its range, not clipped
+    a = np.asarray(open_image(ra))
+    assert tuple(a[0, 0]) == (255, 0, 0) and tuple(a[0, -1]) == (0, 0, 0)
+    assert tuple(np.asarray(open_image(pal))[0, 0]) == (0, 200, 0)
+
+
+def test_bad_files_name_the_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, "PNG")
+    (tmp_path / "trunc.png").write_bytes(buf.getvalue()[:60])
+    for name, msg in [("empty.png", "empty"), ("text.png", "not an image"), ("trunc.png", "corrupt")]:
+        with pytest.raises(DataError, match=msg) as e:
+            open_image(tmp_path / name)
+        assert name in str(e.value)
+
+
+def test_skip_bad_with_warning(tmp_path):
+    _png(tmp_path / "ok.png", np.zeros((16, 16, 3), np.uint8))
+    (tmp_path / "bad.jpg").write_text("nope")
+    with pytest.raises(DataError, match="bad.jpg"):
+        load_folder(tmp_path)
+    with warnings.catch_warnings(record=True):
+        ds = load_folder(tmp_path, skip_bad=True)
+    assert [s.name for s in ds.train] == ["ok.png"] and "bad.jpg" in ds.warnings[0]
+
+
+def test_mask_size_mismatch_is_named(tmp_path):
+    img = _png(tmp_path / "x.png", np.zeros((16, 16, 3), np.uint8))
+    m = _png(tmp_path / "x_mask.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match="x_mask.png.*8x8.*16x16"):
+        validate([Sample("x.png", str(img), label=1, mask_path=str(m))])
+
+
+def test_mvtec_layout_several_categories(tiny_demo):
+    ds = load_mvtec(tiny_demo)
+    assert ds.categories == ["brick", "grass", "gravel"]
+    assert len(ds.train) == 30 and len(ds.test) == 3 * (4 + 4 * 2)
+    anomalous = [s for s in ds.test if s.label == 1]
+    assert all(s.mask_path for s in anomalous) and ds.has_masks
+    m = anomalous[0].load_mask()
+    assert set(np.unique(m)) <= {0, 1} and m.sum() > 0
+    one = load_mvtec(tiny_demo / "grass")
+    assert one.categories == ["grass"]
+    with pytest.raises(DataError, match="wood"):
+        load_mvtec(tiny_demo, categories=["wood"])
+
+
+def test_mvtec_without_masks_reports_missing(tiny_demo, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_demo / "brick", tmp_path / "brick", ignore=shutil.ignore_patterns("ground_truth"))
+    ds = load_mvtec(tmp_path)
+    assert not ds.has_masks and any(s.label == 1 for s in ds.test)
+
+
+def test_zip_is_unpacked_safely(tmp_path, tiny_demo):
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w") as z:
+        for p in (tiny_demo / "brick").rglob("*.png"):
+            z.write(p, "wrapped/brick/" + str(p.relative_to(tiny_demo / "brick")))
+    ds = load_zip(good, tmp_path / "out")
+    assert len(ds.train) == 10 and len(ds.test) == 12
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("../../escape.txt", "x")
+    with pytest.raises(DataError, match="unsafe path"):
+        safe_extract_zip(evil, tmp_path / "out2")
+    assert not (tmp_path / "escape.txt").exists()
+    link = tmp_path / "link.zip"
+    with zipfile.ZipFile(link, "w") as z:
+        info = zipfile.ZipInfo("a_link")
+        info.external_attr = (0o120777 << 16)
+        z.writestr(info, "/etc/passwd")
+    with pytest.raises(DataError, match="symbolic link"):
+        safe_extract_zip(link, tmp_path / "out3")
+    big = tmp_path / "big.zip"
+    with zipfile.ZipFile(big, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("zeros.bin", b"\0" * 2_000_000)
+    with pytest.raises(DataError, match="limit"):
+        safe_extract_zip(big, tmp_path / "out4", max_bytes=1_000_000)
+    (tmp_path / "notzip.zip").write_text("no")
+    with pytest.raises(DataError, match="notzip.zip"):
+        safe_extract_zip(tmp_path / "notzip.zip", tmp_path / "out5")
+
+
+def test_uploaded_files(tmp_path):
+    a = _png(tmp_path / "a.png", np.zeros((16, 16, 3), np.uint8))
+    s = load_files([a], label=0)
+    assert s[0].name == "a.png" and s[0].label == 0
+
+
+def test_hf_dataset_offline(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(6)]
+    masks = [Image.fromarray((rng.random((24, 24)) > 0.8).astype(np.uint8) * 255) for _ in range(6)]
+    feats = datasets.Features({"img": datasets.Image(), "is_anomaly": datasets.Value("int64"), "gt": datasets.Image()})
+    d = tmp_path / "hfds"
+    (d / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"img": imgs[:4], "is_anomaly": [0, 0, 0, 1], "gt": masks[:4]}, features=feats) \
+        .to_parquet(str(d / "data" / "train-00000.parquet"))
+    datasets.Dataset.from_dict({"img": imgs[4:], "is_anomaly": [0, 1], "gt": masks[4:]}, features=feats) \
+        .to_parquet(str(d / "data" / "test-00000.parquet"))
+    ds = load_hf(str(d), image_column="img", label_column="is_anomaly", mask_column="gt")
+    assert len(ds.train) == 3  # the anomalous training row is dropped: train on normals only
+    assert [s.label for s in ds.test] == [0, 1] and ds.test[1].load_mask().shape == (24, 24)
+    with pytest.raises(DataError, match="no column 'pixels'"):
+        load_hf(str(d), image_column="pixels", label_column="is_anomaly")
+    ds2 = load_data("hf:" + str(d), image_column="img", label_column="is_anomaly")
+    assert len(ds2.train) == 3
+
+
+def test_load_data_errors(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_data(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        load_data(str(tmp_path / "empty"))

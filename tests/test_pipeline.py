@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from uadlab.data import load_mvtec
+from uadlab.features import FeatureCache
+from uadlab.pipeline import Run, RunConfig, list_runs, split_normals
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_demo, tmp_path_factory):
+    ds = load_mvtec(tiny_demo, categories=["gravel"])
+    work = tmp_path_factory.mktemp("runs")
+    run = Run(RunConfig(methods=["patchcore", "anomalydino"], image_size=96), workdir=work,
+              cache=FeatureCache(work / "cache"))
+    steps = []
+    run.fit(ds.train, progress=lambda f, m: steps.append((f, m)))
+    return run, ds, steps, work
+
+
+def test_progress_is_monotone_and_complete(fitted):
+    _, _, steps, _ = fitted
+    fracs = [f for f, _ in steps]
+    assert fracs[-1] == 1.0 and all(b >= a - 1e-9 for a, b in zip(fracs, fracs[1:]))
+    assert any("patchcore" in m for _, m in steps) and any("extract" in m for _, m in steps)
+
+
+def test_methods_share_one_calibrated_scale(fitted):
+    run, ds, _, _ = fitted
+    out = run.score(ds.test)
+    labels = np.array([s.label for s in ds.test])
+    for name, sc in out.items():
+        normal_px = sc.maps[labels == 0]
+        # normal images stay low on the shared scale; anomalous images reach above the normal range
+        assert np.quantile(normal_px, 0.5) < 0.5 and np.quantile(normal_px, 0.99) < 1.5, name
+        assert sc.maps[labels == 1].max(axis=(1, 2)).mean() > 1.0, name
+
+
+def test_evaluate_save_and_list(fitted):
+    run, ds, _, work = fitted
+    res = run.evaluate(ds.test)
+    assert set(res) == {"patchcore", "anomalydino"}
+    for r in res.values():
+        assert r["image_auroc"] > 0.7 and r["pixel_auroc"] > 0.8 and len(r["curves"]["fpr"]) > 2
+    run.save({"dataset": ds.summary()})
+    runs = list_runs(work)
+    assert runs[0]["run_id"] == run.run_id and runs[0]["dataset"]["train"] == len(ds.train)
+    assert "image_auroc" in runs[0]["info"]["metrics"]["patchcore"]
+    (work / "broken").mkdir()
+    (work / "broken" / "run.json").write_text("{half")
+    assert len(list_runs(work)) == 1  # a damaged run is skipped, not a crash
+
+
+def test_split_keeps_normals_apart():
+    items = list(range(10))
+    fit, val = split_normals(items, 0.2, seed=0)
+    assert len(val) == 2 and not set(fit) & set(val) and sorted(fit + val) == items
+    assert split_normals([1], 0.2, 0) == ([1], [1])
+
+
+def test_zero_shot_needs_aux(tiny_demo):
+    from uadlab.methods import list_methods, get_method_class
+
+    zs = [m for m in list_methods() if get_method_class(m).zero_shot]
+    if not zs:
+        pytest.skip("no zero-shot method registered")
+    ds = load_mvtec(tiny_demo, categories=["brick"])
+    run = Run(RunConfig(methods=zs[:1], preset="tiny", image_size=64))
+    with pytest.raises(ValueError, match="auxiliary"):
+        run.fit(ds.train)

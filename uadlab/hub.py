@@ -1,0 +1,202 @@
+"""Push trained heads to the Hugging Face Hub with a model card, load them back and score images.
+
+A pushed repository holds what ``Method.save_pretrained`` writes (config.json, model.safetensors,
+uadlab_info.json with the calibration, the method's name and the input geometry, README.md = model card)
+plus ``example_heatmap.png``. Loading reads safetensors only. Tokens are passed straight to
+huggingface_hub for one call: never stored, never logged, scrubbed from error messages.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .methods import Method, get_method_class
+from .postprocess import Calibration, image_score, to_heatmap
+
+EXAMPLE_FILE = "example_heatmap.png"
+INFO_FILE = "uadlab_info.json"
+
+
+class HubError(RuntimeError):
+    """A Hub operation failed; the message says why and what to do (it never contains the token)."""
+
+
+def _clean_token(token: str | None) -> str | None:
+    token = (token or "").strip()
+    return token or None
+
+
+def _explain(e: Exception, action: str, repo_id: str, token: str | None) -> str:
+    """A clear, token-free message for a Hub failure."""
+    from huggingface_hub import errors as E
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, E.OfflineModeIsEnabled) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        msg = (f"cannot {action} {repo_id}: the Hugging Face Hub is not reachable (offline mode, HF_HUB_OFFLINE=1, "
+               "or no internet). Run the app with internet access to use the Hub.")
+    elif isinstance(e, E.GatedRepoError):
+        msg = f"cannot {action} {repo_id}: the repository is gated; accept its terms on the Hub and pass a token"
+    elif isinstance(e, E.RepositoryNotFoundError):
+        msg = f"cannot {action} {repo_id}: repository not found (or private: pass a token with read access)"
+    elif isinstance(e, (E.EntryNotFoundError, E.LocalEntryNotFoundError)):
+        msg = f"cannot {action} {repo_id}: a file is missing or the Hub is not reachable ({e})"
+    elif status in (401, 403):
+        msg = (f"cannot {action} {repo_id}: the Hub refused the credentials (HTTP {status}); use a token with "
+               "WRITE access for pushing, and check the repository's owner")
+    elif isinstance(e, E.HFValidationError):
+        msg = f"{repo_id!r} is not a valid repository id (expected owner/name): {e}"
+    elif isinstance(e, (ConnectionError, TimeoutError, OSError)) or "Connect" in type(e).__name__:
+        msg = f"cannot {action} {repo_id}: cannot reach huggingface.co ({type(e).__name__})"
+    else:
+        msg = f"cannot {action} {repo_id}: {type(e).__name__}: {e}"
+    return msg.replace(token, "***") if token else msg
+
+
+def _finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items()
+            if k != "curves" and v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+def prepare_head(run, method: str, folder: str | Path, example_image: Image.Image | None = None) -> Path:
+    """Write one head of a run as a Hub-ready folder: weights, config, info, model card, example image."""
+    if method not in run.heads:
+        raise ValueError(f"the run has no {method!r} head (it has {', '.join(run.heads)})")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    head = run.heads[method]
+    cfg = run.config
+    metrics = _finite_metrics((getattr(run, "meta", {}).get("evaluation") or {}).get(method)
+                              or head.fit_info.get("metrics") or {})
+    head.fit_info.update(method=method, image_size=cfg.image_size, resize=cfg.resize, weights=cfg.weights,
+                         sigma=cfg.sigma, score_mode=cfg.score_mode, metrics=metrics)
+    if method in run.calibration:
+        head.fit_info["calibration"] = run.calibration[method].to_dict()
+    if example_image is not None:
+        example_image.convert("RGB").save(folder / EXAMPLE_FILE)
+    (folder / "README.md").unlink(missing_ok=True)
+    head.save_pretrained(folder, model_card_kwargs={"metrics": metrics,
+                                                    "example_image": EXAMPLE_FILE if example_image else None})
+    return folder
+
+
+def push_head(run, method: str, repo_id: str, token: str | None = None, private: bool = False,
+              example_image: Image.Image | None = None) -> str:
+    """Create (or reuse) a model repository and upload one trained head with its model card.
+
+    Args:
+        run: a ``pipeline.Run`` (trained or loaded).
+        method: which head of the run.
+        repo_id: ``owner/name``.
+        token: a write token; empty means the login already stored by ``hf auth login``.
+        private: create the repository as private.
+        example_image: an example heatmap for the model card.
+
+    Returns:
+        The repository URL.
+    """
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = (repo_id or "").strip()
+    token = _clean_token(token)
+    try:
+        validate_repo_id(repo_id)
+    except Exception as e:
+        raise HubError(f"{repo_id!r} is not a valid repository id (expected owner/name): {e}") from None
+    if "/" not in repo_id:
+        raise HubError(f"{repo_id!r}: give the full id owner/name")
+    if token is None and get_token() is None:
+        raise HubError("no Hugging Face token: paste a WRITE token, or log in on the server with `hf auth login`")
+    with tempfile.TemporaryDirectory(prefix="uadlab-push-") as tmp:
+        prepare_head(run, method, tmp, example_image)
+        api = HfApi()
+        try:
+            url = api.create_repo(repo_id, token=token, private=bool(private), exist_ok=True, repo_type="model")
+            api.upload_folder(repo_id=repo_id, folder_path=tmp, token=token, repo_type="model",
+                              commit_message=f"uadlab: {method} head on {run.config.backbone}")
+        except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+            raise HubError(_explain(e, "push to", repo_id, token)) from None
+    return str(url)
+
+
+def load_head(repo_or_dir: str, token: str | None = None, method: str | None = None) -> Method:
+    """Load a head from a Hub repository id or a local folder (safetensors only).
+
+    The method is read from ``uadlab_info.json`` unless given.
+    """
+    from huggingface_hub import hf_hub_download
+
+    src = (repo_or_dir or "").strip()
+    token = _clean_token(token)
+    if not src:
+        raise HubError("enter a repository id (owner/name) or a folder")
+    info: dict[str, Any] = {}
+    try:
+        if os.path.isdir(src):
+            p = Path(src) / INFO_FILE
+        else:
+            try:  # next to model.safetensors in the snapshot: from_pretrained then reads it
+                p = Path(hf_hub_download(src, INFO_FILE, token=token))
+            except Exception as e:  # noqa: BLE001
+                from huggingface_hub import errors as E
+
+                if not isinstance(e, E.EntryNotFoundError) or isinstance(e, E.LocalEntryNotFoundError):
+                    raise
+                p = Path("/nonexistent")
+        if p.exists():
+            info = json.loads(p.read_text())
+        name = method or info.get("method")
+        if not name:
+            raise HubError(f"{src}: cannot tell which method this head is; choose the method")
+        return get_method_class(name).from_pretrained(src, token=token)
+    except HubError:
+        raise
+    except KeyError as e:
+        raise HubError(str(e).strip("'\"")) from None
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        if os.path.isdir(src):
+            raise HubError(f"{src}: {e}") from None
+        raise HubError(_explain(e, "load", src, token)) from None
+
+
+_BACKBONES: dict[tuple, Any] = {}
+_BB_LOCK = threading.Lock()
+
+
+def _backbone_for(head: Method, token: str | None = None):
+    from .backbones import Backbone, backbone_spec
+
+    info = head.fit_info
+    size = int(info.get("image_size", 224))
+    layers = tuple(head.layers_for(backbone_spec(head.backbone, size)))
+    key = (head.backbone, layers, size, info.get("resize"), info.get("weights", "default"))
+    with _BB_LOCK:
+        if key not in _BACKBONES:
+            if len(_BACKBONES) >= 2:
+                _BACKBONES.pop(next(iter(_BACKBONES)))
+            _BACKBONES[key] = Backbone(head.backbone, layers=list(layers), image_size=size, resize=info.get("resize"),
+                                       weights=info.get("weights", "default"), token=token)
+        return _BACKBONES[key]
+
+
+def score_images(head: Method, images: Sequence[Image.Image], token: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Calibrated image scores (N,), heatmaps (N, S, S) and network views of images under a loaded head."""
+    if not images:
+        raise ValueError("upload at least one image")
+    bb = _backbone_for(head, _clean_token(token))
+    info = head.fit_info
+    feats = bb.extract([im.convert("RGB") for im in images])
+    res = head.score(feats)
+    maps = to_heatmap(res.patch_map, feats.image_size, float(info.get("sigma", 4.0)))
+    raw = res.image_score if res.image_score is not None else image_score(maps, info.get("score_mode", "top1"))
+    cal = Calibration(**info["calibration"]) if info.get("calibration") else Calibration()
+    return cal.scores(raw).numpy(), cal.maps(maps).numpy(), [bb.view(im) for im in images]

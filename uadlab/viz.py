@@ -1,0 +1,248 @@
+"""Pictures for people: heatmap overlays on ONE shared colour scale, colour bars, comparison grids,
+ROC / PR figures and metric tables.
+
+Heatmaps arrive CALIBRATED (0 = median normal pixel, 1 = the 99.9th percentile of held-out normal
+pixels, see ``postprocess.Calibration``), so one fixed range (default [0, 2]) serves every method and
+every image: a normal image stays dark, and the same colour means the same thing in every column.
+Nothing here is min-max normalised per image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+VMIN, VMAX = 0.0, 2.0  # the shared calibrated range of every heatmap in the app
+SCALE_NOTE = "calibrated score: 1 = 99.9th percentile of held-out normal pixels"
+
+# An inferno-like ramp: dark (normal) -> purple -> red -> orange -> pale yellow (very anomalous).
+_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+_COLOURS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
+_LUT = np.stack([np.interp(np.linspace(0, 1, 256), _STOPS, _COLOURS[:, c]) for c in range(3)], 1).astype(np.uint8)
+METHOD_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def font(size: int = 13) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def colormap(values: np.ndarray, vmin: float = VMIN, vmax: float = VMAX) -> np.ndarray:
+    """(H, W) float -> (H, W, 3) uint8 on the fixed range [vmin, vmax] (values outside are clipped)."""
+    t = np.clip((np.asarray(values, np.float32) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    return _LUT[(t * 255).round().astype(np.int64)]
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, vmin: float = VMIN, vmax: float = VMAX) -> np.ndarray:
+    """Blend a calibrated heatmap over an RGB uint8 image of the same size; hotter = more opaque."""
+    img = np.asarray(image, np.float32)
+    t = np.clip((np.asarray(heat, np.float32) - vmin) / max(vmax - vmin, 1e-12), 0, 1)[..., None]
+    alpha = 0.2 + 0.6 * t
+    return (img * (1 - alpha) + colormap(heat, vmin, vmax).astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    m = np.asarray(mask) > 0
+    inner = m.copy()
+    inner[1:] &= m[:-1]
+    inner[:-1] &= m[1:]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    return m & ~inner
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int] = (255, 40, 40),
+                 alpha: float = 0.45, outline: bool = True) -> np.ndarray:
+    """Tint the pixels of a binary mask (and draw its outline) over an RGB uint8 image."""
+    out = np.asarray(image, np.float32).copy()
+    if mask is None:
+        return out.astype(np.uint8)
+    m = np.asarray(mask) > 0
+    out[m] = out[m] * (1 - alpha) + np.array(colour, np.float32) * alpha
+    if outline:
+        edge = _outline(m)
+        out[edge] = colour
+    return out.round().astype(np.uint8)
+
+
+def predicted_mask(heat: np.ndarray, threshold: float) -> np.ndarray:
+    """The predicted defect mask of a calibrated heatmap at ``threshold`` (same units)."""
+    return (np.asarray(heat) >= threshold).astype(np.uint8)
+
+
+def colorbar(height: int = 256, vmin: float = VMIN, vmax: float = VMAX, width: int = 18,
+             title: str = "anomaly", ticks: int = 5, threshold: float | None = None) -> Image.Image:
+    """A vertical colour bar (high values on top) with tick labels, as a PIL image."""
+    f = font(12)
+    pad_top, pad_bottom = 22, 10
+    bar_h = max(height - pad_top - pad_bottom, 20)
+    img = Image.new("RGB", (width + 52, height), "white")
+    ramp = colormap(np.linspace(vmax, vmin, bar_h)[:, None].repeat(width, 1), vmin, vmax)
+    img.paste(Image.fromarray(ramp), (4, pad_top))
+    d = ImageDraw.Draw(img)
+    d.rectangle([4, pad_top, 4 + width - 1, pad_top + bar_h - 1], outline="black")
+    d.text((2, 3), title, fill="black", font=f)
+    for i in range(ticks):
+        v = vmin + (vmax - vmin) * i / (ticks - 1)
+        y = pad_top + bar_h - 1 - round((bar_h - 1) * i / (ticks - 1))
+        d.line([4 + width, y, 8 + width, y], fill="black")
+        d.text((11 + width, y - 7), f"{v:g}", fill="black", font=f)
+    if threshold is not None and vmin <= threshold <= vmax:
+        y = pad_top + bar_h - 1 - round((bar_h - 1) * (threshold - vmin) / (vmax - vmin))
+        d.line([2, y, 6 + width, y], fill=(0, 200, 255), width=2)
+    return img
+
+
+@dataclass
+class GridRow:
+    """One test image in a comparison grid: its view, its ground truth and every method's calibrated map."""
+
+    name: str
+    image: np.ndarray  # (S, S, 3) uint8, as the network sees it
+    gt: np.ndarray | None = None  # (S, S) 0/1
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (S, S) calibrated
+    scores: dict[str, float] = field(default_factory=dict)  # method -> calibrated image score
+    caption: str = ""
+
+
+def compare_grid(rows: Sequence[GridRow], methods: Sequence[str], mode: str = "heatmap", threshold: float = 1.0,
+                 vmin: float = VMIN, vmax: float = VMAX, cell: int = 150) -> Image.Image:
+    """Rows = images; columns = image, ground truth, one cell per method; one colour bar for all.
+
+    Args:
+        mode: "heatmap" (overlays on the shared scale) or "mask" (each method's mask at ``threshold``).
+        threshold: calibrated threshold, drawn on the colour bar and used in "mask" mode.
+        cell: side of one cell in pixels.
+    """
+    if not rows:
+        raise ValueError("no images to show")
+    has_gt = any(r.gt is not None for r in rows)
+    cols = ["image"] + (["ground truth"] if has_gt else []) + list(methods)
+    f, fs = font(14), font(12)
+    head_h, cap_h, gap = 24, 32, 6
+    bar_w = 80
+    W = len(cols) * (cell + gap) + gap + bar_w
+    H = head_h + len(rows) * (cell + cap_h) + gap
+    canvas = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(canvas)
+    for j, c in enumerate(cols):
+        d.text((gap + j * (cell + gap) + 2, 4), _fit(c, cell, f), fill="black", font=f)
+    for i, r in enumerate(rows):
+        y = head_h + i * (cell + cap_h)
+        cells: list[tuple[np.ndarray, str]] = [(r.image, _fit(r.name, cell, fs))]
+        if has_gt:
+            cells.append((mask_overlay(r.image, r.gt) if r.gt is not None else r.image,
+                          "no mask" if r.gt is None else f"{int(r.gt.sum())} px"))
+        for m in methods:
+            heat = r.maps.get(m)
+            if heat is None:
+                cells.append((np.full_like(r.image, 230), f"{m}: -"))
+                continue
+            s = r.scores.get(m)
+            score = "" if s is None else f"score {s:.2f}"
+            if mode == "mask":
+                pm = predicted_mask(heat, threshold)
+                cells.append((mask_overlay(r.image, pm, colour=(0, 200, 255)), f"{score}  {pm.mean() * 100:.1f}% px"))
+            else:
+                cells.append((overlay(r.image, heat, vmin, vmax), f"{score}  max {float(heat.max()):.2f}"))
+        for j, (arr, cap) in enumerate(cells):
+            x = gap + j * (cell + gap)
+            canvas.paste(Image.fromarray(np.asarray(arr, np.uint8)).resize((cell, cell), Image.BILINEAR), (x, y))
+            d.text((x + 2, y + cell + 2), cap, fill="black", font=fs)
+        if r.caption:
+            d.text((gap + 2, y + cell + 16), _fit(r.caption, cell, fs), fill=(90, 90, 90), font=fs)
+    bar = colorbar(min(H - head_h, 360), vmin, vmax, title="anomaly",
+                   threshold=threshold if mode == "mask" else None)
+    canvas.paste(bar, (W - bar_w + 4, head_h))
+    return canvas
+
+
+def _fit(text: str, width: int, f: ImageFont.ImageFont) -> str:
+    """Shorten text from the left until it fits ``width`` pixels."""
+    if f.getlength(text) <= width - 4:
+        return text
+    while text and f.getlength("…" + text) > width - 4:
+        text = text[1:]
+    return "…" + text
+
+
+def explanation_image(arr: Any, size: int = 224) -> np.ndarray:
+    """An explanation from ``Method.explain`` as a displayable RGB uint8 image.
+
+    2-D float maps are shown with the colour map on their own range (explanations are not calibrated);
+    RGB arrays are passed through (floats in [0, 1] are scaled to 0..255).
+    """
+    a = np.asarray(arr.detach().cpu() if hasattr(arr, "detach") else arr)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        rgb = colormap(a, lo, hi if hi > lo else lo + 1)
+    else:
+        rgb = a[..., :3]
+        if rgb.dtype != np.uint8:
+            rgb = (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8) if rgb.max() <= 1.0 else \
+                np.clip(rgb, 0, 255).astype(np.uint8)
+    img = Image.fromarray(rgb)
+    if max(img.size) < size:
+        img = img.resize((size, round(size * img.height / img.width)), Image.NEAREST)
+    return np.asarray(img)
+
+
+# ---- curves and tables ------------------------------------------------------------------------------
+def curves_figure(results: dict[str, dict[str, Any]], title: str = "Image-level ROC and precision-recall"):
+    """One plotly figure with two subplots: ROC and PR curves of every method (same colour per method)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("ROC", "Precision-recall"), horizontal_spacing=0.12)
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey", width=1),
+                             name="chance", hoverinfo="skip", showlegend=False), row=1, col=1)
+    for i, (name, r) in enumerate(results.items()):
+        c = r.get("curves") or {}
+        colour = METHOD_COLOURS[i % len(METHOD_COLOURS)]
+        if not c.get("fpr"):
+            continue
+        auroc, ap = r.get("image_auroc"), r.get("image_ap")
+        fig.add_trace(go.Scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=f"{name} (AUROC {_f(auroc)})",
+                                 legendgroup=name, line=dict(color=colour, width=2)), row=1, col=1)
+        fig.add_trace(go.Scatter(x=c["recall"], y=c["precision"], mode="lines", name=f"{name} (AP {_f(ap)})",
+                                 legendgroup=name, line=dict(color=colour, width=2, dash="dash")), row=1, col=2)
+    fig.update_xaxes(title_text="false positive rate", range=[0, 1], row=1, col=1)
+    fig.update_yaxes(title_text="true positive rate", range=[0, 1.02], row=1, col=1)
+    fig.update_xaxes(title_text="recall", range=[0, 1], row=1, col=2)
+    fig.update_yaxes(title_text="precision", range=[0, 1.02], row=1, col=2)
+    fig.update_layout(title=title, height=380, margin=dict(l=50, r=20, t=60, b=50), template="plotly_white",
+                      legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+METRIC_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"), ("image_f1max", "image F1-max"),
+                  ("pixel_auroc", "pixel AUROC"), ("pixel_ap", "pixel AP"), ("pixel_f1max", "pixel F1-max"),
+                  ("aupro", "AUPRO"), ("fit_s", "fit s"), ("head_ms", "ms / image"), ("head_mb", "head MB")]
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+def metrics_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the metrics table, one row per method; missing values show as "–"."""
+    headers = ["method"] + [label for _, label in METRIC_COLUMNS]
+    rows = []
+    for name, r in results.items():
+        row = [name]
+        for key, _ in METRIC_COLUMNS:
+            digits = 1 if key in ("fit_s", "head_ms") else 2 if key == "head_mb" else 3
+            row.append(_f(r.get(key), digits))
+        rows.append(row)
+    return headers, rows

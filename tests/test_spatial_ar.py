@@ -1,0 +1,127 @@
+"""Spatial AR: masks, exact receptive fields, learning, switches, reproducibility, save/load."""
+import numpy as np
+import pytest
+import torch
+
+from uadlab.features import PatchFeatures
+from uadlab.methods import create_method, get_method_class
+from uadlab.methods.spatial_ar import AR2D, conv_mask
+
+TINY = dict(hidden=16, epochs=30, batch_size=4, dilations=[1, 1, 1, 1], seed=0)
+
+
+def textures(n: int, c: int = 6, size: int = 12, seed: int = 0) -> torch.Tensor:
+    """(n, c, size, size) smooth periodic 'embeddings' with random phases: predictable from context."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    freq = torch.linspace(0.4, 1.2, c)[:, None, None]
+    ph = torch.rand(n, c, 1, 1, generator=g) * 6.28
+    x = torch.sin(freq * xx + ph) + torch.cos(0.7 * freq * yy + ph)
+    return x + 0.05 * torch.randn(x.shape, generator=g)
+
+
+def feats(x: torch.Tensor) -> PatchFeatures:
+    return PatchFeatures({"norm": x}, (x.shape[-2] * 16, x.shape[-1] * 16))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    head = create_method("spatial_ar", **TINY)
+    head.fit(feats(textures(16)), val_features=feats(textures(4, seed=1)))
+    return head
+
+
+def test_masks_match_the_paper():
+    assert conv_mask("A", 3).tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert conv_mask("B", 3).tolist() == [[1, 1, 1], [1, 1, 0], [0, 0, 0]]
+    assert conv_mask("centre", 3).tolist() == [[1, 1, 1], [1, 0, 1], [1, 1, 1]]
+    with pytest.raises(ValueError, match="mask kind"):
+        conv_mask("C", 3)
+
+
+@pytest.mark.parametrize("mode", ["causal", "bidirectional", "standard"])
+@pytest.mark.parametrize("dilations", [[4, 4, 4, 4], [1, 2, 4, 8]])
+def test_receptive_field_is_exact(mode, dilations):
+    """The propagated mask equals the non-zero gradient of the centre output on a random positive network."""
+    head = create_method("spatial_ar", mode=mode, dilations=dilations)
+    rf = head.receptive_field()
+    E = rf.shape[0] // 2
+    torch.manual_seed(0)
+    net = AR2D(2, 4, 5, 3, dilations, mode).double()
+    with torch.no_grad():  # positive weights and biases: no ReLU is dead, no cancellation
+        for p in net.parameters():
+            p.copy_(p.abs() + 0.01)
+    x = torch.rand(1, 2, 2 * E + 1, 2 * E + 1, dtype=torch.float64, requires_grad=True)
+    net(x)[0, :, E, E].sum().backward()
+    grad = (x.grad[0].abs().sum(0) > 0).numpy()
+    np.testing.assert_array_equal(grad, rf > 0)
+    # causal: only raster-earlier tokens, never the target. "Bidirectional" leaks the target in two hops when
+    # layer 1 can undo layer 0's offset (equal dilations), not with [1, 2, 4, 8] (odd + even offsets != 0)
+    assert rf[E, E] == (mode == "standard" or (mode == "bidirectional" and dilations == [4, 4, 4, 4]))
+    if mode == "causal":
+        assert rf[E + 1:].sum() == 0 and rf[E, E:].sum() == 0
+    if dilations == [4, 4, 4, 4]:  # 16 interleaved lattices: only offsets that are multiples of 4
+        ys, xs = np.nonzero(rf)
+        assert ((ys - E) % 4 == 0).all() and ((xs - E) % 4 == 0).all()
+
+
+def test_learns_normality(fitted):
+    x = textures(4, seed=2)
+    bad = x.clone()
+    bad[:, :, 4:7, 4:7] = 3.0  # a 3x3 patch off the normal pattern
+    normal, anomalous = fitted.score(feats(x)).patch_map, fitted.score(feats(bad)).patch_map
+    assert torch.isfinite(anomalous).all() and anomalous.shape == (4, 12, 12)
+    assert anomalous[:, 4:7, 4:7].mean() > 5 * normal[:, 4:7, 4:7].mean()
+    assert anomalous[:, 4:7, 4:7].mean() > 5 * anomalous[:, 9:, 9:].mean()  # far from the defect: still normal
+    info = fitted.fit_info
+    assert info["selection"] == "val_loss" and len(info["val_loss"]) == TINY["epochs"]
+    assert info["val_loss"][info["best_epoch"] - 1] == min(info["val_loss"])
+
+
+def test_seeded_and_reproducible():
+    x, v = feats(textures(8)), feats(textures(2, seed=1))
+    small = {**TINY, "epochs": 3}
+    a = create_method("spatial_ar", **small).fit(x, val_features=v).score(v).patch_map
+    b = create_method("spatial_ar", **small).fit(x, val_features=v).score(v).patch_map
+    c = create_method("spatial_ar", **{**small, "seed": 1}).fit(x, val_features=v).score(v).patch_map
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_switches_change_outputs(fitted):
+    x, v = feats(textures(8)), feats(textures(2, seed=1))
+    base = fitted.score(v).patch_map
+    fitted.flip = True
+    flipped = fitted.score(v).patch_map
+    fitted.flip = False
+    assert not torch.allclose(base, flipped) and torch.isfinite(flipped).all()
+    small = {**TINY, "epochs": 2}
+    for kw in [dict(mode="bidirectional"), dict(mode="standard"), dict(loss="gaussian_nll"), dict(select="last")]:
+        head = create_method("spatial_ar", **small, **kw).fit(x, val_features=v)
+        m = head.score(v).patch_map
+        assert torch.isfinite(m).all() and not torch.allclose(m, base), kw
+    assert head.fit_info["selection"] == "last" and head.fit_info["best_epoch"] == 2
+    capped = create_method("spatial_ar", **{**small, "epochs": 10, "max_steps": 4}).fit(x)  # 2 steps per epoch
+    assert capped.fit_info["epochs"] == 2 and capped.fit_info["steps"] == 4
+    nll = create_method("spatial_ar", **small, loss="gaussian_nll")
+    nll.fit(x)
+    assert nll.net.convs[-1].out_channels == 12  # mean and log-variance per channel
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    fitted.save_pretrained(tmp_path)
+    again = get_method_class("spatial_ar").from_pretrained(str(tmp_path))
+    assert again.in_dim == 6 and set(again.state_dict()) == set(fitted.state_dict())
+    v = feats(textures(2, seed=3))
+    assert torch.equal(again.score(v).patch_map, fitted.score(v).patch_map)
+    assert "mask" not in " ".join(fitted.state_dict())  # masks are rebuilt from the mode, not saved
+
+
+def test_explain_and_errors(fitted):
+    ex = fitted.explain(feats(textures(1)))
+    assert ex["prediction error"].shape == (12, 12)
+    rf = ex["receptive field"]
+    assert rf.dtype == np.uint8 and rf.ndim == 3 and rf.shape[2] == 3
+    with pytest.raises(ValueError, match="mode"):
+        create_method("spatial_ar", mode="sideways")
+    with pytest.raises(ValueError, match="channels"):
+        fitted.fit(feats(torch.zeros(2, 5, 12, 12)))

@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+
+from uadlab.backbones import BackboneSpec
+from uadlab.features import PatchFeatures
+from uadlab.methods import create_method, get_method_class
+from uadlab.methods.varad import Mamba, scan_orders, selective_scan, selective_scan_ref
+
+TINY = dict(d_model=16, n_layers=1, d_state=4, epochs=4, batch_size=4, lr=3e-3)
+TRAIN = dict(TINY, epochs=10, batch_size=8, lr=1e-2)
+
+
+def _scan_inputs(L=75, Bt=2, E=6, N=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, B, C = torch.randn(Bt, L, E, generator=g), torch.randn(Bt, L, N, generator=g), torch.randn(Bt, L, N, generator=g)
+    dt = torch.nn.functional.softplus(2 * torch.randn(Bt, L, E, generator=g))  # up to ~e^4: strong decays too
+    A = -torch.exp(torch.randn(E, N, generator=g))
+    return x, dt, A, B, C
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 32, 128])
+def test_fast_scan_equals_sequential_loop(chunk):
+    args = [t.requires_grad_() for t in _scan_inputs()]
+    fast, ref = selective_scan(*args, chunk=chunk), selective_scan_ref(*args)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(ref)  # gradients through the checkpointed chunks equal those of the loop
+    g_fast = torch.autograd.grad((fast * w).sum(), args)
+    g_ref = torch.autograd.grad((ref * w).sum(), args)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _has_fused() -> bool:
+    try:
+        import mamba_ssm  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_fused(), reason="needs mamba_ssm and a CUDA GPU (absent here)")
+def test_fused_kernel_matches_plain_scan():
+    args = [t.cuda() for t in _scan_inputs(L=300)]
+    fused = selective_scan(*args)  # on CUDA with mamba_ssm: the fused kernel
+    plain = selective_scan_ref(*[t.cpu() for t in args])
+    torch.testing.assert_close(fused.cpu(), plain, rtol=1e-3, atol=1e-3)
+
+
+def test_mamba_block_is_causal():
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=4, chunk=8).eval()
+    x = torch.randn(2, 40, 16)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 25:] += 3.0
+    y2 = m(x2)
+    torch.testing.assert_close(y[:, :25], y2[:, :25])
+    assert (y[:, 25:] - y2[:, 25:]).abs().max() > 1e-3
+    dt = torch.nn.functional.softplus(m.dt_proj.bias)
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6  # inverse-softplus init: dt in [dt_min, dt_max]
+
+
+def test_scan_orders_are_the_four_raster_scans():
+    o = scan_orders(2, 3)
+    assert o.tolist() == [[0, 1, 2, 3, 4, 5], [0, 3, 1, 4, 2, 5], [5, 4, 3, 2, 1, 0], [5, 2, 4, 1, 3, 0]]
+
+
+def test_layers_for():
+    vit = BackboneSpec("vit", "vit", 12, (384,) * 12)
+    cnn = BackboneSpec("cnn", "cnn", 5, (16, 24, 40, 112, 320))
+    assert create_method("varad").layers_for(vit) == ["block3", "block7", "block11"]
+    assert create_method("varad").layers_for(cnn) == ["stage1", "stage2", "stage3"]
+    assert create_method("varad", layers=["block0"]).layers_for(vit) == ["block0"]
+
+
+def _texture(n: int, seed: int) -> PatchFeatures:
+    """Three 'layers' of a stripe texture with a random phase per image (and a little noise)."""
+    g = torch.Generator().manual_seed(seed)
+    maps = {}
+    for name, c, s in [("stage1", 6, 16), ("stage2", 10, 8), ("stage3", 12, 4)]:
+        i = torch.arange(s).float().view(1, 1, s, 1) * (8 / s)
+        j = torch.arange(s).float().view(1, 1, 1, s) * (8 / s)
+        freq = torch.linspace(0.5, 1.5, c).view(1, c, 1, 1)
+        phase = torch.rand(n, 1, 1, 1, generator=g) * 2 * math.pi
+        maps[name] = torch.sin(freq * (i + 0.5 * j) + phase) + 0.05 * torch.randn(n, c, s, s, generator=g)
+    return PatchFeatures(maps, (64, 64))
+
+
+def test_synthetic_anomaly_scores_higher():
+    train, test = _texture(16, 0), _texture(2, 1)
+    for m in test.maps.values():  # a blob that breaks the stripes in the middle of image 0
+        s = m.shape[-1]
+        m[0, :, s // 2 - s // 8: s // 2 + s // 8 + 1, s // 2 - s // 8: s // 2 + s // 8 + 1] = -2.0
+    head = create_method("varad", seed=1, **TRAIN).fit(train, val_features=_texture(4, 2))
+    res = head.score(test)
+    pm = res.patch_map  # (2, 8, 8): the middle layer's grid
+    assert pm.shape == (2, 8, 8) and torch.isfinite(pm).all()
+    assert pm[0, 3:6, 3:6].mean() > 1.4 * pm[1].mean()  # the blob is well above a normal image
+    assert pm[0, 3:6, 3:6].mean() > 1.2 * pm[0, :2].mean()  # ... and above the normal part of the same image
+    assert set(res.extras) >= {"hierarchy_stage2", "direction_row", "direction_col_rev"}
+    assert head.fit_info["best_epoch"] >= 1 and len(head.fit_info["val_discrepancy"]) == TRAIN["epochs"]
+    ex = head.explain(test[0])
+    assert ex["direction_row"].shape == (8, 8)
+
+
+def test_same_seed_same_output():
+    train, test = _texture(8, 0), _texture(1, 1)
+    one, two, other = (create_method("varad", seed=s, **{**TINY, "epochs": 1}).fit(train).score(test).patch_map
+                       for s in (1, 1, 2))
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
+    assert not torch.allclose(one, other)
+
+
+def test_save_load_round_trip(tmp_path):
+    train, test = _texture(8, 0), _texture(2, 1)
+    head = create_method("varad", **{**TINY, "epochs": 1}).fit(train)
+    head.save_pretrained(tmp_path)
+    loaded = get_method_class("varad").from_pretrained(str(tmp_path))
+    assert loaded.in_dims == [6, 10, 12] and set(loaded.state_dict()) == set(head.state_dict())
+    torch.testing.assert_close(loaded.score(test).patch_map, head.score(test).patch_map, rtol=0, atol=0)
+
+
+def test_switches_change_the_output():
+    train, test = _texture(8, 0), _texture(1, 1)
+    base = dict(TINY, epochs=1)
+    ref = create_method("varad", **base).fit(train).score(test).patch_map
+    l2 = create_method("varad", distance="l2", **base).fit(train).score(test).patch_map
+    rows = create_method("varad", directions=["row"], **base).fit(train).score(test).patch_map
+    fine = create_method("varad", grid_layer=0, **base).fit(train).score(test).patch_map
+    assert not torch.allclose(ref, l2) and not torch.allclose(ref, rows) and fine.shape == (1, 16, 16)
+    with pytest.raises(ValueError, match="directions"):
+        create_method("varad", directions=["diagonal"])

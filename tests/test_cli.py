@@ -57,3 +57,18 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 def test_console_script_installed():
     r = subprocess.run([sys.executable, "-m", "uadlab.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "bench" in r.stdout
+
+
+def test_param_overrides_reach_the_head(tiny_demo, tmp_path, capsys):
+    from uadlab.cli import parse_params
+
+    assert parse_params(["dinomaly.dropout=0", 'dinomaly.groups="dense"', "spatial_ar.mode=causal"]) == {
+        "dinomaly": {"dropout": 0, "groups": "dense"}, "spatial_ar": {"mode": "causal"}}
+    assert main(["fit", "--data", str(tiny_demo / "grass"), "--methods", "patchcore", "--image-size", "64",
+                 "--param", "patchcore.coreset_ratio=0.5", "--out", str(tmp_path / "runs")]) == 0
+    cfg = json.loads(next((tmp_path / "runs").iterdir()).joinpath("patchcore", "config.json").read_text())
+    assert cfg["coreset_ratio"] == 0.5
+    for bad, msg in [("patchcore.nope=1", "unknown hyperparameters"), ("dinomaly.dropout=0", "not among the methods"),
+                     ("patchcore", "METHOD.KEY=VALUE")]:
+        assert main(["fit", "--data", str(tiny_demo / "grass"), "--methods", "patchcore", "--param", bad]) == 2
+        assert msg in capsys.readouterr().err

@@ -45,7 +45,8 @@ def _limit(samples, n: int | None):
 def run_bench(data: str | Dataset, backbone: str, methods: Sequence[str], weights: str = "default",
               categories: Sequence[str] | None = None, multi_class: bool = False, image_size: int = 224,
               resize: int | None = None, preset: str = "quick", train_limit: int | None = None, seed: int = 0,
-              cache_dir: str | None = None, log=print) -> list[dict[str, Any]]:
+              cache_dir: str | None = None, method_kwargs: dict[str, dict[str, Any]] | None = None,
+              log=print) -> list[dict[str, Any]]:
     ds = data if isinstance(data, Dataset) else load_data(data, categories=categories)
     cats = list(categories) if categories else ds.categories
     cache = FeatureCache(cache_dir or default_cache_dir())
@@ -55,7 +56,7 @@ def run_bench(data: str | Dataset, backbone: str, methods: Sequence[str], weight
 
     def make(ms):
         return Run(RunConfig(backbone=backbone, methods=list(ms), preset=preset, image_size=image_size,
-                             resize=resize, weights=weights, seed=seed), cache=cache)
+                             resize=resize, weights=weights, seed=seed, method_kwargs=method_kwargs or {}), cache=cache)
 
     def emit(run: Run, cat: str, test, bms: float) -> None:
         res = run.evaluate(test)

@@ -19,6 +19,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=int, default=None, help="resize side before the center crop")
     p.add_argument("--preset", default="quick", help="quick | paper | tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override a method hyperparameter, e.g. dinomaly.dropout=0 or dinomaly.groups='\"dense\"' "
+                   "(VALUE is JSON, else a string); repeatable")
+
+
+def parse_params(items: list[str]) -> dict[str, dict]:
+    """``["dinomaly.dropout=0", "dinomaly.attention=softmax"]`` -> ``{"dinomaly": {"dropout": 0, ...}}``."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not (eq and dot and method and name):
+            raise ValueError(f"--param {item!r}: expected METHOD.KEY=VALUE, e.g. dinomaly.dropout=0")
+        try:
+            out.setdefault(method, {})[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out.setdefault(method, {})[name] = value
+    return out
 
 
 def _progress(frac: float, msg: str) -> None:
@@ -34,7 +52,8 @@ def cmd_fit(a) -> int:
 
     ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, skip_bad=a.skip_bad)
     run = Run(RunConfig(backbone=a.backbone, methods=a.methods.split(","), preset=a.preset, image_size=a.image_size,
-                        resize=a.resize, weights=a.weights, seed=a.seed), workdir=a.out)
+                        resize=a.resize, weights=a.weights, seed=a.seed, method_kwargs=parse_params(a.param)),
+              workdir=a.out)
     aux = [s for s in ds.test if s.label in (0, 1)] if any(h.zero_shot for h in run.heads.values()) else None
     run.fit(ds.train[: a.train_limit] if a.train_limit else ds.train, _progress, aux=aux)
     path = run.save({"dataset": ds.summary()})
@@ -76,7 +95,7 @@ def cmd_bench(a) -> int:
     rows = run_bench(a.data, a.backbone, a.methods.split(","), weights=a.weights,
                      categories=a.categories.split(",") if a.categories else None, multi_class=a.multi_class,
                      image_size=a.image_size, resize=a.resize, preset=a.preset, train_limit=a.train_limit,
-                     seed=a.seed, log=lambda m: print(m, file=sys.stderr))
+                     seed=a.seed, method_kwargs=parse_params(a.param), log=lambda m: print(m, file=sys.stderr))
     print(markdown(rows))
     if a.json:
         write_json(rows, a.json, {"args": {k: v for k, v in vars(a).items() if k != "func"},

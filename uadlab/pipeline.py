@@ -9,6 +9,7 @@ method written by ``save_pretrained`` (config.json + model.safetensors + model c
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -128,8 +129,16 @@ class Run:
 
     # ---- construction ------------------------------------------------------------------------------
     def build_heads(self) -> None:
+        stray = set(self.config.method_kwargs) - set(self.config.methods)
+        if stray:
+            raise ValueError(f"hyperparameters given for {sorted(stray)}, which are not among the methods "
+                             f"{self.config.methods}")
         for name in self.config.methods:
             cls = get_method_class(name)
+            accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "backbone"}
+            unknown = set(self.config.method_kwargs.get(name, {})) - accepted
+            if unknown:
+                raise ValueError(f"{name}: unknown hyperparameters {sorted(unknown)}; known: {', '.join(sorted(accepted))}")
             kw = {**self.config.method_kwargs.get(name, {}), "backbone": self.config.backbone}
             self.heads[name] = cls.from_preset(self.config.preset, **kw) if cls.presets else cls(**kw)
 

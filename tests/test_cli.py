@@ -72,3 +72,24 @@ def test_param_overrides_reach_the_head(tiny_demo, tmp_path, capsys):
                      ("patchcore", "METHOD.KEY=VALUE")]:
         assert main(["fit", "--data", str(tiny_demo / "grass"), "--methods", "patchcore", "--param", bad]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_paper_preset_brings_the_papers_inputs(capsys):
+    from argparse import Namespace
+
+    from uadlab.cli import resolve_inputs
+
+    def resolved(methods, **kw):
+        a = Namespace(**{"backbone": None, "image_size": None, "resize": None, "preset": "paper", **kw})
+        resolve_inputs(a, methods)
+        return a.backbone, a.resize, a.image_size
+
+    assert resolved(["dinomaly"]) == ("dinov2_vitb14_reg", 448, 392)
+    assert resolved(["dinomaly"], image_size=224) == ("dinov2_vitb14_reg", None, 224)  # the user's size wins
+    assert resolved(["dinomaly"], backbone="efficientnet_lite0") == ("efficientnet_lite0", None, 224)
+    assert resolved(["dinomaly", "patchcore"]) == ("efficientnet_lite0", None, 224)  # papers disagree
+    assert resolved(["dinomaly"], preset="quick") == ("efficientnet_lite0", None, 224)
+    # offline, the paper's DINOv2 weights cannot be fetched: a clear error naming them, not a traceback
+    assert main(["bench", "--data", "demo", "--categories", "brick", "--methods", "dinomaly", "--preset", "paper"]) == 2
+    err = capsys.readouterr().err
+    assert "paper inputs: dinov2_vitb14_reg, resize 448, crop 392" in err and "dinov2" in err.split("error:")[1]

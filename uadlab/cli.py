@@ -12,16 +12,37 @@ from .backbones import OFFLINE_DEFAULT
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default=OFFLINE_DEFAULT, help="short name (dinov2_vits14, dinov3_vits16, "
-                   "efficientnet_lite0 ...) or any timm model name")
+    p.add_argument("--backbone", default=None, help="short name (dinov2_vits14, dinov3_vits16, efficientnet_lite0 "
+                   "...) or any timm model name; default: efficientnet_lite0, or the paper's with --preset paper")
     p.add_argument("--weights", default="default", help="default | hub | packaged | random | PATH")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=None, help="center-crop side (default 224, or the paper's "
+                   "with --preset paper)")
     p.add_argument("--resize", type=int, default=None, help="resize side before the center crop")
     p.add_argument("--preset", default="quick", help="quick | paper | tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a method hyperparameter, e.g. dinomaly.dropout=0 or dinomaly.groups='\"dense\"' "
                    "(VALUE is JSON, else a string); repeatable")
+
+
+def resolve_inputs(a, methods: list[str]) -> None:
+    """Fill in ``a.backbone``, ``a.image_size`` and ``a.resize`` where the user left them unset.
+
+    With ``--preset paper`` and methods that agree on their paper's backbone, the paper's backbone and input
+    geometry (e.g. Dinomaly: DINOv2-reg ViT-B/14, resize 448, crop 392); otherwise the offline default
+    backbone at 224 px. The paper's geometry is never applied to a backbone the user chose otherwise.
+    """
+    from .methods import get_method_class
+
+    paper = [get_method_class(m).paper_inputs for m in methods] if a.preset == "paper" else []
+    paper = paper[0] if paper and paper[0] and all(p == paper[0] for p in paper) else {}
+    if paper and a.backbone in (None, paper["backbone"]):
+        a.backbone = paper["backbone"]
+        if a.image_size is None:
+            a.image_size, a.resize = paper["image_size"], a.resize or paper.get("resize")
+        print(f"paper inputs: {a.backbone}, resize {a.resize}, crop {a.image_size}", file=sys.stderr)
+    a.backbone = a.backbone or OFFLINE_DEFAULT
+    a.image_size = a.image_size or 224
 
 
 def parse_params(items: list[str]) -> dict[str, dict]:
@@ -51,6 +72,7 @@ def cmd_fit(a) -> int:
     from .pipeline import Run, RunConfig
 
     ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, skip_bad=a.skip_bad)
+    resolve_inputs(a, a.methods.split(","))
     run = Run(RunConfig(backbone=a.backbone, methods=a.methods.split(","), preset=a.preset, image_size=a.image_size,
                         resize=a.resize, weights=a.weights, seed=a.seed, method_kwargs=parse_params(a.param)),
               workdir=a.out)
@@ -92,6 +114,7 @@ def cmd_bench(a) -> int:
     from .bench import markdown, run_bench, write_json
 
     t0 = time.perf_counter()
+    resolve_inputs(a, a.methods.split(","))
     rows = run_bench(a.data, a.backbone, a.methods.split(","), weights=a.weights,
                      categories=a.categories.split(",") if a.categories else None, multi_class=a.multi_class,
                      image_size=a.image_size, resize=a.resize, preset=a.preset, train_limit=a.train_limit,

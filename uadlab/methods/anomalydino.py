@@ -54,6 +54,7 @@ class AnomalyDINO(Method):
     summary = ("Keeps every patch token of the normal images as a memory bank. A test patch is as anomalous as "
                "its cosine distance to the most similar normal patch; the image score averages the 1% most "
                "anomalous patches. No training, so it works from a handful of normal images.")
+    paper_inputs = dict(backbone="dinov2_vits14", resize=448, image_size=448)  # 32 x 32 patches
     presets = {"tiny": {}, "quick": {}, "paper": dict(masking=False, top_percent=1.0)}
 
     def __init__(self, backbone: str = "efficientnet_lite0", layers: list[str] | None = None,

@@ -83,6 +83,8 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         summary: a short "how it works" for the app.
         zero_shot: True when the method trains on an auxiliary labelled set instead of target normals.
         presets: named hyperparameter sets, e.g. {"quick": {...}, "paper": {...}}.
+        paper_inputs: the paper's backbone and input geometry (``backbone``, ``resize``, ``image_size``),
+            used by ``--preset paper`` where the user did not choose them; {} when the paper does not say.
     """
 
     name: ClassVar[str] = ""
@@ -90,6 +92,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
     summary: ClassVar[str] = ""
     zero_shot: ClassVar[bool] = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    paper_inputs: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: str = "efficientnet_lite0") -> None:
         super().__init__()

@@ -217,6 +217,7 @@ class Dinomaly(Method):
                "Shallow and deep layers are compared as two groups, and the loss lets well-reconstructed "
                "points go to focus on hard ones. Where the decoder fails to restore the features (1 - cosine "
                "similarity), the image is anomalous; one model serves many categories at once.")
+    paper_inputs = dict(backbone="dinov2_vitb14_reg", resize=448, image_size=392)  # 28 x 28 patches
     presets = {
         "tiny": dict(dim=64, steps=40, batch_size=8, lr=2e-3, final_lr=2e-4, warmup=5, p_ramp_steps=10),
         "quick": dict(decoder_depth=4, steps=150, batch_size=8, lr=2e-3, final_lr=2e-4, warmup=10, p_ramp_steps=15),

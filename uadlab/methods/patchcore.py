@@ -104,6 +104,7 @@ class PatchCore(Method):
                "thinned to a small coreset that still covers the feature space (greedy farthest-point "
                "selection). A test patch is as anomalous as it is far from its nearest neighbour in the bank; "
                "the image score is the largest patch distance, re-weighted by how isolated that neighbour is.")
+    paper_inputs = dict(backbone="wide_resnet50_2", resize=256, image_size=224)  # layer2 + layer3
     presets = {
         "tiny": dict(coreset_ratio=0.1),
         "quick": dict(coreset_ratio=0.1),

@@ -134,6 +134,7 @@ class SpatialAR(Method):
                "PixelCNN). Where the real embedding differs from the prediction, the patch does not follow from "
                "its context: the squared prediction error is the anomaly map. Scoring is a single forward pass "
                "of a few MB of weights, so its cost does not grow with the number of training images.")
+    paper_inputs = dict(backbone="dinov3_vits16", resize=448, image_size=448)  # 28 x 28 patches
     presets = {
         "tiny": dict(hidden=32, epochs=15, batch_size=4, dilations=[1, 1, 1, 1]),
         "quick": dict(epochs=40, batch_size=8, max_steps=120),

@@ -139,6 +139,7 @@ class SPG(Method):
                "it is closer to the anomaly guide than to the normal one. The few atoms a guide uses can be "
                "shown and located in the image, which explains what the model looks for.")
     zero_shot = True
+    paper_inputs = dict(backbone="dinov3_vitl16", resize=448, image_size=448)  # 28 x 28 patches
     presets = {
         "tiny": dict(n_atoms=128, k=16, aux_k=64, guide_k=16, sae_epochs=3, guide_epochs=3, dead_tokens=2_000,
                      ema_decay=0.9),

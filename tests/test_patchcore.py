@@ -49,6 +49,9 @@ def test_locally_aware_is_neighbourhood_mean():
     f = PatchFeatures({"a": m}, (20, 20))
     out = locally_aware(f, ["a"], patch_size=3)
     assert out[0, 0, 1:4, 1:4].allclose(torch.ones(3, 3)) and out[0, 0, 0, 0] == 0
+    # zero padding counts, as in the official unfold + adaptive pooling: a corner of a constant map is 4/9
+    const = locally_aware(PatchFeatures({"a": torch.ones(1, 1, 5, 5)}, (20, 20)), ["a"], patch_size=3)[0, 0]
+    assert const[2, 2] == 1 and torch.isclose(const[0, 0], torch.tensor(4 / 9)) and torch.isclose(const[0, 2], torch.tensor(6 / 9))
 
 
 def test_reweighting_keeps_scores_ordered():

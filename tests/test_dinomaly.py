@@ -150,9 +150,34 @@ def test_resume_after_interruption(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         Dinomaly(**cfg, checkpoint_dir=str(tmp_path)).fit(x, progress=crash)
+    assert len(list(tmp_path.glob("dinomaly_*.safetensors"))) == 1
     resumed = Dinomaly(**cfg, checkpoint_dir=str(tmp_path)).fit(x)
     assert resumed.fit_info["resumed_from"] == 8
+    assert not list(tmp_path.glob("dinomaly_*.safetensors"))  # completed: the resume file is gone
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
     other = Dinomaly(**cfg, checkpoint_dir=str(tmp_path)).fit(synth(8, 1))  # other data: starts afresh
     assert other.fit_info["resumed_from"] == 0
+
+
+def test_pipeline_resumes_an_interrupted_training(tiny_demo, tmp_path):
+    """A crash in the middle of a run (app or CLI): fitting the same run again continues where it stopped."""
+    from uadlab.data import load_mvtec
+    from uadlab.features import FeatureCache
+    from uadlab.pipeline import Run, RunConfig
+
+    train = load_mvtec(tiny_demo).category("grass").train
+    cfg = RunConfig(methods=["dinomaly"], preset="tiny", image_size=64,
+                    method_kwargs={"dinomaly": {"steps": 12, "checkpoint_every": 4}})
+    cache = FeatureCache(tmp_path / "features")
+
+    def crash(frac, msg):
+        if "step 10/" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Run(cfg, cache=cache).fit(train, crash)
+    assert list((tmp_path / "checkpoints").glob("dinomaly_*.safetensors"))
+    again = Run(cfg, cache=cache).fit(train)
+    assert again.heads["dinomaly"].fit_info["resumed_from"] == 8
+    assert not list((tmp_path / "checkpoints").glob("dinomaly_*.safetensors"))

@@ -192,9 +192,10 @@ class Run:
                 if masks is None:
                     raise ValueError(f"{name}: every anomalous auxiliary image needs a mask")
                 head.fit(f_aux.select(layers), progress=step, labels=labels, masks=torch.from_numpy(masks).float())
-            else:
+            else:  # heads that train for long keep resumable checkpoints next to the feature cache
                 head.fit(f_train.select(layers), progress=step,
-                         val_features=None if val_s is fit_s else f_val.select(layers))
+                         val_features=None if val_s is fit_s else f_val.select(layers),
+                         checkpoint_dir=str(self.cache.root.parent / "checkpoints"))
             self.info["fit_s"][name] = time.perf_counter() - t0
             self._calibrate(name, f_val)
         report(1.0, "done")

@@ -353,7 +353,12 @@ class Dinomaly(Method):
     # ---- fit / score ---------------------------------------------------------------------------------------
     def _fit(self, features: PatchFeatures, progress=None, val_features: PatchFeatures | None = None,
              checkpoint_dir: str | None = None, **kw: Any) -> None:
-        """Train ``steps`` steps on batches of cached features; resumes from ``checkpoint_dir`` if one is there."""
+        """Train ``steps`` steps on batches of cached features.
+
+        With ``checkpoint_dir`` (argument or hyperparameter), a checkpoint of the same features and settings is
+        written every ``checkpoint_every`` steps and resumed from if training was interrupted; it is deleted
+        when the training completes.
+        """
         layers = list(self.layers or features.layers)
         dims = [features.maps[l].shape[1] for l in layers]
         if self.bottleneck is None:
@@ -370,9 +375,9 @@ class Dinomaly(Method):
             self.layer_scale.copy_((sums / (n * raw[0].shape[1])).float().clamp_min(1e-6))
         per_epoch = n // bs  # drop_last
         opt = self.make_optimizer()
-        ckpt = Path(checkpoint_dir or self.checkpoint_dir) / "dinomaly_resume.safetensors" \
-            if (checkpoint_dir or self.checkpoint_dir) else None
         data_key = _fingerprint([features.maps[l] for l in layers], self.config())
+        folder = checkpoint_dir or self.checkpoint_dir  # one file per (data, settings): trainings never mix
+        ckpt = Path(folder) / f"dinomaly_{data_key}.safetensors" if folder else None
         history: list[float] = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -392,6 +397,8 @@ class Dinomaly(Method):
                 if progress is not None:
                     progress(step + 1, self.steps, loss)
         self.eval()
+        if ckpt is not None:  # finished: the weights now live in the head; the resume file has done its job
+            ckpt.unlink(missing_ok=True)
         grid = self._tokens(features[:1])[1]
         info: dict[str, Any] = dict(steps=self.steps, resumed_from=start, grid=list(grid), dim=self._dim,
                                     final_loss=history[-1] if history else None)

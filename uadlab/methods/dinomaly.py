@@ -392,7 +392,7 @@ class Dinomaly(Method):
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"dinomaly: loss became {loss} at step {step}")
                 history.append(loss)
-                if ckpt and ((step + 1) % self.checkpoint_every == 0 or step + 1 == self.steps):
+                if ckpt and (step + 1) % self.checkpoint_every == 0 and step + 1 < self.steps:
                     self._save_checkpoint(ckpt, opt, step + 1, data_key)
                 if progress is not None:
                     progress(step + 1, self.steps, loss)

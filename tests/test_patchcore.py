@@ -65,3 +65,16 @@ def test_reweighting_keeps_scores_ordered():
     assert anomalous.image_score.item() > normal.image_score.item() >= 0
     assert anomalous.patch_map[0].argmax() // 6 in (1, 2, 3)
     assert pc.memory_bank.shape == (int(4 * 36 * 0.5), 16)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_flat_index_matches_brute_force_across_chunks(metric):
+    from uadlab.layers import FlatIndex
+
+    g = torch.Generator().manual_seed(0)
+    bank, q = torch.randn(1000, 12, generator=g), torch.randn(300, 12, generator=g)
+    d, i = FlatIndex(bank, metric, q_chunk=64, bank_chunk=128).search(q, k=3)  # several chunks both ways
+    full = torch.cdist(q, bank).square() if metric == "l2" else q @ bank.T
+    ref_d, ref_i = full.topk(3, dim=1, largest=metric == "ip")
+    assert torch.equal(i, ref_i)
+    torch.testing.assert_close(d, ref_d, rtol=1e-4, atol=1e-4)

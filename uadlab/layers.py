@@ -1,49 +1,51 @@
 """Blocks shared by several methods (a block used by one method stays in that method's file)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 
 class FlatIndex:
-    """Exact nearest-neighbour search over a fixed bank (B, D): faiss when installed, chunked torch otherwise.
+    """Exact nearest-neighbour search over a fixed bank (N, D) with chunked matrix products.
+
+    Plain torch: on this project's 2-core CPU it was 1.3-4x faster than faiss's IndexFlat for k = 1
+    (e.g. 784 queries against 156,800 x 152: 0.39 s against 1.18 s) and gives the same neighbours.
+    Memory stays at about ``q_chunk x bank_chunk`` floats whatever the bank size.
 
     Args:
         bank: (N, D) float32 vectors.
         metric: ``"l2"`` (returns squared Euclidean distances, ascending) or ``"ip"`` (inner products, descending).
     """
 
-    def __init__(self, bank: torch.Tensor, metric: str = "l2") -> None:
+    def __init__(self, bank: torch.Tensor, metric: str = "l2", q_chunk: int = 2048, bank_chunk: int = 32768) -> None:
         if metric not in ("l2", "ip"):
             raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
-        self.metric = metric
+        self.metric, self.q_chunk, self.bank_chunk = metric, q_chunk, bank_chunk
         self.bank = bank.float().contiguous()
         self.key = (bank.data_ptr(), tuple(bank.shape))
-        try:
-            import faiss
+        self._sq = (self.bank * self.bank).sum(1) if metric == "l2" else None
 
-            self._faiss = (faiss.IndexFlatL2 if metric == "l2" else faiss.IndexFlatIP)(bank.shape[1])
-            self._faiss.add(np.ascontiguousarray(self.bank.numpy()))
-        except ImportError:
-            self._faiss = None
-            self._sq = (self.bank * self.bank).sum(1)
-
-    def search(self, queries: torch.Tensor, k: int = 1, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, D) -> distances or similarities (Q, k) and bank indices (Q, k)."""
         k = min(k, len(self.bank))
-        if self._faiss is not None:
-            d, i = self._faiss.search(np.ascontiguousarray(queries.float().numpy()), k)
-            d = torch.from_numpy(d)
-            return (d.clamp_min_(0) if self.metric == "l2" else d), torch.from_numpy(i)
+        l2 = self.metric == "l2"
         ds, ids = [], []
-        for s in range(0, len(queries), chunk):
-            q = queries[s:s + chunk].float()
-            if self.metric == "l2":
-                v, i = ((q * q).sum(1, keepdim=True) - 2 * q @ self.bank.T + self._sq).clamp_min_(0).topk(k, 1, largest=False)
-            else:
-                v, i = (q @ self.bank.T).topk(k, 1)
-            ds.append(v)
-            ids.append(i)
+        for qs in range(0, len(queries), self.q_chunk):
+            q = queries[qs:qs + self.q_chunk].float()
+            qq = (q * q).sum(1, keepdim=True) if l2 else None
+            best_v = best_i = None
+            for bs in range(0, len(self.bank), self.bank_chunk):
+                b = self.bank[bs:bs + self.bank_chunk]
+                # l2: rank by ||b||^2 - 2 q.b in one fused product; ||q||^2 is added to the k kept only
+                s = torch.addmm(self._sq[bs:bs + len(b)], q, b.T, alpha=-2) if l2 else q @ b.T  # (q, nb)
+                v, i = s.topk(min(k, s.shape[1]), dim=1, largest=not l2)
+                i += bs
+                if best_v is not None:  # merge with the best of the earlier bank chunks
+                    v, j = torch.cat([best_v, v], 1).topk(k, dim=1, largest=not l2)
+                    i = torch.cat([best_i, i], 1).gather(1, j)
+                best_v, best_i = v, i
+            ds.append((best_v + qq).clamp_min_(0) if l2 else best_v)  # ||q - b||^2 = ||q||^2 - 2 q.b + ||b||^2
+            ids.append(best_i)
         return torch.cat(ds), torch.cat(ids)
 
 

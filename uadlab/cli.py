@@ -34,8 +34,8 @@ def resolve_inputs(a, methods: list[str]) -> None:
     """
     from .methods import get_method_class
 
-    paper = [get_method_class(m).paper_inputs for m in methods] if a.preset == "paper" else []
-    paper = paper[0] if paper and paper[0] and all(p == paper[0] for p in paper) else {}
+    inputs = [get_method_class(m).paper_inputs for m in methods] if a.preset == "paper" else []
+    paper = inputs[0] if inputs and all(i == inputs[0] for i in inputs) else {}
     if paper and a.backbone in (None, paper["backbone"]):
         a.backbone = paper["backbone"]
         if a.image_size is None:
@@ -72,8 +72,9 @@ def cmd_fit(a) -> int:
     from .pipeline import Run, RunConfig
 
     ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, skip_bad=a.skip_bad)
-    resolve_inputs(a, a.methods.split(","))
-    run = Run(RunConfig(backbone=a.backbone, methods=a.methods.split(","), preset=a.preset, image_size=a.image_size,
+    methods = a.methods.split(",")
+    resolve_inputs(a, methods)
+    run = Run(RunConfig(backbone=a.backbone, methods=methods, preset=a.preset, image_size=a.image_size,
                         resize=a.resize, weights=a.weights, seed=a.seed, method_kwargs=parse_params(a.param)),
               workdir=a.out)
     aux = [s for s in ds.test if s.label in (0, 1)] if any(h.zero_shot for h in run.heads.values()) else None
@@ -114,8 +115,9 @@ def cmd_bench(a) -> int:
     from .bench import markdown, run_bench, write_json
 
     t0 = time.perf_counter()
-    resolve_inputs(a, a.methods.split(","))
-    rows = run_bench(a.data, a.backbone, a.methods.split(","), weights=a.weights,
+    methods = a.methods.split(",")
+    resolve_inputs(a, methods)
+    rows = run_bench(a.data, a.backbone, methods, weights=a.weights,
                      categories=a.categories.split(",") if a.categories else None, multi_class=a.multi_class,
                      image_size=a.image_size, resize=a.resize, preset=a.preset, train_limit=a.train_limit,
                      seed=a.seed, method_kwargs=parse_params(a.param), log=lambda m: print(m, file=sys.stderr))

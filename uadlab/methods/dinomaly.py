@@ -292,14 +292,17 @@ class Dinomaly(Method):
         return [f"block{b}" for b in sorted({min(D - 1, round(i * D / 12)) for i in range(2, 10)})]
 
     # ---- forward -------------------------------------------------------------------------------------------
+    def _grid(self, features: PatchFeatures) -> tuple[int, int]:
+        """The token grid: ``grid`` if set, else the middle layer's (all the same for a ViT)."""
+        if self.grid:
+            return tuple(self.grid)
+        layers = list(self.layers or features.layers)
+        sizes = sorted({tuple(features.maps[l].shape[-2:]) for l in layers}, key=lambda s: -s[0] * s[1])
+        return sizes[len(sizes) // 2]
+
     def _tokens(self, features: PatchFeatures, embed: bool = True) -> tuple[list[torch.Tensor], tuple[int, int]]:
         """Per encoder layer (B, N, D) tokens on one grid, embedded into the common width if needed."""
-        layers = list(self.layers or features.layers)
-        if self.grid:
-            grid = tuple(self.grid)
-        else:  # the middle layer's grid (all the same for a ViT)
-            sizes = sorted({tuple(features.maps[l].shape[-2:]) for l in layers}, key=lambda s: -s[0] * s[1])
-            grid = sizes[len(sizes) // 2]
+        layers, grid = list(self.layers or features.layers), self._grid(features)
         out = []
         for i, l in enumerate(layers):
             m = features.maps[l].float()
@@ -387,7 +390,7 @@ class Dinomaly(Method):
                 epoch, j = divmod(step, per_epoch)
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
                 idx = order[j * bs:(j + 1) * bs]
-                tokens, grid = self._tokens(features[idx])  # a batch of cached features: (B, N, D) per layer
+                tokens, _ = self._tokens(features[idx])  # a batch of cached features: (B, N, D) per layer
                 loss = self.train_step(tokens, opt, step, self.steps)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"dinomaly: loss became {loss} at step {step}")
@@ -399,7 +402,7 @@ class Dinomaly(Method):
         self.eval()
         if ckpt is not None:  # finished: the weights now live in the head; the resume file has done its job
             ckpt.unlink(missing_ok=True)
-        grid = self._tokens(features[:1])[1]
+        grid = self._grid(features)
         info: dict[str, Any] = dict(steps=self.steps, resumed_from=start, grid=list(grid), dim=self._dim,
                                     final_loss=history[-1] if history else None)
         if val_features is not None and len(val_features):  # reported only: the paper keeps the last weights

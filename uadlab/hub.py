@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .methods import Method, get_method_class
-from .postprocess import Calibration, image_score, to_heatmap
+from .postprocess import Calibration
 
 EXAMPLE_FILE = "example_heatmap.png"
 INFO_FILE = "uadlab_info.json"
@@ -196,7 +196,6 @@ def score_images(head: Method, images: Sequence[Image.Image], token: str | None 
     info = head.fit_info
     feats = bb.extract([im.convert("RGB") for im in images])
     res = head.score(feats)
-    maps = to_heatmap(res.patch_map, feats.image_size, float(info.get("sigma", 4.0)))
-    raw = res.image_score if res.image_score is not None else image_score(maps, info.get("score_mode", "top1"))
+    maps, raw = head.heatmap(res, feats.image_size, info.get("sigma"), info.get("score_mode"))
     cal = Calibration(**info["calibration"]) if info.get("calibration") else Calibration()
     return cal.scores(raw).numpy(), cal.maps(maps).numpy(), [bb.view(im) for im in images]

@@ -28,7 +28,7 @@ from .backbones import Backbone
 from .data import Dataset, Sample
 from .features import FeatureCache, PatchFeatures
 from .methods import Method, get_method_class
-from .postprocess import Calibration, image_score, threshold_from_normals, to_heatmap
+from .postprocess import Calibration
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
 
@@ -39,7 +39,20 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class RunConfig:
-    """Settings of one training run (JSON-serialisable; a token is never part of it)."""
+    """Settings of one training run (JSON-serialisable; a token is never part of it).
+
+    ``calibration`` says how the label-free calibration is estimated without costing the heads data:
+
+    - ``"refit"`` (default): fit each head on ``1 - val_fraction`` of the normal images, calibrate it on the
+      held-out rest, then fit it again on ALL normal images and keep that calibration. The numbers come
+      from a head fit on every normal image (as in the papers and anomalib); the cost is one extra fit on
+      ``1 - val_fraction`` of the data per head (memory banks: seconds; trained heads: twice the steps).
+    - ``"holdout"``: fit on ``1 - val_fraction`` only and calibrate on the rest (cheaper; the heads then
+      see fewer images than a paper's protocol).
+
+    Zero-shot heads never see the target's normal images, so they calibrate on all of them. ``sigma`` and
+    ``score_mode`` override every method's own post-processing (None: each method's paper choice).
+    """
 
     backbone: str = "efficientnet_lite0"
     methods: list[str] = field(default_factory=lambda: ["patchcore", "anomalydino"])
@@ -48,9 +61,10 @@ class RunConfig:
     resize: int | None = None
     weights: str = "default"
     val_fraction: float = 0.2
+    calibration: str = "refit"
     seed: int = 0
-    sigma: float = 4.0
-    score_mode: str = "top1"
+    sigma: float | None = None
+    score_mode: str | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -60,14 +74,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+CALIBRATION_MODES = ("refit", "holdout")
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(fit, held-out) indices: ``val_fraction`` of ``n`` normal images (at least one) held out for calibration.
+
+    With one image nothing can be held out: both lists are [0] (calibrated on the training image itself).
+    """
+    if n < 2:
+        return list(range(n)), list(range(n))
+    idx = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, int(round(n * val_fraction))))
+    return sorted(int(i) for i in idx[n_val:]), sorted(int(i) for i in idx[:n_val])
+
+
 def split_normals(samples: Sequence[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Hold out ``val_fraction`` of the normal training images (at least one) for calibration."""
-    samples = list(samples)
-    if len(samples) < 2:
-        return samples, samples  # nothing to hold out: calibrate on the training image itself
-    idx = np.random.default_rng(seed).permutation(len(samples))
-    n_val = min(len(samples) - 1, max(1, int(round(len(samples) * val_fraction))))
-    return [samples[i] for i in sorted(idx[n_val:])], [samples[i] for i in sorted(idx[:n_val])]
+    fit_i, val_i = split_indices(len(samples), val_fraction, seed)
+    return [samples[i] for i in fit_i], [samples[i] for i in val_i]
 
 
 def masks_at(backbone: Backbone, samples: Sequence[Sample]) -> np.ndarray | None:
@@ -101,8 +126,7 @@ class Scored:
 
     scores: np.ndarray  # (N,) calibrated image scores
     maps: np.ndarray  # (N, S, S) float32 calibrated heatmaps
-    head_ms: list[float]  # per-image scoring time of the head
-    raw_scores: np.ndarray | None = None
+    head_ms: list[float]  # per-image scoring time of the head (an ensemble's includes its members')
 
 
 class Run:
@@ -133,14 +157,23 @@ class Run:
         if stray:
             raise ValueError(f"hyperparameters given for {sorted(stray)}, which are not among the methods "
                              f"{self.config.methods}")
+        if self.config.calibration not in CALIBRATION_MODES:
+            raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {self.config.calibration!r}")
         for name in self.config.methods:
-            cls = get_method_class(name)
-            accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "backbone"}
-            unknown = set(self.config.method_kwargs.get(name, {})) - accepted
-            if unknown:
-                raise ValueError(f"{name}: unknown hyperparameters {sorted(unknown)}; known: {', '.join(sorted(accepted))}")
-            kw = {**self.config.method_kwargs.get(name, {}), "backbone": self.config.backbone}
-            self.heads[name] = cls.from_preset(self.config.preset, **kw) if cls.presets else cls(**kw)
+            self.heads[name] = self._new_head(name)
+        for head in self.heads.values():
+            if head.combines_heads:
+                head.check_members(self.heads)
+
+    def _new_head(self, name: str) -> Method:
+        """A fresh head of ``name`` with the run's preset and hyperparameters."""
+        cls = get_method_class(name)
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "backbone"}
+        unknown = set(self.config.method_kwargs.get(name, {})) - accepted
+        if unknown:
+            raise ValueError(f"{name}: unknown hyperparameters {sorted(unknown)}; known: {', '.join(sorted(accepted))}")
+        kw = {**self.config.method_kwargs.get(name, {}), "backbone": self.config.backbone}
+        return cls.from_preset(self.config.preset, **kw) if cls.presets else cls(**kw)
 
     @property
     def backbone(self) -> Backbone:
@@ -162,52 +195,84 @@ class Run:
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, train: Sequence[Sample], progress: Progress | None = None,
             aux: Sequence[Sample] | None = None) -> "Run":
-        """Fit every head on normal ``train`` images; zero-shot heads on the labelled ``aux`` set."""
-        if not train and not all(h.zero_shot for h in self.heads.values()):
+        """Fit every head on the normal ``train`` images (zero-shot heads on the labelled ``aux`` set) and
+        calibrate it label-free on held-out normal images (see ``RunConfig``: refit or holdout)."""
+        learned = [n for n, h in self.heads.items() if not h.zero_shot and not h.combines_heads]
+        if not train and learned:
             raise ValueError("no normal training images")
         seed_everything(self.config.seed)
         report = progress or (lambda f, m: None)
-        fit_s, val_s = split_normals(train, self.config.val_fraction, self.config.seed)
+        refit = self.config.calibration == "refit"
+        fit_i, val_i = split_indices(len(train), self.config.val_fraction, self.config.seed)
         report(0.0, "extracting features")
-        f_train = self.features(fit_s, lambda f, m: report(0.3 * f, m), "train") if fit_s else None
-        f_val = self.features(val_s, lambda f, m: report(0.3 + 0.1 * f, m), "held-out normal") if val_s else None
-        spec = self.backbone.spec
-        n = len(self.heads)
-        for i, (name, head) in enumerate(self.heads.items()):
-            lo, span = 0.4 + 0.6 * i / n, 0.6 / n
-            report(lo, f"fitting {name}")
+        f_all = self.features(train, lambda f, m: report(0.3 * f, m), "normal") if train else None
+        f_fit = f_all[fit_i] if f_all is not None else None
+        f_val = f_all[val_i] if f_all is not None and val_i != fit_i else None
+        self.info.update(n_train=len(train), n_fit=len(fit_i), n_calibration=len(val_i),
+                         calibration_mode=self.config.calibration)
+        stages = [(n, "fit") for n in self.heads] + [(n, "refit") for n in learned if refit and f_val is not None]
+        self._stage = 0
 
-            def step(s: int, total: int, loss: float, _n=name, _lo=lo, _span=span) -> None:
-                report(_lo + _span * s / max(total, 1), f"{_n}: step {s}/{total}, loss {loss:.4g}")
+        def stage_progress(name: str, what: str) -> Callable[[int, int, float], None]:
+            lo, span = 0.3 + 0.7 * self._stage / len(stages), 0.7 / len(stages)
+            self._stage += 1
+            report(lo, f"{what} {name}")
+            return lambda s, total, loss: report(lo + span * s / max(total, 1), f"{name}: step {s}/{total}, loss {loss:.4g}")
 
-            layers = head.layers_for(spec)
+        order = sorted(self.heads, key=lambda n: self.heads[n].combines_heads)  # ensembles after their members
+        for name in order:
+            head = self.heads[name]
+            step = stage_progress(name, "fitting")
             t0 = time.perf_counter()
-            if head.zero_shot:
-                if not aux:
-                    raise ValueError(f"{name} is zero-shot: it needs an auxiliary labelled set (other categories "
-                                     "with masks, or annotations)")
-                f_aux = self.features(aux, lambda f, m: report(lo, m), "auxiliary")
-                labels = torch.tensor([max(s.label, 0) for s in aux], dtype=torch.float32)
-                masks = masks_at(self.backbone, aux)
-                if masks is None:
-                    raise ValueError(f"{name}: every anomalous auxiliary image needs a mask")
-                head.fit(f_aux.select(layers), progress=step, labels=labels, masks=torch.from_numpy(masks).float())
+            if head.combines_heads:
+                head.fit_members(self.heads)
+            elif head.zero_shot:
+                self._fit_zero_shot(name, head, aux, step, report)
             else:  # heads that train for long keep resumable checkpoints next to the feature cache
-                head.fit(f_train.select(layers), progress=step,
-                         val_features=None if val_s is fit_s else f_val.select(layers),
+                head.fit(f_fit.select(head.layers_for(self.backbone.spec)), progress=step,
+                         val_features=None if f_val is None else f_val.select(head.layers_for(self.backbone.spec)),
                          checkpoint_dir=str(self.cache.root.parent / "checkpoints"))
             self.info["fit_s"][name] = time.perf_counter() - t0
-            self._calibrate(name, f_val)
+            # zero-shot heads never saw the target's normals: calibrate on all of them
+            self._calibrate(name, f_all if head.zero_shot else (f_val if f_val is not None else f_fit))
+        if refit and f_val is not None:
+            for name in learned:  # the final heads see every normal image; the calibration carries over
+                step = stage_progress(name, "refitting on all normal images:")
+                head = self._new_head(name)
+                t0 = time.perf_counter()
+                head.fit(f_all.select(head.layers_for(self.backbone.spec)), progress=step,
+                         checkpoint_dir=str(self.cache.root.parent / "checkpoints"))
+                self.info.setdefault("calibration_fit_s", {})[name] = self.info["fit_s"][name]
+                self.info["fit_s"][name] = time.perf_counter() - t0
+                head.fit_info["calibration"] = self.heads[name].fit_info.get("calibration")
+                self.heads[name] = head
         report(1.0, "done")
         return self
 
+    def _fit_zero_shot(self, name: str, head: Method, aux: Sequence[Sample] | None, step, report: Progress) -> None:
+        if not aux:
+            raise ValueError(f"{name} is zero-shot: it needs an auxiliary labelled set (other categories "
+                             "with masks, or annotations)")
+        f_aux = self.features(aux, lambda f, m: report(0.3, m), "auxiliary")
+        labels = torch.tensor([max(s.label, 0) for s in aux], dtype=torch.float32)
+        masks = masks_at(self.backbone, aux)
+        head.fit(f_aux.select(head.layers_for(self.backbone.spec)), progress=step, labels=labels,
+                 masks=None if masks is None else torch.from_numpy(masks).float())
+
     def _raw(self, name: str, feats: PatchFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw heatmaps (B, S, S) and image scores (B,) of one head."""
+        """Heatmaps (B, S, S) and image scores (B,) of one head before calibration, by the method's own
+        post-processing; an ensemble combines its members' CALIBRATED outputs."""
         head = self.heads[name]
+        if head.combines_heads:
+            outs = [self._calibrated(m, feats) for m in head.members_in(self.heads)]
+            return head.combine([o[0] for o in outs], [o[1] for o in outs])
         res = head.score(feats.select(head.layers_for(self.backbone.spec)))
-        maps = to_heatmap(res.patch_map, feats.image_size, self.config.sigma)
-        scores = res.image_score if res.image_score is not None else image_score(maps, self.config.score_mode)
-        return maps, scores
+        return head.heatmap(res, feats.image_size, self.config.sigma, self.config.score_mode)
+
+    def _calibrated(self, name: str, feats: PatchFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        maps, scores = self._raw(name, feats)
+        cal = self.calibration.get(name, Calibration())
+        return cal.maps(maps), cal.scores(scores)
 
     def _calibrate(self, name: str, f_val: PatchFeatures | None) -> None:
         if f_val is None:  # zero-shot heads with no target normals: identity calibration
@@ -215,11 +280,8 @@ class Run:
             return
         maps, scores = self._raw(name, f_val)
         cal = Calibration.fit(maps, scores)
-        cal_scores = cal.scores(scores).numpy()
         self.calibration[name] = cal
-        head = self.heads[name]
-        head.fit_info["calibration"] = cal.to_dict()
-        head.fit_info["threshold"] = threshold_from_normals(cal_scores, 0.99) if len(cal_scores) > 1 else 1.0
+        self.heads[name].fit_info["calibration"] = cal.to_dict()
 
     # ---- scoring --------------------------------------------------------------------------------------------
     def score(self, samples: Sequence[Sample] | PatchFeatures, methods: Sequence[str] | None = None,
@@ -228,17 +290,14 @@ class Run:
         feats = samples if isinstance(samples, PatchFeatures) else self.features(samples, progress, "test")
         out = {}
         for name in methods or list(self.heads):
-            cal = self.calibration.get(name, Calibration())
-            maps, raw, times = [], [], []
+            maps, scores, times = [], [], []
             for i in range(len(feats)):
-                one = feats[i]
                 t0 = time.perf_counter()
-                m, s = self._raw(name, one)
+                m, s = self._calibrated(name, feats[i])
                 times.append((time.perf_counter() - t0) * 1000)
-                maps.append(cal.maps(m)[0].numpy().astype(np.float32))
-                raw.append(float(s[0]))
-            raw_a = np.array(raw)
-            out[name] = Scored(cal.scores(torch.from_numpy(raw_a)).numpy(), np.stack(maps), times, raw_a)
+                maps.append(m[0].numpy().astype(np.float32))
+                scores.append(float(s[0]))
+            out[name] = Scored(np.array(scores), np.stack(maps), times)
         return out
 
     def evaluate(self, test: Sequence[Sample], progress: Progress | None = None) -> dict[str, dict[str, Any]]:

@@ -20,11 +20,15 @@ def upsample(patch_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(patch_map[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def gaussian_smooth(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps per image, kernel radius 4 sigma, reflect padding."""
+def gaussian_smooth(maps: torch.Tensor, sigma: float = 4.0, radius: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps per image, reflect padding.
+
+    ``radius`` truncates the kernel (``2 * radius + 1`` taps; default 4 sigma, like scipy's
+    ``gaussian_filter``); Dinomaly's official 5x5 kernel with sigma 4 is ``radius=2``.
+    """
     if sigma <= 0:
         return maps
-    r = max(1, int(math.ceil(4 * sigma)))
+    r = max(1, int(math.ceil(4 * sigma))) if radius is None else max(1, int(radius))
     x = torch.arange(-r, r + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     k = (k / k.sum()).to(maps.dtype)
@@ -55,9 +59,10 @@ def image_score(maps: torch.Tensor, mode: str = "top1") -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(1)
 
 
-def to_heatmap(patch_map: torch.Tensor, size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
+def to_heatmap(patch_map: torch.Tensor, size: tuple[int, int], sigma: float = 4.0,
+               radius: int | None = None) -> torch.Tensor:
     """Upsample then smooth: (B, h, w) raw patch map -> (B, H, W) raw heatmap."""
-    return gaussian_smooth(upsample(patch_map, size), sigma)
+    return gaussian_smooth(upsample(patch_map, size), sigma, radius)
 
 
 @dataclass

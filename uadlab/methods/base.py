@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
 from safetensors.torch import load_file
 
 from ..features import PatchFeatures
+from ..postprocess import image_score, to_heatmap
 
 if TYPE_CHECKING:
     from ..backbones import BackboneSpec
@@ -82,17 +83,26 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         paper: citation shown in model cards and the app.
         summary: a short "how it works" for the app.
         zero_shot: True when the method trains on an auxiliary labelled set instead of target normals.
+        combines_heads: True for heads that combine the calibrated outputs of the run's other heads (the
+            ensemble); the run fits and scores them through ``combine``, not through features.
         presets: named hyperparameter sets, e.g. {"quick": {...}, "paper": {...}}.
         paper_inputs: the paper's backbone and input geometry (``backbone``, ``resize``, ``image_size``),
             used by ``--preset paper`` where the user did not choose them; {} when the paper does not say.
+        sigma, smooth_radius, score_mode: the method's own post-processing (its paper's choice), used by
+            ``heatmap``: Gaussian sigma in pixels of the network input (0 = none), the kernel radius
+            (None = 4 sigma) and how an image score is derived from the map when ``_score`` gives none.
     """
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     zero_shot: ClassVar[bool] = False
+    combines_heads: ClassVar[bool] = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     paper_inputs: ClassVar[dict[str, Any]] = {}
+    sigma: ClassVar[float] = 4.0
+    smooth_radius: ClassVar[int | None] = None
+    score_mode: ClassVar[str] = "top1"
 
     def __init__(self, backbone: str = "efficientnet_lite0") -> None:
         super().__init__()
@@ -120,6 +130,20 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
             raise NotFittedError(f"{self.name} is not fitted: call fit(...) or load a trained head first")
         self.eval()
         return self._score(features)
+
+    def heatmap(self, result: AnomalyResult, size: tuple[int, int], sigma: float | None = None,
+                score_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The method's post-processing: raw (B, h, w) patch map -> (B, H, W) heatmap and (B,) image score.
+
+        Bilinear upsampling to ``size``, then the method's smoothing; the image score is the method's own
+        (``result.image_score``) or derived from the map by ``score_mode``. ``sigma`` / ``score_mode``
+        override the method's choice (None: keep it). Uncalibrated: the run calibrates afterwards.
+        """
+        sigma = self.sigma if sigma is None else sigma
+        maps = to_heatmap(result.patch_map, size, sigma, self.smooth_radius)
+        if result.image_score is not None and score_mode is None:
+            return maps, result.image_score
+        return maps, image_score(maps, score_mode or self.score_mode)
 
     def layers_for(self, spec: "BackboneSpec") -> list[str]:
         """Backbone layers this method reads (names as in ``uadlab.backbones``); override per method.

@@ -67,3 +67,44 @@ def test_zero_shot_needs_aux(tiny_demo):
     run = Run(RunConfig(methods=zs[:1], preset="tiny", image_size=64))
     with pytest.raises(ValueError, match="auxiliary"):
         run.fit(ds.train)
+
+
+def _bank_images(run: Run, name: str, grid: int) -> int:
+    return run.heads[name].memory_bank.shape[0] // (grid * grid)
+
+
+@pytest.mark.parametrize("mode,expected", [("refit", 5), ("holdout", 4)])
+def test_calibration_protocol_fits_on_all_normals(tiny_demo, tmp_path, mode, expected):
+    """refit: the final head sees every normal image, the held-out calibration carries over; holdout: 80%."""
+    ds = load_mvtec(tiny_demo, categories=["brick"])
+    train = ds.train[:5]
+    run = Run(RunConfig(methods=["anomalydino"], image_size=64, calibration=mode), cache=FeatureCache(tmp_path))
+    run.fit(train)
+    grid = run.features(train[:1]).select(run.heads["anomalydino"].layers_for(run.backbone.spec)).grid[0]
+    assert _bank_images(run, "anomalydino", grid) == expected
+    assert run.info["n_fit"] == 4 and run.info["n_calibration"] == 1 and run.info["n_train"] == 5
+    assert run.heads["anomalydino"].fit_info["calibration"] == run.calibration["anomalydino"].to_dict()
+
+
+def test_calibration_mode_is_checked():
+    with pytest.raises(ValueError, match="calibration"):
+        Run(RunConfig(methods=["patchcore"], calibration="sometimes"))
+
+
+def test_ensemble_combines_calibrated_members(fitted, tmp_path):
+    run, ds, _, work = fitted
+    ens = Run(RunConfig(methods=["patchcore", "anomalydino", "ensemble"], image_size=96), workdir=tmp_path,
+              cache=run.cache)
+    ens.fit(ds.train)
+    out = ens.score(ds.test)
+    assert set(out) == {"patchcore", "anomalydino", "ensemble"}
+    labels = np.array([s.label for s in ds.test])
+    # the ensemble's raw map is the mean of its members' calibrated maps; it is then calibrated again
+    raw, _ = ens._raw("ensemble", ens.features(ds.test[:2]))
+    members = np.mean([out[m].maps[:2] for m in ("patchcore", "anomalydino")], axis=0)
+    np.testing.assert_allclose(raw.numpy(), members, rtol=1e-4, atol=1e-4)
+    assert out["ensemble"].scores[labels == 1].mean() > out["ensemble"].scores[labels == 0].mean()
+    again = Run.load(ens.save(), cache=run.cache).score(ds.test[:2])["ensemble"]
+    np.testing.assert_allclose(again.maps, out["ensemble"].maps[:2], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at least two"):
+        Run(RunConfig(methods=["patchcore", "ensemble"]))

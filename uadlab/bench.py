@@ -21,7 +21,8 @@ from .methods import get_method_class
 from .pipeline import Run, RunConfig, default_cache_dir, peak_rss_mb
 
 COLUMNS = ["method", "category", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
-           "pixel_f1max", "aupro", "fit_s", "backbone_ms", "head_ms", "head_mb", "peak_rss_mb"]
+           "pixel_f1max", "aupro", "fit_s", "backbone_ms", "head_ms", "head_mb", "peak_rss_mb",
+           "normal_px_over_1", "normal_img_over_1"]
 METRICS = COLUMNS[2:9]
 
 
@@ -62,7 +63,8 @@ def run_bench(data: str | Dataset, backbone: str, methods: Sequence[str], weight
         res = run.evaluate(test)
         for name, r in res.items():
             row = {"method": name, "category": cat, **{k: r[k] for k in METRICS}, "fit_s": r["fit_s"],
-                   "backbone_ms": bms, "head_ms": r["head_ms"], "head_mb": r["head_mb"], "peak_rss_mb": peak_rss_mb()}
+                   "backbone_ms": bms, "head_ms": r["head_ms"], "head_mb": r["head_mb"], "peak_rss_mb": peak_rss_mb(),
+                   "normal_px_over_1": r["normal_px_over_1"], "normal_img_over_1": r["normal_img_over_1"]}
             rows.append(row)
             log(f"  {name:12s} {cat:10s} image AUROC {row['image_auroc']:.4f}  pixel AUROC {row['pixel_auroc']:.4f}"
                 f"  fit {row['fit_s']:.1f}s  head {row['head_ms']:.1f} ms/img")
@@ -104,7 +106,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "n/a"
         if isinstance(v, float):
-            return f"{v:.4f}" if k in METRICS else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+            return f"{v:.4f}" if k in METRICS or k.startswith("normal_") else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
         return str(v)
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

@@ -310,9 +310,14 @@ class Run:
         scored = self.score(test, progress=progress)
         results = {}
         for name, sc in scored.items():
+            normal = labels == 0
             r = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(masks, sc.maps),
                  "curves": M.curves(labels, sc.scores), "head_ms": float(np.median(sc.head_ms)),
-                 "head_mb": head_megabytes(self.heads[name]), "fit_s": self.info["fit_s"].get(name)}
+                 "head_mb": head_megabytes(self.heads[name]), "fit_s": self.info["fit_s"].get(name),
+                 # how the label-free calibration holds on unseen normal images: the share above 1.0
+                 # should be near 1 - q (pixels; q = 0.999 by default)
+                 "normal_px_over_1": float((sc.maps[normal] > 1.0).mean()) if normal.any() else None,
+                 "normal_img_over_1": float((sc.scores[normal] > 1.0).mean()) if normal.any() else None}
             results[name] = r
             self.heads[name].fit_info["metrics"] = {k: v for k, v in r.items() if k != "curves" and v is not None}
         self.info["metrics"] = {k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in results.items()}

@@ -108,3 +108,32 @@ def test_ensemble_combines_calibrated_members(fitted, tmp_path):
     np.testing.assert_allclose(again.maps, out["ensemble"].maps[:2], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="at least two"):
         Run(RunConfig(methods=["patchcore", "ensemble"]))
+
+
+def test_settings_resolved_once():
+    """The paper preset brings its backbone and geometry unless the user chose them; defaults from one place."""
+    from uadlab.backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT
+
+    quick = RunConfig.resolve(["patchcore"])
+    assert (quick.backbone, quick.image_size, quick.resize) == (OFFLINE_DEFAULT, DEFAULT_IMAGE_SIZE, None)
+    paper = RunConfig.resolve(["dinomaly"], "paper")
+    assert (paper.backbone, paper.image_size, paper.resize) == ("dinov2_vitb14_reg", 392, 448)
+    mine = RunConfig.resolve(["dinomaly"], "paper", backbone="efficientnet_lite0")
+    assert (mine.backbone, mine.image_size) == ("efficientnet_lite0", DEFAULT_IMAGE_SIZE)
+    mixed = RunConfig.resolve(["dinomaly", "patchcore"], "paper")  # papers disagree: the offline default
+    assert mixed.backbone == OFFLINE_DEFAULT
+    for bad in (0, 1, -5):
+        with pytest.raises(ValueError, match="image size"):
+            RunConfig.resolve(["patchcore"], image_size=bad)
+
+
+def test_a_loaded_head_scores_like_its_run(fitted, tmp_path):
+    """A head pulled from a folder (or the Hub) is a Run with one head: the same maps and scores."""
+    from uadlab.hub import load_head, prepare_head
+
+    run, ds, _, _ = fitted
+    folder = prepare_head(run, "patchcore", tmp_path / "head")
+    one = Run.from_head(load_head(str(folder)), cache=run.cache)
+    a, b = run.score(ds.test[:3])["patchcore"], one.score(ds.test[:3])["patchcore"]
+    np.testing.assert_allclose(b.maps, a.maps, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b.scores, a.scores, rtol=1e-5, atol=1e-6)

@@ -36,6 +36,7 @@ SHORT_NAMES: dict[str, str] = {
     "efficientnet_lite0": "tf_efficientnet_lite0",
 }
 OFFLINE_DEFAULT = "efficientnet_lite0"
+DEFAULT_IMAGE_SIZE = 224  # the network input side (centre crop) unless a preset or the user says otherwise
 
 
 class BackboneWeightsError(RuntimeError):
@@ -116,7 +117,7 @@ class Backbone(torch.nn.Module):
         self,
         name: str = OFFLINE_DEFAULT,
         layers: Sequence[str] | None = None,
-        image_size: int = 224,
+        image_size: int = DEFAULT_IMAGE_SIZE,
         resize: int | None = None,
         weights: str = "default",
         token: str | None = None,
@@ -226,7 +227,7 @@ def create_backbone(name: str = OFFLINE_DEFAULT, **kwargs) -> Backbone:
     return Backbone(name, **kwargs)
 
 
-def backbone_spec(name: str, image_size: int = 224) -> BackboneSpec:
+def backbone_spec(name: str, image_size: int = DEFAULT_IMAGE_SIZE) -> BackboneSpec:
     """The spec of a backbone without loading weights."""
     model_name = resolve_name(name)
     is_vit = _is_vit(model_name)

@@ -43,8 +43,8 @@ def _limit(samples, n: int | None):
     return list(samples) if not n else list(samples)[:n]
 
 
-def run_bench(data: str | Dataset, backbone: str, methods: Sequence[str], weights: str = "default",
-              categories: Sequence[str] | None = None, multi_class: bool = False, image_size: int = 224,
+def run_bench(data: str | Dataset, backbone: str | None, methods: Sequence[str], weights: str = "default",
+              categories: Sequence[str] | None = None, multi_class: bool = False, image_size: int | None = None,
               resize: int | None = None, preset: str = "quick", train_limit: int | None = None, seed: int = 0,
               cache_dir: str | None = None, method_kwargs: dict[str, dict[str, Any]] | None = None,
               log=print) -> list[dict[str, Any]]:
@@ -56,8 +56,8 @@ def run_bench(data: str | Dataset, backbone: str, methods: Sequence[str], weight
     rows: list[dict[str, Any]] = []
 
     def make(ms):
-        return Run(RunConfig(backbone=backbone, methods=list(ms), preset=preset, image_size=image_size,
-                             resize=resize, weights=weights, seed=seed, method_kwargs=method_kwargs or {}), cache=cache)
+        return Run(RunConfig.resolve(ms, preset, backbone, image_size, resize, weights=weights, seed=seed,
+                                     method_kwargs=method_kwargs or {}), cache=cache)
 
     def emit(run: Run, cat: str, test, bms: float) -> None:
         res = run.evaluate(test)
@@ -75,7 +75,7 @@ def run_bench(data: str | Dataset, backbone: str, methods: Sequence[str], weight
         for gname, gcats in groups:
             run = make(trained)
             train = _limit([s for s in ds.train if s.category in gcats], train_limit)
-            log(f"[{gname}] fitting {', '.join(trained)} on {len(train)} normal images ({backbone})")
+            log(f"[{gname}] fitting {', '.join(trained)} on {len(train)} normal images ({run.config.backbone})")
             run.fit(train, progress)
             for c in gcats:
                 test = [s for s in ds.test if s.category == c]

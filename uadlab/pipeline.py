@@ -16,7 +16,7 @@ import random
 import resource
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .backbones import Backbone
+from .backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, Backbone
 from .data import Dataset, Sample
 from .features import FeatureCache, PatchFeatures
 from .methods import Method, get_method_class
@@ -54,10 +54,10 @@ class RunConfig:
     ``score_mode`` override every method's own post-processing (None: each method's paper choice).
     """
 
-    backbone: str = "efficientnet_lite0"
+    backbone: str = OFFLINE_DEFAULT
     methods: list[str] = field(default_factory=lambda: ["patchcore", "anomalydino"])
     preset: str = "quick"
-    image_size: int = 224
+    image_size: int = DEFAULT_IMAGE_SIZE
     resize: int | None = None
     weights: str = "default"
     val_fraction: float = 0.2
@@ -66,6 +66,28 @@ class RunConfig:
     sigma: float | None = None
     score_mode: str | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+    @classmethod
+    def resolve(cls, methods: Sequence[str], preset: str = "quick", backbone: str | None = None,
+                image_size: int | None = None, resize: int | None = None, **settings: Any) -> "RunConfig":
+        """The settings of a run from what a user chose (None = not chosen): the ONE place where a preset
+        brings its backbone and input geometry, for the CLI, the app and the Python API alike.
+
+        With ``preset="paper"`` and methods whose papers agree on a backbone, that backbone and its input
+        geometry (e.g. Dinomaly: DINOv2-reg ViT-B/14, resize 448, crop 392) unless the user chose another
+        backbone; otherwise the offline default backbone at ``DEFAULT_IMAGE_SIZE``.
+        """
+        from .methods import get_method_class
+
+        inputs = [get_method_class(m).paper_inputs for m in methods] if preset == "paper" else []
+        paper = inputs[0] if inputs and all(i == inputs[0] for i in inputs) else {}
+        if paper and backbone in (None, paper["backbone"]) and image_size is None:
+            backbone, image_size, resize = paper["backbone"], paper["image_size"], resize or paper.get("resize")
+        if image_size is not None and (not isinstance(image_size, int) or image_size < 32):
+            raise ValueError(f"image size {image_size!r}: give a whole number of pixels, at least 32")
+        return cls(backbone=backbone or OFFLINE_DEFAULT, methods=list(methods), preset=preset,
+                   image_size=image_size or DEFAULT_IMAGE_SIZE, resize=resize, **settings)
 
 
 def seed_everything(seed: int) -> None:
@@ -147,6 +169,7 @@ class Run:
         self.heads: dict[str, Method] = {}
         self.calibration: dict[str, Calibration] = {}
         self.info: dict[str, Any] = {"fit_s": {}, "metrics": {}}
+        self.meta: dict[str, Any] = {}  # what the caller records with the run (data source, evaluation, ...)
         self._token = token  # used for this process only; never saved
         self._backbone: Backbone | None = None
         self.build_heads()
@@ -330,9 +353,9 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         for name, head in self.heads.items():
             head.save_pretrained(self.dir / name)
-        meta = {"run_id": self.run_id, "config": asdict(self.config), "info": self.info,
-                "calibration": {k: v.to_dict() for k, v in self.calibration.items()},
-                "created": time.time(), **(extra or {})}
+        self.meta.update(extra or {})
+        meta = {**self.meta, "run_id": self.run_id, "config": asdict(self.config), "info": self.info,
+                "calibration": {k: v.to_dict() for k, v in self.calibration.items()}, "created": time.time()}
         tmp = self.dir / "run.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2, default=_jsonable))
         os.replace(tmp, self.dir / "run.json")  # atomic: a crash never leaves half a run.json
@@ -340,23 +363,34 @@ class Run:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, cache: FeatureCache | None = None, token: str | None = None) -> "Run":
+        """A saved run: its settings, calibrations, records and every head with weights on disk."""
         run_dir = Path(run_dir)
         meta_path = run_dir / "run.json"
         if not meta_path.exists():
-            raise FileNotFoundError(f"{run_dir}: not a saved run (no run.json)")
+            raise FileNotFoundError(f"{run_dir.name}: not a saved run (no run.json)")
         meta = json.loads(meta_path.read_text())
-        run = cls.__new__(cls)
-        run.config = RunConfig(**meta["config"])
-        run.run_id = meta["run_id"]
-        run.dir = run_dir
-        run.cache = cache or FeatureCache(default_cache_dir())
-        run.info = meta.get("info", {"fit_s": {}, "metrics": {}})
+        known = {f.name for f in fields(RunConfig)}
+        run = cls(RunConfig(**{k: v for k, v in meta["config"].items() if k in known}), cache=cache, token=token)
+        run.run_id, run.dir = meta["run_id"], run_dir
+        run.info = meta.get("info", run.info)
         run.calibration = {k: Calibration(**v) for k, v in meta.get("calibration", {}).items()}
-        run._token = token
-        run._backbone = None
+        run.meta = {k: v for k, v in meta.items() if k not in ("run_id", "config", "info", "calibration")}
         run.heads = {name: get_method_class(name).from_pretrained(str(run_dir / name)) for name in run.config.methods
                      if (run_dir / name / "model.safetensors").exists()}
-        run.meta = meta
+        return run
+
+    @classmethod
+    def from_head(cls, head: Method, cache: FeatureCache | None = None, token: str | None = None) -> "Run":
+        """A run of one loaded head (e.g. pulled from the Hub): its backbone, geometry and calibration come
+        from what the head recorded when it was saved, so it scores exactly like the run that trained it."""
+        info = head.fit_info
+        config = RunConfig(backbone=head.backbone, methods=[head.name], image_size=int(info.get("image_size") or DEFAULT_IMAGE_SIZE),
+                           resize=info.get("resize"), weights=info.get("weights") or "default",
+                           sigma=info.get("sigma"), score_mode=info.get("score_mode"))
+        run = cls(config, cache=cache, token=token)
+        run.heads = {head.name: head}
+        if info.get("calibration"):
+            run.calibration[head.name] = Calibration(**info["calibration"])
         return run
 
 

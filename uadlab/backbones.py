@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -221,6 +223,30 @@ class Backbone(torch.nn.Module):
             if progress:
                 progress(min(s + batch_size, len(images)), len(images), f"extracting {self.name} features")
         return PatchFeatures.cat(out)
+
+
+_SHARED: "OrderedDict[tuple, Backbone]" = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_backbone(name: str, layers: Sequence[str], image_size: int = DEFAULT_IMAGE_SIZE, resize: int | None = None,
+                    weights: str = "default", token: str | None = None, keep: int = 2) -> Backbone:
+    """A frozen backbone shared by every run of the process (the ``keep`` most recently used stay loaded).
+
+    Backbones are read-only after loading, so runs, app sessions and heads pulled from the Hub can share
+    one copy; the token only unlocks gated weights and is not part of the key.
+    """
+    key = (resolve_name(name), tuple(layers), int(image_size), resize, weights)
+    with _SHARED_LOCK:
+        if key in _SHARED:
+            _SHARED.move_to_end(key)
+            return _SHARED[key]
+    bb = Backbone(name, layers=list(layers), image_size=image_size, resize=resize, weights=weights, token=token)
+    with _SHARED_LOCK:
+        _SHARED[key] = bb
+        while len(_SHARED) > keep:
+            _SHARED.popitem(last=False)
+    return bb
 
 
 def create_backbone(name: str = OFFLINE_DEFAULT, **kwargs) -> Backbone:

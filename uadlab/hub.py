@@ -11,7 +11,6 @@ import json
 import math
 import os
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +18,6 @@ import numpy as np
 from PIL import Image
 
 from .methods import Method, get_method_class
-from .postprocess import Calibration
 
 EXAMPLE_FILE = "example_heatmap.png"
 INFO_FILE = "uadlab_info.json"
@@ -167,35 +165,18 @@ def load_head(repo_or_dir: str, token: str | None = None, method: str | None = N
         raise HubError(_explain(e, "load", src, token)) from None
 
 
-_BACKBONES: dict[tuple, Any] = {}
-_BB_LOCK = threading.Lock()
-
-
-def _backbone_for(head: Method, token: str | None = None):
-    from .backbones import Backbone, backbone_spec
-
-    info = head.fit_info
-    size = int(info.get("image_size", 224))
-    layers = tuple(head.layers_for(backbone_spec(head.backbone, size)))
-    key = (head.backbone, layers, size, info.get("resize"), info.get("weights", "default"))
-    with _BB_LOCK:
-        if key not in _BACKBONES:
-            if len(_BACKBONES) >= 2:
-                _BACKBONES.pop(next(iter(_BACKBONES)))
-            _BACKBONES[key] = Backbone(head.backbone, layers=list(layers), image_size=size, resize=info.get("resize"),
-                                       weights=info.get("weights", "default"), token=token)
-        return _BACKBONES[key]
-
-
 def score_images(head: Method, images: Sequence[Image.Image], token: str | None = None
                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Calibrated image scores (N,), heatmaps (N, S, S) and network views of images under a loaded head."""
+    """Calibrated image scores (N,), heatmaps (N, S, S) and network views of images under a loaded head.
+
+    The head scores through a one-head ``Run`` (``Run.from_head``): the same path as a head trained here.
+    """
+    from .data import Sample
+    from .pipeline import Run
+
     if not images:
         raise ValueError("upload at least one image")
-    bb = _backbone_for(head, _clean_token(token))
-    info = head.fit_info
-    feats = bb.extract([im.convert("RGB") for im in images])
-    res = head.score(feats)
-    maps, raw = head.heatmap(res, feats.image_size, info.get("sigma"), info.get("score_mode"))
-    cal = Calibration(**info["calibration"]) if info.get("calibration") else Calibration()
-    return cal.scores(raw).numpy(), cal.maps(maps).numpy(), [bb.view(im) for im in images]
+    run = Run.from_head(head, token=_clean_token(token))
+    samples = [Sample(f"image{i}", image=im.convert("RGB")) for i, im in enumerate(images)]
+    scored = run.score(samples)[head.name]
+    return scored.scores, scored.maps, [run.backbone.view(s.image) for s in samples]

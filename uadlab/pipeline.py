@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, Backbone
+from .backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, Backbone, shared_backbone
 from .data import Dataset, Sample
 from .features import FeatureCache, PatchFeatures
 from .methods import Method, get_method_class
@@ -207,8 +207,8 @@ class Run:
             layers: list[str] = []
             for h in self.heads.values():
                 layers += [l for l in h.layers_for(spec) if l not in layers]
-            self._backbone = Backbone(self.config.backbone, layers=layers, image_size=self.config.image_size,
-                                      resize=self.config.resize, weights=self.config.weights, token=self._token)
+            self._backbone = shared_backbone(self.config.backbone, layers, self.config.image_size,
+                                             self.config.resize, self.config.weights, self._token)
         return self._backbone
 
     def features(self, samples: Sequence[Sample], progress: Progress | None = None, what: str = "images") -> PatchFeatures:

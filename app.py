@@ -1,21 +1,25 @@
 """uadlab app: load images, train heads, compare heatmaps side by side, annotate and review, use the Hub.
 
-UI only: every callback is a short call into ``uadlab`` (workspace, viz, hub). Per-session state holds
-ids, never models; the browser keeps a random workspace id so a reload finds the same uploads, runs and
-annotations. Run ``python app.py`` (``--port``, ``--share``); offline, the demo data, EfficientNet-Lite0
-and the quick preset give a heatmap in a few clicks.
+UI only: every callback is a short call into ``uadlab`` (workspace, viz, hub, safety). Per-session state
+holds ids, never models; the browser keeps a random workspace id so a reload finds the same uploads, runs and
+annotations. Nothing of the workspace is served: callbacks return images as arrays and exports as temp
+copies; messages carry no token and no server path. Run ``python app.py`` (``--port``, ``--share``);
+offline, the demo data, EfficientNet-Lite0 and the quick preset give a heatmap in a few clicks.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import logging
 import os
+import traceback
 
 import gradio as gr
 import pandas as pd
 
 from uadlab import hub, viz
+from uadlab import safety as S
 from uadlab import workspace as W
 from uadlab.backbones import OFFLINE_DEFAULT, SHORT_NAMES, BackboneWeightsError
 from uadlab.data import DataError
@@ -38,19 +42,26 @@ Train on **normal** images only, then see where each method finds anomalies.
 
 
 def ui_errors(fn):
-    """Show any failure as a red message in the UI (the app goes on)."""
+    """Show any failure as a red message in the UI (the app goes on), without tokens or server paths.
+
+    The values of the callback's arguments named ``*token*`` are scrubbed from messages and logs.
+    """
+    names = list(inspect.signature(fn).parameters)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        given = {**dict(zip(names, args)), **kwargs}
+        secrets = S.secret_variants(v for k, v in given.items() if "token" in k)
+        clean = lambda text: S.public_text(S.scrub(str(text), secrets))  # noqa: E731
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
+        except gr.Error as e:
+            raise gr.Error(clean(e.message), print_exception=False) from None
         except (DataError, hub.HubError, BackboneWeightsError, ValueError, KeyError, FileNotFoundError) as e:
-            raise gr.Error(str(e).strip("'\"")) from None
+            raise gr.Error(clean(str(e).strip("'\"")), print_exception=False) from None
         except Exception as e:  # noqa: BLE001
-            log.exception("callback %s failed", fn.__name__)
-            raise gr.Error(f"{type(e).__name__}: {e}") from None
+            log.error("callback %s failed: %s", fn.__name__, clean("".join(traceback.format_exception(e))))
+            raise gr.Error(clean(f"{type(e).__name__}: {e}"), print_exception=False) from None
 
     return wrapper
 
@@ -67,6 +78,7 @@ def _table(results: dict) -> pd.DataFrame:
 
 
 # ---- session -----------------------------------------------------------------------------------------------
+@ui_errors
 def on_start(stored: str | None) -> tuple[str, str, str]:
     """Reuse the workspace id kept in this browser, or create one."""
     user = stored if W.valid_user_id(stored) else W.new_user_id()
@@ -89,14 +101,14 @@ def on_switch_workspace(new_id: str) -> tuple[str, str]:
 def _data_outputs(ws: W.Workspace, ds, choice: dict):
     s = ds.summary()
     cats = ws.full_dataset(choice).categories if choice.get("kind") != "hf" else ds.categories
-    md = (f"**{ds.name}** · categories: {', '.join(s['categories'])}\n\n"
+    md = (f"**{S.public_text(ds.name)}** · categories: {', '.join(s['categories'])}\n\n"
           f"| train (normal) | test normal | test anomalous | test unlabelled | masks | skipped files |\n"
           f"|---|---|---|---|---|---|\n| {s['train']} | {s['test_normal']} | {s['test_anomalous']} | "
           f"{s['test_unlabelled']} | {'yes' if s['masks'] else 'no'} | {s['skipped']} |")
     preview = [(W.thumbnail(x), f"train · {x.name}") for x in ds.train[:8]]
     preview += [(W.thumbnail(x), f"test · {W.describe(x)} · {x.name}")
                 for x in ds.test[:: max(1, len(ds.test) // 16)][:16]]
-    bad = "\n".join(f"- {w}" for w in ds.warnings[:50]) or "No bad files."
+    bad = S.public_text("\n".join(f"- {w}" for w in ds.warnings[:50])) or "No bad files."
     cat_value = choice.get("category") if choice.get("category") in cats else "all"
     n = max(len(ds.test or ds.train), 1)
     return (md, preview, bad, gr.update(choices=["all"] + cats, value=cat_value),
@@ -108,12 +120,18 @@ def on_load_data(user, source, category, zip_file, train_files, test_files, mask
                  hf_repo, hf_config, hf_split, hf_test_split, hf_image, hf_label, hf_mask, hf_category, hf_limit,
                  hf_token, progress=gr.Progress()):
     ws = _ws(user)
+    hf_token = S.clean_token(hf_token)
     progress(0.1, desc="reading images")
+    received = [zip_file, *(train_files or []), *(test_files or []), *(mask_files or [])]
     if source == "Upload":
-        if zip_file:
-            choice = ws.add_zip(zip_file)
-        else:
-            choice = ws.add_files(train_files or [], test_files or [], mask_files or [], bool(unmasked_normal))
+        try:
+            if zip_file:
+                choice = ws.add_zip(zip_file)
+            else:
+                choice = ws.add_files(train_files or [], test_files or [], mask_files or [], bool(unmasked_normal))
+        except Exception:
+            S.discard_uploaded_files(received)  # a refused upload leaves nothing on disk
+            raise
     elif source == "Local folder":
         choice = {"kind": "folder", "path": folder}
     elif source == "Hugging Face dataset":
@@ -125,7 +143,12 @@ def on_load_data(user, source, category, zip_file, train_files, test_files, mask
     choice["category"] = category or "all"
     if choice["kind"] != "demo" and category in CATEGORIES:
         choice["category"] = "all"  # the demo's default category means nothing for other data
-    ds = ws.set_data(choice, token=hf_token)
+    try:
+        ds = ws.set_data(choice, token=hf_token, new_upload=source == "Upload")
+    except Exception:
+        if source == "Upload":
+            S.discard_uploaded_files(received)
+        raise
     return _data_outputs(ws, ds, choice)
 
 
@@ -137,7 +160,7 @@ def on_restore_data(user):
     try:
         ds = ws.set_data(choice)
     except DataError as e:
-        gr.Warning(f"could not reopen the last data source: {e}")
+        gr.Warning(f"could not reopen the last data source: {S.public_text(str(e))}")
         choice = {"kind": "demo", "category": CATEGORIES[0]}
         ds = ws.set_data(choice)
     return _data_outputs(ws, ds, choice)
@@ -152,7 +175,7 @@ def on_source_change(source: str):
 def on_train(user, backbone, methods, preset, image_size, aux_source, token, progress=gr.Progress()):
     ws = _ws(user)
     run_id, evaluation = ws.train(methods, backbone or OFFLINE_DEFAULT, preset, int(image_size or 224),
-                                  aux_source, token, progress=lambda f, m: progress(f, desc=m))
+                                  aux_source, S.clean_token(token), progress=lambda f, m: progress(f, desc=m))
     msg = f"Run **{run_id}** trained and saved. Open **Compare** to see the heatmaps."
     if not evaluation:
         msg += " (No labelled test images: no metrics.)"
@@ -179,7 +202,7 @@ def on_run_change(user, run_id):
     names = [s.name for s in ds.test]
     heads = list(run.heads)
     meta = getattr(run, "meta", {})
-    info = (f"Run **{run_id}** · data `{meta.get('dataset_key', '?')}` · backbone `{run.config.backbone}` · "
+    info = (f"Run **{run_id}** · data `{S.public_text(meta.get('dataset_key', '?'))}` · backbone `{run.config.backbone}` · "
             f"preset {run.config.preset} · image {run.config.image_size} px · methods {', '.join(heads)}")
     return (gr.update(choices=names, value=W.default_selection(ds.test)),
             gr.update(choices=heads, value=heads[0] if heads else None),
@@ -275,7 +298,8 @@ def on_push(user, run_id, method, repo_id, token, private, progress=gr.Progress(
     progress(0.2, desc="rendering the example heatmap")
     example = ws.example_heatmap(run_id, method)
     progress(0.5, desc="uploading")
-    url = hub.push_head(ws.run(run_id), method, repo_id, token=token, private=bool(private), example_image=example)
+    url = hub.push_head(ws.run(run_id), method, repo_id, token=S.clean_token(token), private=bool(private),
+                        example_image=example)
     return f"Pushed **{method}** to [{url}]({url})"
 
 
@@ -283,10 +307,9 @@ def on_push(user, run_id, method, repo_id, token, private, progress=gr.Progress(
 def on_hub_score(repo_id, token, method, files, progress=gr.Progress()):
     from uadlab.data import open_image
 
-    if os.path.isdir((repo_id or "").strip()) and not W.local_folders_allowed():
-        raise gr.Error("loading heads from server folders is disabled here: use a Hub repository id")
+    token = S.clean_token(token)
     progress(0.1, desc="loading the head")
-    head = hub.load_head(repo_id, token=token, method=None if method == "auto" else method)
+    head = hub.load_head(S.head_source(repo_id), token=token, method=None if method == "auto" else method)
     if not files:
         return [], f"Loaded **{head.name}** on `{head.backbone}`; upload images to score them."
     images = [open_image(f) for f in files]
@@ -320,7 +343,10 @@ def methods_markdown() -> str:
 
 # ---- layout ---------------------------------------------------------------------------------------------------------
 def build_app() -> gr.Blocks:
-    with gr.Blocks(title="uadlab") as demo:
+    roots = S.local_roots()
+    sources = [s for s in SOURCES if s != "Local folder" or roots]  # folders only where the operator allows them
+    # files handed to the browser (heatmaps, exports, uploads) expire from gradio's cache after an hour
+    with gr.Blocks(title="uadlab", delete_cache=(S.SERVED_FILES_TTL // 2, S.SERVED_FILES_TTL)) as demo:
         browser_id = gr.BrowserState(None, storage_key="uadlab_workspace_id", secret=W.browser_secret())
         user = gr.State(None)
         gr.Markdown(INTRO)
@@ -333,7 +359,7 @@ def build_app() -> gr.Blocks:
         with gr.Tabs():
             # -- Data
             with gr.Tab("1 · Data", id="data"):
-                source = gr.Radio(SOURCES, value=SOURCES[0], label="Source")
+                source = gr.Radio(sources, value=SOURCES[0], label="Source")
                 with gr.Group(visible=False) as g_upload:
                     zip_file = gr.File(label="A zip (MVTec layout: <category>/train/good, test/<defect>, "
                                              "ground_truth/<defect>/*_mask.png; or plain normal images)",
@@ -347,7 +373,9 @@ def build_app() -> gr.Blocks:
                                              file_count="multiple", file_types=["image"], type="filepath")
                     unmasked_normal = gr.Checkbox(label="test images without a mask are normal", value=False)
                 with gr.Group(visible=False) as g_folder:
-                    folder = gr.Textbox(label="Folder on the server (MVTec layout or a folder of normal images)")
+                    folder = gr.Textbox(label="Folder on the server (MVTec layout or a folder of normal images)",
+                                        info=f"inside the allowed folders ({', '.join(r.name for r in roots)}); "
+                                             f"a relative path starts in {roots[0].name if roots else '-'}")
                 with gr.Group(visible=False) as g_hf:
                     with gr.Row():
                         hf_repo = gr.Textbox(label="Dataset id", placeholder="owner/name")
@@ -497,7 +525,7 @@ def build_app() -> gr.Blocks:
         source.change(on_source_change, source, [g_upload, g_folder, g_hf])
         load_btn.click(on_load_data, data_inputs, data_outputs).then(on_annotate_show, *ann_show)
         train_btn.click(on_train, [user, backbone, methods, preset, image_size, aux_source, token],
-                        [train_md, train_table, run_dd], concurrency_limit=1)
+                        [train_md, train_table, run_dd], concurrency_limit=S.limits().trainings)
         refresh_btn.click(on_refresh_runs, [user, run_dd], run_dd)
         run_dd.change(on_run_change, [user, run_dd], run_outputs).then(on_compare, *compare_io).then(
             on_annotate_show, *ann_show).then(on_review_summary, [user, run_dd], review_md)
@@ -524,6 +552,19 @@ def build_app() -> gr.Blocks:
     return demo
 
 
+def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, prevent_thread_lock: bool = False
+          ) -> gr.Blocks:
+    """Launch the app: nothing under the workspace served (no allowed_paths; it is in blocked_paths), uploads
+    capped, the expiry sweep running (at start, then hourly)."""
+    guard = S.launch_guard()
+    W.start_sweeper()
+    demo = build_app()
+    demo.queue(default_concurrency_limit=2, max_size=32)
+    demo.launch(server_name=host, server_port=port, share=share, show_error=True, theme=gr.themes.Soft(), css=CSS,
+                prevent_thread_lock=prevent_thread_lock, **guard)
+    return demo
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="uadlab Gradio app")
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -531,10 +572,7 @@ def main() -> None:
     ap.add_argument("--share", action="store_true", help="create a public gradio.live link")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    demo = build_app()
-    demo.queue(default_concurrency_limit=2, max_size=32)
-    demo.launch(server_name=a.host, server_port=a.port, share=a.share, show_error=True,
-                allowed_paths=[str(W.workspace_root())], theme=gr.themes.Soft(), css=CSS)
+    serve(a.host, a.port, a.share)
 
 
 if __name__ == "__main__":

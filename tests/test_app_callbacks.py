@@ -75,13 +75,16 @@ def test_every_registered_method_is_offered(app):
     assert boxes and [c[1] for c in boxes[0].choices] == list_methods()
 
 
-def test_data_demo_and_errors(app, tmp_path):
+def test_data_demo_and_errors(app, tmp_path, monkeypatch):
     user, _, _ = app.on_start(None)
     md, preview, bad, cat, idx = app.on_restore_data(user)
     assert "demo/brick" in md and len(preview) > 8 and cat["value"] == "brick"
     md, *_ = _load(app, user, "Demo (offline)", "grass")
     assert "demo/grass" in md
-    with pytest.raises(gr.Error, match="no such folder"):
+    with pytest.raises(gr.Error, match="off here"):  # no UADLAB_LOCAL_FOLDERS: no server folders
+        _load(app, user, "Local folder", folder=str(tmp_path))
+    monkeypatch.setenv("UADLAB_LOCAL_FOLDERS", str(tmp_path))
+    with pytest.raises(gr.Error, match=f"^.{tmp_path.name}/nope: no such folder"):  # named inside its root, no server path
         _load(app, user, "Local folder", folder=str(tmp_path / "nope"))
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as zf:
@@ -236,7 +239,8 @@ def test_hub_push_uploads_card_and_example(app, trained, monkeypatch, tmp_path):
     info = json.loads((pushed / "uadlab_info.json").read_text())
     assert info["method"] == "patchcore" and "calibration" in info and info["image_size"] == 128
 
-    # load it back (safetensors only) and score uploaded images with it
+    # load it back (safetensors only; a folder needs UADLAB_LOCAL_FOLDERS) and score uploaded images with it
+    monkeypatch.setenv("UADLAB_LOCAL_FOLDERS", str(tmp_path))
     img = tmp_path / "probe.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(img)
     gallery, md = app.on_hub_score(str(pushed), "", "auto", [str(img)], progress=_progress)

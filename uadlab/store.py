@@ -172,6 +172,13 @@ class AnnotationStore:
             con.execute("DELETE FROM annotations WHERE user=? AND dataset=? AND sample=?", (user, dataset, sample))
             con.execute("DELETE FROM reviews WHERE user=? AND dataset=? AND sample=?", (user, dataset, sample))
 
+    def delete_user(self, user: str) -> int:
+        """Delete every annotation and review of ``user`` (an expired workspace); return how many annotations."""
+        with self._connect() as con:
+            n = con.execute("DELETE FROM annotations WHERE user=?", (user,)).rowcount
+            con.execute("DELETE FROM reviews WHERE user=?", (user,))
+        return n
+
     def counts(self, user: str, dataset: str) -> dict[str, int]:
         """Number of annotations per label (key "none" for annotations without a label yet)."""
         with self._connect() as con:

@@ -1,6 +1,6 @@
 """Per-user workspaces behind the app: data sources, runs, scoring caches, annotations, explanations.
 
-Layout on disk (root from ``UADLAB_WORKSPACE``, default ``./workspace``)::
+Layout on disk (root from ``UADLAB_WORKSPACE``, default ``./workspace``; never served to the web)::
 
     <root>/uadlab.sqlite              annotations and reviews of every user (see store.py)
     <root>/users/<user>/data.json     the current data source (never a token)
@@ -9,7 +9,8 @@ Layout on disk (root from ``UADLAB_WORKSPACE``, default ``./workspace``)::
 
 A user is a random hex id kept in the browser, so a reload finds the same workspace while other browsers
 do not see it. Models never live in per-session state: the app keeps ids, and this module keeps a small
-LRU of loaded runs keyed by (user, run id).
+LRU of loaded runs keyed by (user, run id). Every use of a workspace touches its folder; ``sweep`` deletes
+workspaces untouched for ``UADLAB_EXPIRE_DAYS`` (their annotations too). Limits: see safety.py.
 """
 from __future__ import annotations
 
@@ -28,18 +29,17 @@ import numpy as np
 from PIL import Image
 
 from . import metrics as M
-from .data import DataError, Dataset, Sample, is_mvtec, load_folder, load_hf, load_mvtec, safe_extract_zip, validate
+from .data import (IMAGE_EXTS, DataError, Dataset, Sample, is_mvtec, load_folder, load_hf, load_mvtec, safe_extract_zip,
+                   validate)
 from .methods import get_method_class, list_methods
+from .safety import (TRAININGS, QuotaError, confine, disk_usage, export_path, hub_id, limits, megabytes, public_text,
+                     remove_stale_exports, resolve_local_folder, workspace_root)
 from .store import AnnotationStore
 from .viz import GridRow, compare_grid
 
 Progress = Callable[[float, str], None]
 _USER_RE = re.compile(r"^[0-9a-f]{8,64}$")
 _ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")
-
-
-def workspace_root() -> Path:
-    return Path(os.environ.get("UADLAB_WORKSPACE", "workspace")).resolve()
 
 
 def browser_secret(root: str | Path | None = None) -> str:
@@ -74,11 +74,6 @@ def new_user_id() -> str:
 
 def valid_user_id(user: Any) -> bool:
     return isinstance(user, str) and bool(_USER_RE.match(user))
-
-
-def local_folders_allowed() -> bool:
-    """Reading server folders by path is for local use; a public Space sets UADLAB_LOCAL_FOLDERS=0."""
-    return os.environ.get("UADLAB_LOCAL_FOLDERS", "1") != "0"
 
 
 def demo_kwargs() -> dict[str, Any]:
@@ -132,28 +127,21 @@ def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None)
         ds = load_mvtec(make_demo(**demo_kwargs()), skip_bad=True)
         ds.name = "demo"
     elif kind == "folder":
-        if not local_folders_allowed():
-            raise DataError("local folders are disabled on this server (UADLAB_LOCAL_FOLDERS=0): upload a zip")
-        p = Path(str(choice.get("path", "")).strip()).expanduser()
-        if not str(choice.get("path", "")).strip():
-            raise DataError("enter a folder path")
-        if not p.is_dir():
-            raise DataError(f"{p}: no such folder")
-        ds = load_mvtec(p, skip_bad=True) if is_mvtec(p) else load_folder(p, skip_bad=True)
+        p = resolve_local_folder(str(choice.get("path") or ""))
+        ds = _confined(load_mvtec(p, skip_bad=True) if is_mvtec(p) else load_folder(p, skip_bad=True), p)
     elif kind == "upload":
         uid = str(choice.get("id", ""))
         if not _ID_RE.match(uid) or not (uploads / uid).is_dir():
             raise DataError(f"upload {uid!r} is no longer in this workspace: upload it again")
         ds = _open_upload(uploads / uid)
     elif kind == "hf":
-        repo = str(choice.get("repo", "")).strip()
-        if not repo:
-            raise DataError("enter a Hugging Face dataset id, e.g. owner/name")
+        repo = hub_id(choice.get("repo"), "dataset")
         opt = lambda k: (str(choice.get(k) or "").strip() or None)  # noqa: E731
+        cap = limits().upload_images
         ds = load_hf(repo, split=opt("split") or "train", test_split=opt("test_split"),
                      image_column=opt("image_column") or "image", label_column=opt("label_column"),
                      mask_column=opt("mask_column"), category_column=opt("category_column"), config=opt("config"),
-                     token=token or None, limit=int(choice["limit"]) if choice.get("limit") else None, skip_bad=True)
+                     token=token or None, limit=min(int(choice.get("limit") or cap), cap), skip_bad=True)
     else:
         raise DataError(f"unknown data source {kind!r}")
     cat = choice.get("category")
@@ -162,6 +150,14 @@ def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None)
             raise DataError(f"{ds.name}: no category {cat!r} (have {', '.join(ds.categories)})")
         ds = ds.category(cat)
     return ds
+
+
+def _confined(ds: Dataset, folder: Path) -> Dataset:
+    """``ds`` without the samples whose image or mask is a link to a file outside ``folder``."""
+    keep = lambda s: confine([s.path, s.mask_path], folder)  # noqa: E731
+    dropped = [s.name for s in ds.train + ds.test if not keep(s)]
+    return Dataset(ds.name, [s for s in ds.train if keep(s)], [s for s in ds.test if keep(s)],
+                   ds.warnings + [f"skipped {n}: a link to a file outside the folder" for n in dropped])
 
 
 def _open_upload(root: Path) -> Dataset:
@@ -303,6 +299,7 @@ class Workspace:
         self.runs_dir = self.dir / "runs"
         for d in (self.uploads, self.runs_dir):
             d.mkdir(parents=True, exist_ok=True)
+        os.utime(self.dir)  # "last used": the expiry sweep keeps workspaces touched within UADLAB_EXPIRE_DAYS
         self.store = AnnotationStore(self.root / "uadlab.sqlite")
 
     # ---- data ---------------------------------------------------------------------------------------------
@@ -321,13 +318,23 @@ class Workspace:
         key = (self.user, json.dumps(choice, sort_keys=True))
         return _DATASETS.get(key, lambda: open_source(choice, self.uploads, token))
 
-    def set_data(self, choice: dict[str, Any], token: str | None = None) -> Dataset:
-        """Open a data source, make it the current one (saved to disk, without any token) and return it."""
+    def set_data(self, choice: dict[str, Any], token: str | None = None, new_upload: bool = False) -> Dataset:
+        """Open a data source, make it the current one (saved to disk, without any token) and return it.
+
+        Args:
+            new_upload: ``choice`` is an upload just added: when it does not open, its folder is removed at once
+                (nothing could choose it again).
+        """
         choice = {k: v for k, v in choice.items() if k != "token"}
         _DATASETS.drop(lambda k: k == (self.user, json.dumps(choice, sort_keys=True)))
-        ds = self.dataset(choice, token)
-        if not ds.train and not ds.test:
-            raise DataError(f"{ds.name}: no usable images")
+        try:
+            ds = self.dataset(choice, token)
+            if not ds.train and not ds.test:
+                raise DataError(f"{ds.name}: no usable images")
+        except Exception:
+            if new_upload and choice.get("kind") == "upload" and _ID_RE.match(str(choice.get("id", ""))):
+                shutil.rmtree(self.uploads / choice["id"], ignore_errors=True)
+            raise
         tmp = self.dir / "data.json.tmp"
         tmp.write_text(json.dumps(choice))
         os.replace(tmp, self.dir / "data.json")
@@ -337,12 +344,40 @@ class Workspace:
         """The data choice with every category (for auxiliary sets of zero-shot methods)."""
         return self.dataset({**choice, "category": "all"})
 
+    def check_upload(self, size: int, images: int, unpacked: int | None = None) -> int:
+        """Refuse an upload past the limits (QuotaError saying which); return the workspace's free bytes."""
+        lim = limits()
+        if size > lim.upload_bytes:
+            raise QuotaError(f"the upload is {megabytes(size)}; the limit per upload is {megabytes(lim.upload_bytes)}")
+        if images > lim.upload_images:
+            raise QuotaError(f"the upload holds {images} images; the limit per upload is {lim.upload_images}")
+        return self.check_disk(size if unpacked is None else unpacked)
+
+    def check_disk(self, extra: int = 0) -> int:
+        """Refuse to add ``extra`` bytes past the workspace's disk limit; return the free bytes."""
+        lim = limits()
+        used = disk_usage(self.dir)
+        if used + extra > lim.workspace_bytes:
+            expiry = f"; workspaces unused for {lim.expire_days:g} days are deleted" if lim.expire_days else ""
+            raise QuotaError(f"this workspace is full: it holds {megabytes(used)} of {megabytes(lim.workspace_bytes)}"
+                             f"{f' and this needs {megabytes(extra)} more' if extra else ''}{expiry}")
+        return lim.workspace_bytes - used
+
     def add_zip(self, zip_path: str | os.PathLike) -> dict[str, Any]:
-        """Unpack an uploaded zip (safely) into a new upload folder; return its data choice."""
+        """Unpack an uploaded zip (safely, within the limits) into a new upload folder; return its data choice."""
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DataError(f"{Path(zip_path).name}: not a valid zip file ({e})") from None
+        images = sum(Path(i.filename).suffix.lower() in IMAGE_EXTS for i in infos)
+        free = self.check_upload(os.path.getsize(zip_path), images, sum(i.file_size for i in infos))
         uid = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         try:
-            safe_extract_zip(zip_path, self.uploads / uid)
-        except DataError:
+            safe_extract_zip(zip_path, self.uploads / uid, max_bytes=free)  # the sizes in a zip's header can lie
+        except BaseException:
             shutil.rmtree(self.uploads / uid, ignore_errors=True)
             raise
         return {"kind": "upload", "id": uid}
@@ -356,14 +391,24 @@ class Workspace:
         """
         if not train and not test:
             raise DataError("upload some images: normal training images and/or test images")
+        groups = (("train", train), ("test", test), ("masks", masks))
+        missing = [Path(f).name for _, files in groups for f in files or () if not os.path.isfile(f)]
+        if missing:
+            raise DataError(f"{missing[0]}: the uploaded file is gone (uploads are kept for an hour): upload it again")
+        self.check_upload(sum(os.path.getsize(f) for _, files in groups for f in files or ()),
+                          len(train) + len(test))
         uid = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         root = self.uploads / uid
-        for sub, files in (("train", train), ("test", test), ("masks", masks)):
-            (root / sub).mkdir(parents=True, exist_ok=True)
-            for f in files or ():
-                name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(f).name) or "file"
-                shutil.copyfile(f, root / sub / name)
-        (root / "manifest.json").write_text(json.dumps({"unmasked_test_normal": bool(unmasked_test_normal)}))
+        try:
+            for sub, files in groups:
+                (root / sub).mkdir(parents=True, exist_ok=True)
+                for f in files or ():
+                    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(f).name) or "file"
+                    shutil.copyfile(f, root / sub / name)
+            (root / "manifest.json").write_text(json.dumps({"unmasked_test_normal": bool(unmasked_test_normal)}))
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
         return {"kind": "upload", "id": uid}
 
     # ---- runs -----------------------------------------------------------------------------------------------
@@ -377,7 +422,7 @@ class Workspace:
         for m in self.runs():
             cfg = m.get("config", {})
             when = time.strftime("%m-%d %H:%M", time.localtime(m.get("created", 0)))
-            data = m.get("dataset_key", "?")
+            data = public_text(m.get("dataset_key", "?"), self.root)
             out.append((f"{when} · {data} · {cfg.get('backbone')} · {'+'.join(cfg.get('methods', []))} "
                         f"({m['run_id'][:6]})", m["run_id"]))
         return out
@@ -420,15 +465,19 @@ class Workspace:
         aux = None
         if any(get_method_class(m).zero_shot for m in methods):
             aux = self.aux_set(choice, aux_source)
-        run = Run(RunConfig(backbone=backbone, methods=list(methods), preset=preset, image_size=int(image_size)),
-                  workdir=self.runs_dir, token=token or None)
-        run.fit(ds.train, lambda f, m: report(0.85 * f, m), aux=aux)
-        evaluation: dict[str, dict[str, Any]] = {}
-        if any(s.label in (0, 1) for s in ds.test):
-            report(0.85, "evaluating on the labelled test images")
-            evaluation = run.evaluate(ds.test, progress=lambda f, m: report(0.85 + 0.14 * f, m))
-        run.save({"data": choice, "dataset_key": dataset_key(choice), "dataset": ds.summary(),
-                  "evaluation": evaluation})
+        self.check_disk()
+        lim = limits()
+        with TRAININGS.hold(self.user, lim.trainings_per_workspace, lim.trainings):
+            run = Run(RunConfig(backbone=backbone, methods=list(methods), preset=preset, image_size=int(image_size)),
+                      workdir=self.runs_dir, token=token or None)
+            run.fit(ds.train, lambda f, m: report(0.85 * f, m), aux=aux)
+            evaluation: dict[str, dict[str, Any]] = {}
+            if any(s.label in (0, 1) for s in ds.test):
+                report(0.85, "evaluating on the labelled test images")
+                evaluation = run.evaluate(ds.test, progress=lambda f, m: report(0.85 + 0.14 * f, m))
+            run.save({"data": choice, "dataset_key": dataset_key(choice), "dataset": ds.summary(),
+                      "evaluation": evaluation})
+        run._token = None  # the token served this call only; the cached run must not keep it
         run.meta = {"data": choice, "dataset_key": dataset_key(choice), "evaluation": evaluation}
         _RUNS.put((self.user, run.run_id), run)
         report(1.0, "done")
@@ -595,7 +644,11 @@ class Workspace:
         return out
 
     def export_annotations(self) -> Path:
-        """The current dataset's annotations (with its normal training images) as an MVTec-layout zip."""
+        """The current dataset's annotations (with its normal training images) as an MVTec-layout zip.
+
+        Written to a private temp folder (never the workspace, which is not served); the app hands it to gradio,
+        which serves a copy to this session only, and ``sweep`` removes it after an hour.
+        """
         choice = self.data_choice()
         ds = self.dataset(choice)
         key = dataset_key(choice)
@@ -603,5 +656,57 @@ class Workspace:
             raise ValueError("nothing annotated in this dataset yet")
         cat = str(choice.get("category") or "annotated")
         cat = "annotated" if cat == "all" else cat
-        out = self.dir / "exports" / f"annotations-{cat}-{time.strftime('%Y%m%d-%H%M%S')}.zip"
+        out = export_path(f"annotations-{cat}-{time.strftime('%Y%m%d-%H%M%S')}.zip")
         return self.store.export_mvtec_zip(self.user, key, out, category=cat, train=ds.train)
+
+
+# ---- expiry ---------------------------------------------------------------------------------------------------
+def expire_workspaces(days: float | None = None, root: str | Path | None = None, now: float | None = None) -> list[str]:
+    """Delete the workspaces untouched for ``days`` (default ``UADLAB_EXPIRE_DAYS``; 0: never), files and
+    annotations; a workspace that is training is kept. Returns the deleted ids."""
+    days = limits().expire_days if days is None else days
+    root = Path(root) if root is not None else workspace_root()
+    users = root / "users"
+    if days <= 0 or not users.is_dir():
+        return []
+    cutoff = (now or time.time()) - days * 86400
+    busy = TRAININGS.busy()
+    gone = []
+    for d in users.iterdir():
+        try:
+            old = d.stat().st_mtime < cutoff
+        except OSError:
+            continue
+        if old and valid_user_id(d.name) and d.name not in busy:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+    if gone:
+        store = AnnotationStore(root / "uadlab.sqlite")
+        for user in gone:
+            store.delete_user(user)
+        for lru in (_DATASETS, _RUNS, _SCORED):
+            lru.drop(lambda k: k[0] in gone)
+    return gone
+
+
+def sweep() -> None:
+    """Delete expired workspaces and export temp files older than an hour (run at start, then hourly)."""
+    expire_workspaces()
+    remove_stale_exports()
+
+
+def start_sweeper(every: float = 3600) -> threading.Thread:
+    """Run ``sweep`` now and then every ``every`` seconds in a daemon thread."""
+    import logging
+
+    def loop() -> None:
+        while True:
+            try:
+                sweep()
+            except Exception:  # noqa: BLE001 - a failed sweep must not stop the next one
+                logging.getLogger("uadlab.workspace").exception("workspace sweep failed")
+            time.sleep(every)
+
+    t = threading.Thread(target=loop, name="uadlab-sweep", daemon=True)
+    t.start()
+    return t

@@ -293,13 +293,13 @@ def on_review_summary(user, run_id):
 @ui_errors
 def on_push(user, run_id, method, repo_id, token, private, progress=gr.Progress()):
     ws = _ws(user)
+    token = S.clean_token(token)
     if not run_id or not method:
         raise gr.Error("choose a run and one of its heads")
     progress(0.2, desc="rendering the example heatmap")
     example = ws.example_heatmap(run_id, method)
     progress(0.5, desc="uploading")
-    url = hub.push_head(ws.run(run_id), method, repo_id, token=S.clean_token(token), private=bool(private),
-                        example_image=example)
+    url = hub.push_head(ws.run(run_id), method, repo_id, token=token, private=bool(private), example_image=example)
     return f"Pushed **{method}** to [{url}]({url})"
 
 

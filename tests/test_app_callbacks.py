@@ -1,7 +1,6 @@
 """The app's callbacks as plain functions: data, train, compare, annotate, export, isolation, Hub, explain."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import zipfile
 from pathlib import Path
@@ -11,34 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL_DEMO = {"n_train": 8, "n_test_good": 2, "n_test_per_defect": 1, "size": 96}
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("UADLAB_WORKSPACE", str(tmp_path_factory.mktemp("workspace")))
-    mp.setenv("UADLAB_DEMO", json.dumps(SMALL_DEMO))
-    spec = importlib.util.spec_from_file_location("uadlab_app", ROOT / "app.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    yield mod
-    mp.undo()
-
-
-def _progress(*a, **k):
-    return None
-
-
-def _load(app, user, source, category="all", **kw):
-    """Call on_load_data with the named inputs (the others empty), like the Data tab does."""
-    import inspect
-
-    names = [n for n in inspect.signature(app.on_load_data).parameters if n not in ("progress",)]
-    args = {n: None for n in names}
-    args.update(user=user, source=source, category=category, **kw)
-    return app.on_load_data(**args, progress=_progress)
+from conftest import load_data as _load, no_progress as _progress
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +239,36 @@ def test_viz_shared_scale_and_helpers():
     fig = viz.curves_figure({"m": {"curves": {"fpr": [0, 1], "tpr": [0, 1], "precision": [1, 0.5],
                                               "recall": [0, 1]}, "image_auroc": 0.5, "image_ap": 0.5}})
     assert len(fig.data) == 3 and fig.layout.xaxis2 is not None  # chance + ROC + PR in two subplots
+
+
+def test_tokens_are_never_echoed_logged_or_stored(app, trained, caplog):
+    """A session pastes tokens into every token field; they show up in no message, log, workspace or export file."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    user, run_id, _, _ = trained
+    spaced, plain = "hf_SECRETxyz with spaces ", "hf_SECRETplain0123456789"
+    messages = []
+    for token in (spaced, plain):
+        calls = [lambda t: _load(app, user, "Hugging Face dataset", hf_repo="someone/gated-data", hf_token=t),
+                 lambda t: app.on_push(user, run_id, "patchcore", "someone/uadlab-head", t, True, progress=_progress),
+                 lambda t: app.on_hub_score("someone/uadlab-head", t, "auto", [], progress=_progress),
+                 lambda t: app.on_train(user, "efficientnet_lite0", [], "quick", 96, "other categories", t,
+                                        progress=_progress)]
+        for call in calls:
+            with pytest.raises(gr.Error) as e:
+                call(token)
+            messages.append(e.value.message)
+    assert sum("spaces or line breaks inside" in m for m in messages) == 4  # refused before any use
+    assert any("not reachable" in m for m in messages)  # the plain token went as far as the (offline) Hub
+    app.on_restore_data(user)
+    app.on_annotate_save(user, 0, None, "normal", "", [], [], run_id)
+    export = Path(app.on_export(user))
+    with zipfile.ZipFile(export) as zf:
+        exported = b"".join(zf.read(n) for n in zf.namelist())
+    stored = b"".join(p.read_bytes() for p in app.W.workspace_root().rglob("*") if p.is_file())
+    for needle in ("SECRET", "with spaces"):
+        assert not [m for m in messages if needle in m]
+        assert needle not in caplog.text
+        assert needle.encode() not in stored + export.read_bytes() + exported
+    assert str(app.W.workspace_root()) not in "".join(messages)

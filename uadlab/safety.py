@@ -135,11 +135,8 @@ def clean_token(token: str | None) -> str | None:
 
 
 def secret_variants(values: Iterable[object]) -> list[str]:
-    """The strings to scrub for some pasted secrets: each as given, stripped, and its words of 6+ characters."""
-    out: set[str] = set()
-    for v in values:
-        if isinstance(v, str) and v.strip():
-            out |= {v, v.strip(), *(w for w in v.split() if len(w) >= 6)}
+    """The strings to scrub for some pasted secrets: each as given and stripped, longest first."""
+    out = {x for v in values if isinstance(v, str) and v.strip() for x in (v, v.strip())}
     return sorted(out, key=len, reverse=True)
 
 

@@ -123,31 +123,27 @@ def on_load_data(user, source, category, zip_file, train_files, test_files, mask
     hf_token = S.clean_token(hf_token)
     progress(0.1, desc="reading images")
     received = [zip_file, *(train_files or []), *(test_files or []), *(mask_files or [])]
-    if source == "Upload":
-        try:
+    try:
+        if source == "Upload":
             if zip_file:
                 choice = ws.add_zip(zip_file)
             else:
                 choice = ws.add_files(train_files or [], test_files or [], mask_files or [], bool(unmasked_normal))
-        except Exception:
-            S.discard_uploaded_files(received)  # a refused upload leaves nothing on disk
-            raise
-    elif source == "Local folder":
-        choice = {"kind": "folder", "path": folder}
-    elif source == "Hugging Face dataset":
-        choice = {"kind": "hf", "repo": hf_repo, "config": hf_config, "split": hf_split, "test_split": hf_test_split,
-                  "image_column": hf_image, "label_column": hf_label, "mask_column": hf_mask,
-                  "category_column": hf_category, "limit": hf_limit}
-    else:
-        choice = {"kind": "demo"}
-    choice["category"] = category or "all"
-    if choice["kind"] != "demo" and category in CATEGORIES:
-        choice["category"] = "all"  # the demo's default category means nothing for other data
-    try:
+        elif source == "Local folder":
+            choice = {"kind": "folder", "path": folder}
+        elif source == "Hugging Face dataset":
+            choice = {"kind": "hf", "repo": hf_repo, "config": hf_config, "split": hf_split,
+                      "test_split": hf_test_split, "image_column": hf_image, "label_column": hf_label,
+                      "mask_column": hf_mask, "category_column": hf_category, "limit": hf_limit}
+        else:
+            choice = {"kind": "demo"}
+        choice["category"] = category or "all"
+        if choice["kind"] != "demo" and category in CATEGORIES:
+            choice["category"] = "all"  # the demo's default category means nothing for other data
         ds = ws.set_data(choice, token=hf_token, new_upload=source == "Upload")
     except Exception:
         if source == "Upload":
-            S.discard_uploaded_files(received)
+            S.discard_uploaded_files(received)  # a refused upload leaves nothing on disk
         raise
     return _data_outputs(ws, ds, choice)
 
@@ -202,8 +198,9 @@ def on_run_change(user, run_id):
     names = [s.name for s in ds.test]
     heads = list(run.heads)
     meta = getattr(run, "meta", {})
-    info = (f"Run **{run_id}** · data `{S.public_text(meta.get('dataset_key', '?'))}` · backbone `{run.config.backbone}` · "
-            f"preset {run.config.preset} · image {run.config.image_size} px · methods {', '.join(heads)}")
+    info = (f"Run **{run_id}** · data `{S.public_text(meta.get('dataset_key', '?'))}` · "
+            f"backbone `{run.config.backbone}` · preset {run.config.preset} · image {run.config.image_size} px · "
+            f"methods {', '.join(heads)}")
     return (gr.update(choices=names, value=W.default_selection(ds.test)),
             gr.update(choices=heads, value=heads[0] if heads else None),
             gr.update(choices=names, value=names[0] if names else None),

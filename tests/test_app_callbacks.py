@@ -56,7 +56,7 @@ def test_data_demo_and_errors(app, tmp_path, monkeypatch):
     with pytest.raises(gr.Error, match="off here"):  # no UADLAB_LOCAL_FOLDERS: no server folders
         _load(app, user, "Local folder", folder=str(tmp_path))
     monkeypatch.setenv("UADLAB_LOCAL_FOLDERS", str(tmp_path))
-    with pytest.raises(gr.Error, match=f"^.{tmp_path.name}/nope: no such folder"):  # named inside its root, no server path
+    with pytest.raises(gr.Error, match=f"^.{tmp_path.name}/nope: no such folder"):  # named in its root: no path
         _load(app, user, "Local folder", folder=str(tmp_path / "nope"))
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as zf:

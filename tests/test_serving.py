@@ -70,7 +70,8 @@ def _probes(f: Path, root: Path, served_dir: Path) -> list[str]:
     names = [a, quote(a, safe=""), "/" + a, os.path.relpath(f), os.path.relpath(f, root), climb,
              climb.replace("..", "%2e%2e"), "file://" + a]
     dots = "../" * 12 + a.lstrip("/")
-    return ([r + n for r in PATH_ROUTES for n in names] + [r + d for r in DIR_ROUTES for d in (dots, quote(dots, safe=""))]
+    return ([r + n for r in PATH_ROUTES for n in names]
+            + [r + d for r in DIR_ROUTES for d in (dots, quote(dots, safe=""))]
             + [r + n for r in URL_ROUTES for n in ("file://" + a, a)])
 
 

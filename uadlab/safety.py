@@ -63,7 +63,8 @@ class Limits:
     def from_env(cls) -> "Limits":
         d = cls()
         n = _env_number
-        return cls(int(n("UADLAB_MAX_UPLOAD_BYTES", d.upload_bytes)), int(n("UADLAB_MAX_UPLOAD_IMAGES", d.upload_images)),
+        return cls(int(n("UADLAB_MAX_UPLOAD_BYTES", d.upload_bytes)),
+                   int(n("UADLAB_MAX_UPLOAD_IMAGES", d.upload_images)),
                    int(n("UADLAB_MAX_WORKSPACE_BYTES", d.workspace_bytes)),
                    max(1, int(n("UADLAB_MAX_TRAININGS", d.trainings))),
                    max(1, int(n("UADLAB_MAX_TRAININGS_PER_WORKSPACE", d.trainings_per_workspace))),

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import zipfile
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -201,3 +203,18 @@ def test_messages_show_no_server_path(app, tmp_path, monkeypatch):
     assert public_text(text) == ("upload/brick/train/good/0.png: not an image; workspace/uadlab.sqlite locked; "
                                  f"{tmp_path.name}/mvtec/x.png; folder:all; my.zip: bad; "
                                  "see https://huggingface.co/owner/name and owner/name")
+
+
+def test_launch_refuses_a_workspace_gradio_would_serve(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    for root in (tmp_path / "gradio" / "workspace", tmp_path):  # inside gradio's served folder, or holding it
+        monkeypatch.setenv("UADLAB_WORKSPACE", str(root))
+        with pytest.raises(RuntimeError, match="overlap"):
+            app.S.launch_guard()
+    monkeypatch.setenv("UADLAB_WORKSPACE", tempfile.gettempdir())  # where exports go before gradio copies them
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(Path.home() / "elsewhere" / "gradio"))
+    with pytest.raises(RuntimeError, match="holds the temp folder"):
+        app.S.launch_guard()
+    monkeypatch.setenv("UADLAB_WORKSPACE", str(tmp_path / "ws"))
+    guard = app.S.launch_guard()
+    assert str(tmp_path / "ws") in guard["blocked_paths"] and guard["max_file_size"] == app.S.limits().upload_bytes

@@ -46,9 +46,24 @@ def server(app):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UADLAB_MAX_UPLOAD_BYTES", "100000")  # gradio's max_file_size then refuses bigger uploads
     demo = app.serve("127.0.0.1", port, prevent_thread_lock=True)
     yield {"app": app, "user": user, "port": port, "url": f"http://127.0.0.1:{port}/", "cache": cache}
     demo.close()
+    mp.undo()
+
+
+def _post_file(port: int, name: str, content: bytes) -> tuple[int, bytes]:
+    boundary = "uadlabprobe"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/gradio_api/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    r = conn.getresponse()
+    out = r.status, r.read()
+    conn.close()
+    return out
 
 
 def _get(conn_box: list, path: str) -> tuple[int, bytes]:
@@ -86,12 +101,9 @@ def test_no_workspace_file_is_reachable(server):
     conn = [http.client.HTTPConnection("127.0.0.1", server["port"], timeout=10)]
 
     # positive control: a file gradio received IS served by the same route, so the refusals below mean something
-    boundary = "uadlabprobe"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"probe.txt\"\r\n"
-            f"Content-Type: text/plain\r\n\r\nhello probe\r\n--{boundary}--\r\n").encode()
-    conn[0].request("POST", "/gradio_api/upload", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    uploaded = json.loads(conn[0].getresponse().read())[0]
-    assert _get(conn, "/gradio_api/file=" + uploaded) == (200, b"hello probe")
+    code, answer = _post_file(server["port"], "probe.txt", b"hello probe")
+    assert code == 200
+    assert _get(conn, "/gradio_api/file=" + json.loads(answer)[0]) == (200, b"hello probe")
 
     status: Counter = Counter()
     leaks = []
@@ -132,3 +144,8 @@ def test_export_reaches_its_session_from_outside_the_workspace(server):
     with zipfile.ZipFile(path) as zf:
         assert any("/test/anomalous/" in n for n in zf.namelist())
     assert not (server["app"].W.workspace_root() / "users" / server["user"] / "exports").exists()
+
+
+def test_uploads_past_the_limit_are_refused_by_the_server(server):
+    assert _post_file(server["port"], "big.zip", os.urandom(150_000))[0] == 413
+    assert _post_file(server["port"], "small.zip", os.urandom(50_000))[0] == 200

@@ -33,7 +33,7 @@ def first_component(x: torch.Tensor) -> torch.Tensor:
     """Scores on the first principal component of the rows of ``x`` (N, C), deterministic.
 
     Eigen-decomposition of the C x C covariance in float64 (no random state, unlike ``torch.pca_lowrank``
-    or the official randomized sklearn PCA); sign fixed as scikit-learn's: the component's entry of
+    or the official randomized sklearn PCA); sign fixed as scikit-learn >= 1.5 does: the component's entry of
     largest magnitude is positive.
     """
     xc = x.double() - x.double().mean(0)

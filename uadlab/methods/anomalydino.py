@@ -95,7 +95,8 @@ class AnomalyDINO(Method):
     ``rotation``: the paper's few-shot augmentation. ``reference_augment(samples)`` returns each reference
     image and its rotations by 45..315 degrees (bilinear, reflect border, before resizing); the caller
     extracts their features and fits with ``references_augmented=True``. It is image-space augmentation,
-    so it lives with the samples, not the cached features.
+    so it lives with the samples, not the cached features. The paper's "agnostic" protocol rotates the
+    references of every category; the ``paper`` preset leaves it off until the pipeline calls the hook.
 
     Deviations: the input is a square center crop (the backbone's geometry); the paper resizes the
     smaller edge to 448 and crops the bottom/right to a multiple of 14, which differs only for non-square

@@ -43,28 +43,118 @@ def test_coreset_covers_outliers():
     assert 1000 in greedy_coreset(x, 5).tolist()  # the isolated point is picked early
 
 
-def test_locally_aware_is_neighbourhood_mean():
-    m = torch.zeros(1, 1, 5, 5)
-    m[0, 0, 2, 2] = 9.0
-    f = PatchFeatures({"a": m}, (20, 20))
-    out = locally_aware(f, ["a"], patch_size=3)
-    assert out[0, 0, 1:4, 1:4].allclose(torch.ones(3, 3)) and out[0, 0, 0, 0] == 0
-    # zero padding counts, as in the official unfold + adaptive pooling: a corner of a constant map is 4/9
-    const = locally_aware(PatchFeatures({"a": torch.ones(1, 1, 5, 5)}, (20, 20)), ["a"], patch_size=3)[0, 0]
-    assert const[2, 2] == 1 and torch.isclose(const[0, 0], torch.tensor(4 / 9)) and torch.isclose(const[0, 2], torch.tensor(6 / 9))
+def _adaptive_pool(v, n):
+    """torch's adaptive average pooling of a list to n values, by its definition: bin i = [floor(iL/n), ceil((i+1)L/n))."""
+    L = len(v)
+    return [sum(v[(i * L) // n: -((-(i + 1) * L) // n)]) / (-((-(i + 1) * L) // n) - (i * L) // n) for i in range(n)]
 
 
-def test_reweighting_keeps_scores_ordered():
-    torch.manual_seed(0)
-    train = PatchFeatures({"stage2": torch.randn(4, 8, 6, 6), "stage3": torch.randn(4, 8, 3, 3)}, (48, 48))
-    pc = create_method("patchcore", coreset_ratio=0.5).fit(train)
+def _bilinear_1d(n_in, n_out, pos):
+    """align_corners=False source indices and weights of output position ``pos``."""
+    src = max((pos + 0.5) * n_in / n_out - 0.5, 0.0)
+    i0 = int(src)
+    i1 = min(i0 + 1, n_in - 1)
+    return i0, i1, src - i0
+
+
+def _hand_locally_aware(maps, pretrain_dim, target_dim):
+    """The official recipe with explicit loops: unfold (zero pad 1), upsample the neighbourhood components
+    bilinearly to the finest grid, pool each layer to pretrain_dim, stack, pool to target_dim."""
+    h, w = maps[0].shape[-2:]
+    out = np.zeros((h, w, target_dim))
+    neigh = []
+    for m in maps:  # (C, hl, wl) -> (hl, wl, C*9) neighbourhood vectors, channel-major
+        C, hl, wl = m.shape
+        nb = np.zeros((hl, wl, C * 9))
+        for y in range(hl):
+            for x in range(wl):
+                for c in range(C):
+                    for dy in range(3):
+                        for dx in range(3):
+                            yy, xx = y + dy - 1, x + dx - 1
+                            inside = 0 <= yy < hl and 0 <= xx < wl
+                            nb[y, x, c * 9 + dy * 3 + dx] = m[c, yy, xx] if inside else 0.0
+        neigh.append(nb)
+    for y in range(h):
+        for x in range(w):
+            vecs = []
+            for nb in neigh:
+                hl, wl = nb.shape[:2]
+                y0, y1, ly = _bilinear_1d(hl, h, y)
+                x0, x1, lx = _bilinear_1d(wl, w, x)
+                v = ((1 - ly) * ((1 - lx) * nb[y0, x0] + lx * nb[y0, x1])
+                     + ly * ((1 - lx) * nb[y1, x0] + lx * nb[y1, x1]))
+                vecs += _adaptive_pool(list(v), pretrain_dim)
+            out[y, x] = _adaptive_pool(vecs, target_dim)
+    return out
+
+
+@pytest.mark.parametrize("chunk_floats", [1 << 24, 1])
+def test_locally_aware_matches_hand_computation(chunk_floats):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 2, 4, 4, generator=g)  # 2*9 = 18 < 20: the per-layer pooling upsamples
+    b = torch.randn(2, 3, 2, 2, generator=g)  # 3*9 = 27 > 20, coarser grid: upsampled to 4 x 4
+    f = PatchFeatures({"a": a, "b": b}, (32, 32))
+    out = locally_aware(f, ["a", "b"], patch_size=3, pretrain_dim=20, target_dim=8, chunk_floats=chunk_floats)
+    assert out.shape == (2, 4, 4, 8)
+    for i in range(2):
+        ref = _hand_locally_aware([a[i].numpy().astype(np.float64), b[i].numpy().astype(np.float64)], 20, 8)
+        np.testing.assert_allclose(out[i].numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_locally_aware_layer_of_9216_is_the_zero_padded_3x3_mean():
+    """With C*9 = 9 * pretrain_dim (WideResNet layer3: 9216 -> 1024) the pooling is the 3x3 mean per channel."""
+    m = torch.zeros(1, 4, 5, 5)
+    m[0, 1, 2, 2] = 9.0
+    out = locally_aware(PatchFeatures({"a": m}, (20, 20)), ["a"], patch_size=3, pretrain_dim=4, target_dim=4)
+    assert out[0, 1:4, 1:4, 1].allclose(torch.ones(3, 3)) and out[0, 0, 0, 1] == 0 and out[0, ..., 0].abs().max() == 0
+    const = locally_aware(PatchFeatures({"a": torch.ones(1, 1, 5, 5)}, (20, 20)), ["a"], 3, 1, 1)[0, ..., 0]
+    assert const[2, 2] == 1 and torch.isclose(const[0, 0], torch.tensor(4 / 9))  # zero padding counts
+
+
+def _toy_features(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return PatchFeatures({"stage2": torch.randn(4, 8, 6, 6, generator=g), "stage3": torch.randn(4, 8, 3, 3, generator=g)},
+                         (48, 48))
+
+
+@pytest.mark.parametrize("image_score", ["max", "eq7"])
+def test_scores_rank_a_planted_anomaly(image_score):
+    train = _toy_features()
+    pc = create_method("patchcore", coreset_ratio=0.5, pretrain_dim=64, target_dim=32, image_score=image_score).fit(train)
     test = train[0]
     test.maps["stage2"] = test.maps["stage2"].clone()
     test.maps["stage2"][0, :, 2, 2] += 20
-    normal, anomalous = pc.score(train[1]), pc.score(test)
+    normal, anomalous = pc.score(_toy_features(1)[1]), pc.score(test)
     assert anomalous.image_score.item() > normal.image_score.item() >= 0
     assert anomalous.patch_map[0].argmax() // 6 in (1, 2, 3)
-    assert pc.memory_bank.shape == (int(4 * 36 * 0.5), 16)
+    assert pc.memory_bank.shape == (int(4 * 36 * 0.5), 32)
+
+
+def test_distance_choice_and_official_max():
+    train = _toy_features()
+    test = _toy_features(1)[:2]
+    sq = create_method("patchcore", coreset_ratio=0.5, pretrain_dim=64, target_dim=32).fit(train).score(test)
+    eu = create_method("patchcore", coreset_ratio=0.5, pretrain_dim=64, target_dim=32, distance="euclidean").fit(train).score(test)
+    torch.testing.assert_close(eu.patch_map.square(), sq.patch_map, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sq.image_score, sq.patch_map.flatten(1).max(1).values)  # official: max over patches
+    with pytest.raises(ValueError, match="distance"):
+        create_method("patchcore", distance="cosine")
+
+
+def test_paper_preset_resolves_wide_resnet_layer2_layer3():
+    from uadlab.backbones import _build, backbone_spec, resolve_name
+
+    cls = type(create_method("patchcore"))
+    inputs = cls.paper_inputs
+    assert resolve_name(inputs["backbone"]) == "wide_resnet50_2.tv_in1k" and (inputs["resize"], inputs["image_size"]) == (256, 224)
+    spec = backbone_spec(inputs["backbone"])
+    pc = cls.from_preset("paper")
+    assert pc.layers_for(spec) == ["stage2", "stage3"] and spec.dims[2:4] == (512, 1024)
+    assert (pc.coreset_ratio, pc.pretrain_dim, pc.target_dim, pc.distance, pc.image_score) == (0.1, 1024, 1024, "squared", "max")
+    with torch.device("meta"):  # the layers the Backbone builds, without allocating (or downloading) weights
+        model, is_vit = _build(resolve_name(inputs["backbone"]), 224, None, [2, 3])
+    assert not is_vit and model.feature_info.module_name() == ["layer2", "layer3"]
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])

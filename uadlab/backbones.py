@@ -36,6 +36,7 @@ SHORT_NAMES: dict[str, str] = {
     "dinov3_vitb16": "vit_base_patch16_dinov3.lvd1689m",
     "dinov3_vitl16": "vit_large_patch16_dinov3.lvd1689m",
     "efficientnet_lite0": "tf_efficientnet_lite0",
+    "wide_resnet50_2": "wide_resnet50_2.tv_in1k",  # torchvision's ImageNet weights, as in PatchCore; stage2/3 = layer2/3
 }
 OFFLINE_DEFAULT = "efficientnet_lite0"
 DEFAULT_IMAGE_SIZE = 224  # the network input side (centre crop) unless a preset or the user says otherwise
@@ -261,7 +262,7 @@ def backbone_spec(name: str, image_size: int = DEFAULT_IMAGE_SIZE) -> BackboneSp
         if is_vit:
             m = timm.create_model(model_name, pretrained=False, img_size=image_size)
             return BackboneSpec(name, "vit", len(m.blocks), tuple([m.embed_dim] * len(m.blocks)))
-    info = timm.create_model(model_name, pretrained=False, features_only=True).feature_info
+        info = timm.create_model(model_name, pretrained=False, features_only=True).feature_info  # meta: no weights
     return BackboneSpec(name, "cnn", len(info.channels()), tuple(info.channels()))
 
 

@@ -227,6 +227,8 @@ class Run:
         report = progress or (lambda f, m: None)
         refit = self.config.calibration == "refit"
         fit_i, val_i = split_indices(len(train), self.config.val_fraction, self.config.seed)
+        cats = {s.category for s in train}
+        category = cats.pop() if len(cats) == 1 else None  # for per-category choices (AnomalyDINO's masking table)
         report(0.0, "extracting features")
         f_all = self.features(train, lambda f, m: report(0.3 * f, m), "normal") if train else None
         f_fit = f_all[fit_i] if f_all is not None else None
@@ -254,7 +256,7 @@ class Run:
             else:  # heads that train for long keep resumable checkpoints next to the feature cache
                 head.fit(f_fit.select(head.layers_for(self.backbone.spec)), progress=step,
                          val_features=None if f_val is None else f_val.select(head.layers_for(self.backbone.spec)),
-                         checkpoint_dir=str(self.cache.root.parent / "checkpoints"))
+                         checkpoint_dir=str(self.cache.root.parent / "checkpoints"), category=category)
             self.info["fit_s"][name] = time.perf_counter() - t0
             # zero-shot heads never saw the target's normals: calibrate on all of them
             self._calibrate(name, f_all if head.zero_shot else (f_val if f_val is not None else f_fit))
@@ -264,7 +266,7 @@ class Run:
                 head = self._new_head(name)
                 t0 = time.perf_counter()
                 head.fit(f_all.select(head.layers_for(self.backbone.spec)), progress=step,
-                         checkpoint_dir=str(self.cache.root.parent / "checkpoints"))
+                         checkpoint_dir=str(self.cache.root.parent / "checkpoints"), category=category)
                 self.info.setdefault("calibration_fit_s", {})[name] = self.info["fit_s"][name]
                 self.info["fit_s"][name] = time.perf_counter() - t0
                 head.fit_info["calibration"] = self.heads[name].fit_info.get("calibration")

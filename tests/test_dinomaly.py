@@ -1,4 +1,6 @@
 """Dinomaly: components, switches, loss, optimiser, reproducibility, save/load and resumable training."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -149,14 +151,14 @@ def test_resume_after_interruption(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Dinomaly(**cfg, checkpoint_dir=str(tmp_path)).fit(x, progress=crash)
+        Dinomaly(**cfg).fit(x, progress=crash, checkpoint_dir=str(tmp_path))
     assert len(list(tmp_path.glob("dinomaly_*.safetensors"))) == 1
-    resumed = Dinomaly(**cfg, checkpoint_dir=str(tmp_path)).fit(x)
+    resumed = Dinomaly(**cfg).fit(x, checkpoint_dir=str(tmp_path))
     assert resumed.fit_info["resumed_from"] == 8
     assert not list(tmp_path.glob("dinomaly_*.safetensors"))  # completed: the resume file is gone
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
-    other = Dinomaly(**cfg, checkpoint_dir=str(tmp_path)).fit(synth(8, 1))  # other data: starts afresh
+    other = Dinomaly(**cfg).fit(synth(8, 1), checkpoint_dir=str(tmp_path))  # other data: starts afresh
     assert other.fit_info["resumed_from"] == 0
 
 
@@ -178,6 +180,10 @@ def test_pipeline_resumes_an_interrupted_training(tiny_demo, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         Run(cfg, cache=cache).fit(train, crash)
     assert list((tmp_path / "checkpoints").glob("dinomaly_*.safetensors"))
-    again = Run(cfg, cache=cache).fit(train)
+    again = Run(cfg, workdir=tmp_path / "runs", cache=cache).fit(train)
     assert again.heads["dinomaly"].fit_info["resumed_from"] == 8
     assert not list((tmp_path / "checkpoints").glob("dinomaly_*.safetensors"))
+    saved = again.save()  # the checkpoint folder is a machine path: it must not land in the saved config
+    configs = list(Path(saved).rglob("config.json"))
+    assert configs and all(str(tmp_path) not in c.read_text() and "checkpoint_dir" not in c.read_text()
+                          for c in configs)

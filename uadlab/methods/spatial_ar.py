@@ -21,6 +21,7 @@ from ..features import PatchFeatures
 from .base import AnomalyResult, Method, register_method
 
 MODES = ("causal", "bidirectional", "standard")
+NORMALIZE = ("none", "channel")
 # mask of the first layer / of the later layers, per mode (PixelCNN: "A" hides the centre, "B" shows it)
 MODE_MASKS = {"causal": ("A", "B"), "bidirectional": ("centre", "none"), "standard": ("none", "none")}
 
@@ -135,10 +136,12 @@ class SpatialAR(Method):
                "its context: the squared prediction error is the anomaly map. Scoring is a single forward pass "
                "of a few MB of weights, so its cost does not grow with the number of training images.")
     paper_inputs = dict(backbone="dinov3_vits16", resize=448, image_size=448)  # 28 x 28 patches
+    sigma, score_mode = 0.0, "top1"  # official: no smoothing; no image score (top 1% of the map is ours)
     presets = {
-        "tiny": dict(hidden=32, epochs=15, batch_size=4, dilations=[1, 1, 1, 1]),
+        "tiny": dict(hidden=32, epochs=15, batch_size=4),
         "quick": dict(epochs=40, batch_size=8, max_steps=120),
-        "paper": dict(epochs=40, batch_size=64, seed=42),
+        "paper": dict(mode="causal", dilations=[4, 4, 4, 4], normalize="none", token_term=False, epochs=40,
+                      batch_size=64, seed=42),
     }
 
     def __init__(self, backbone: str = "efficientnet_lite0", layers: list[str] | None = None,
@@ -146,7 +149,7 @@ class SpatialAR(Method):
                  kernel: int = 3, dilations: list[int] | None = None, loss: str = "mse", noise_p: float = 0.2,
                  noise_scale: float = 0.03, lr: float = 1e-3, weight_decay: float = 0.01, epochs: int = 40,
                  batch_size: int = 64, max_steps: int | None = None, select: str = "val_loss", flip: bool = False,
-                 seed: int = 0) -> None:
+                 normalize: str = "none", token_term: bool = False, seed: int = 0) -> None:
         super().__init__(backbone)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -157,21 +160,34 @@ class SpatialAR(Method):
         if n_layers < 2 or kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"need n_layers >= 2 and an odd kernel, got n_layers={n_layers}, kernel={kernel}")
         self.layers, self.in_dim, self.mode, self.hidden, self.n_layers = layers, in_dim, mode, hidden, n_layers
-        self.kernel, self.dilations = kernel, list(dilations or [4, 4, 4, 4])
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        self.kernel, self.dilations = kernel, list(dilations) if dilations else None
+        self.normalize, self.token_term = normalize, token_term
         self.loss, self.noise_p, self.noise_scale = loss, noise_p, noise_scale
         self.lr, self.weight_decay, self.epochs, self.batch_size = lr, weight_decay, epochs, batch_size
         self.max_steps = max_steps
         self.select, self.flip, self.seed = select, flip, seed
         self.net: AR2D | None = None
-        if in_dim is not None:
-            self._build(in_dim)
+        if in_dim is not None and self.dilations is not None:  # a saved head: its config has both
+            self._build(in_dim, self.dilations)
 
-    def _build(self, in_dim: int) -> None:
+    def _build(self, in_dim: int, dilations: list[int]) -> None:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.manual_seed(self.seed)
-            self.net = AR2D(in_dim, self.hidden, self.n_layers, self.kernel, self.dilations, self.mode,
+            self.net = AR2D(in_dim, self.hidden, self.n_layers, self.kernel, dilations, self.mode,
                             out_mult=2 if self.loss == "gaussian_nll" else 1)
-        self.in_dim = in_dim
+        # normal statistics for the score, fit after training: per-channel variance of the prediction error,
+        # per-channel mean / variance of the tokens (ones / zeros = no normalisation)
+        self.register_buffer("err_var", torch.ones(in_dim))
+        self.register_buffer("tok_mean", torch.zeros(in_dim))
+        self.register_buffer("tok_var", torch.ones(in_dim))
+        self.in_dim, self.dilations = in_dim, list(dilations)
+
+    @staticmethod
+    def grid_dilation(grid: tuple[int, int]) -> int:
+        """The paper's dilation 4 on DINOv3's 28 x 28 grid, scaled to this grid: max(1, round(4 g / 28))."""
+        return max(1, round(4 * min(grid) / 28))
 
     def layers_for(self, spec) -> list[str]:
         if self.layers:
@@ -183,29 +199,45 @@ class SpatialAR(Method):
         return features.stacked(self.layers or features.layers).float()  # (B, C, h, w)
 
     def _error(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-token error (B, h, w): mean_c (f(x) - target)^2, or the mean Gaussian NLL per channel."""
+        """Per-token, per-channel error (B, C, h, w): (f(x) - target)^2, or the Gaussian NLL per channel."""
         out = self.net(x)
         if self.loss == "mse":
-            return (out - target).pow(2).mean(1)
+            return (out - target).pow(2)
         mu, log_var = out.chunk(2, dim=1)
         log_var = log_var.clamp(-10, 10)
-        return 0.5 * (log_var + (target - mu).pow(2) * torch.exp(-log_var)).mean(1)
+        return 0.5 * (log_var + (target - mu).pow(2) * torch.exp(-log_var))
+
+    def _token_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, h, w): the per-channel error, normalised by ``normalize``, plus ``token_term``."""
+        e = self._error(x, x)
+        if self.normalize == "channel":
+            e = e / self.err_var[:, None, None]
+        a = e.mean(1)
+        if self.token_term:
+            a = a + ((x - self.tok_mean[:, None, None]).pow(2) / self.tok_var[:, None, None]).mean(1)
+        return a
 
     def _maps(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, h, w) anomaly map; with ``flip`` averaged with the pass on the rotated grid."""
-        a = self._error(x, x)
+        a = self._token_map(x)
         if self.flip:
-            xr = x.flip(-2, -1)  # 180-degree rotation = both spatial flips
-            a = 0.5 * (a + self._error(xr, xr).flip(-2, -1))
+            a = 0.5 * (a + self._token_map(x.flip(-2, -1)).flip(-2, -1))  # 180-degree rotation = both flips
         return a
+
+    def _fit_normal_stats(self, x_all: torch.Tensor) -> None:
+        """Per-channel statistics of the NORMAL training tokens and of the model's error on them."""
+        err = torch.cat([self._error(b, b) for b in x_all.split(64)])  # (N, C, h, w)
+        self.err_var.copy_(err.mean((0, 2, 3)).clamp_min(1e-8))
+        self.tok_mean.copy_(x_all.mean((0, 2, 3)))
+        self.tok_var.copy_(x_all.var((0, 2, 3)).clamp_min(1e-8))
 
     # ---- fit / score ------------------------------------------------------------------------------------
     def _fit(self, features: PatchFeatures, progress=None, val_features: PatchFeatures | None = None,
              **kw: Any) -> None:
         x_all = self._tokens(features)  # (N, C, h, w)
         if self.net is None:
-            self._build(x_all.shape[1])
-            self._hub_mixin_config["in_dim"] = self.in_dim  # so config.json rebuilds the network
+            self._build(x_all.shape[1], self.dilations or [self.grid_dilation(x_all.shape[-2:])] * 4)
+            self._hub_mixin_config.update(in_dim=self.in_dim, dilations=self.dilations)  # config.json rebuilds it
         elif x_all.shape[1] != self.in_dim:
             raise ValueError(f"spatial_ar: features have {x_all.shape[1]} channels, the model expects {self.in_dim}")
         x_val = self._tokens(val_features) if val_features is not None and len(val_features) else None
@@ -234,13 +266,16 @@ class SpatialAR(Method):
             if x_val is not None and self.select == "val_loss":  # held-out NORMAL images only
                 self.eval()
                 with torch.no_grad():
-                    v = float(torch.cat([self._error(b, b) for b in x_val.split(64)]).mean())
+                    v = float(torch.cat([self._error(b, b).mean(1) for b in x_val.split(64)]).mean())
                 history.append(v)
                 if v < best:
                     best, best_epoch = v, epoch + 1
                     best_state = {k: t.clone() for k, t in self.net.state_dict().items()}
         if best_state is not None:
             self.net.load_state_dict(best_state)
+        self.eval()
+        with torch.no_grad():
+            self._fit_normal_stats(x_all)
         self.fit_info.update(epochs=epochs, steps=step, val_loss=history, best_epoch=best_epoch,
                              selection="val_loss" if best_state is not None else "last")
 
@@ -257,6 +292,8 @@ class SpatialAR(Method):
             (2E+1, 2E+1) float32, 1 where the token at the centre (offset (0, 0), row E, column E) can see,
             E = sum of dilation * (kernel // 2) over the layers.
         """
+        if self.dilations is None:
+            raise ValueError("spatial_ar: the dilations follow the token grid; fit the head or pass dilations")
         plan = layer_plan(self.mode, self.n_layers, self.dilations)  # [(mask kind, dilation)] per layer
         c = self.kernel // 2
         E = sum(d * c for _, d in plan)

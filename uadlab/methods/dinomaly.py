@@ -190,8 +190,10 @@ class Dinomaly(Method):
 
     Input: ViT: the raw outputs of blocks 2..9 for 12 blocks, scaled with depth (4, 6, ..., 18 for 24
     blocks); the decoder width is the embedding width and heads = width / 64. The paper's input size is
-    ``--resize 448 --image-size 392`` (28 x 28 patches for a /14 ViT): the pipeline's image settings,
-    not a head hyperparameter.
+    ``--resize 448 --image-size 392`` (28 x 28 patches for a /14 ViT): the pipeline's image settings, not a
+    head hyperparameter; ``--preset paper`` applies them (``paper_inputs``). Ours, for the quick preset on
+    the offline Lite0: 224 px, no crop (the pipeline default): the whole image is seen, so a defect near the
+    border is not cut away by the paper's 448 -> 392 center crop (which drops 6% of each side).
 
     Deviations from the paper:
     - Patch tokens only: uadlab's PatchFeatures hold no CLS / register tokens per layer, so the decoder

@@ -1,4 +1,6 @@
 """Dinomaly: components, switches, loss, optimiser, reproducibility, save/load and resumable training."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -149,14 +151,14 @@ def test_resume_after_interruption(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Dinomaly(**cfg, checkpoint_dir=str(tmp_path)).fit(x, progress=crash)
+        Dinomaly(**cfg).fit(x, progress=crash, checkpoint_dir=str(tmp_path))
     assert len(list(tmp_path.glob("dinomaly_*.safetensors"))) == 1
-    resumed = Dinomaly(**cfg, checkpoint_dir=str(tmp_path)).fit(x)
+    resumed = Dinomaly(**cfg).fit(x, checkpoint_dir=str(tmp_path))
     assert resumed.fit_info["resumed_from"] == 8
     assert not list(tmp_path.glob("dinomaly_*.safetensors"))  # completed: the resume file is gone
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
-    other = Dinomaly(**cfg, checkpoint_dir=str(tmp_path)).fit(synth(8, 1))  # other data: starts afresh
+    other = Dinomaly(**cfg).fit(synth(8, 1), checkpoint_dir=str(tmp_path))  # other data: starts afresh
     assert other.fit_info["resumed_from"] == 0
 
 
@@ -178,6 +180,29 @@ def test_pipeline_resumes_an_interrupted_training(tiny_demo, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         Run(cfg, cache=cache).fit(train, crash)
     assert list((tmp_path / "checkpoints").glob("dinomaly_*.safetensors"))
-    again = Run(cfg, cache=cache).fit(train)
+    again = Run(cfg, workdir=tmp_path / "runs", cache=cache).fit(train)
     assert again.heads["dinomaly"].fit_info["resumed_from"] == 8
     assert not list((tmp_path / "checkpoints").glob("dinomaly_*.safetensors"))
+    saved = again.save()  # the checkpoint folder is a machine path: it must not land in the saved config
+    configs = list(Path(saved).rglob("config.json"))
+    assert configs and all(str(tmp_path) not in c.read_text() and "checkpoint_dir" not in c.read_text()
+                          for c in configs)
+
+
+def test_official_post_processing_at_256(trained):
+    """Official: bilinear to the input size, then to 256 px; 5 x 5 Gaussian, sigma 4, zero padding 2;
+    image score = mean of the top 1% (655 pixels) of the 256 px map; the map is resized back to the input."""
+    from uadlab.methods.base import AnomalyResult
+
+    pm = torch.zeros(2, 8, 8)
+    pm[0, 3, 4], pm[1, 0, 0] = 1.0, 2.0  # a hot token inside and one in the corner (zero padding shows there)
+    maps, score = trained.heatmap(AnomalyResult(pm), (112, 112))
+    up = torch.nn.functional.interpolate(pm[:, None], (112, 112), mode="bilinear")
+    up = torch.nn.functional.interpolate(up, (256, 256), mode="bilinear")
+    k = torch.exp(-0.5 * (torch.arange(-2.0, 3.0) / 4) ** 2)
+    ref = torch.nn.functional.conv2d(up, (torch.outer(k, k) / torch.outer(k, k).sum())[None, None], padding=2)
+    torch.testing.assert_close(score, ref.flatten(1).topk(655, dim=1).values.mean(1))
+    torch.testing.assert_close(maps, torch.nn.functional.interpolate(ref, (112, 112), mode="bilinear")[:, 0])
+    assert ref[1, 0, 0, 0] < up[1, 0, 0, 0]  # zero padding: the corner loses weight, as in the official code
+    wide, _ = trained.heatmap(AnomalyResult(pm), (112, 112), sigma=4.0)  # a caller's sigma: shared path at 112
+    assert (wide[0] > 0.5 * wide[0].max()).sum() > (maps[0] > 0.5 * maps[0].max()).sum()

@@ -125,3 +125,51 @@ def test_explain_and_errors(fitted):
         create_method("spatial_ar", mode="sideways")
     with pytest.raises(ValueError, match="channels"):
         fitted.fit(feats(torch.zeros(2, 5, 12, 12)))
+
+
+def test_dilation_follows_the_grid_and_is_saved(tmp_path):
+    grid_dilation = get_method_class("spatial_ar").grid_dilation
+    assert [grid_dilation((g, g)) for g in (28, 14, 8, 4)] == [4, 2, 1, 1]  # the paper's 4 at 28 x 28
+    assert get_method_class("spatial_ar").presets["paper"]["dilations"] == [4, 4, 4, 4]
+    head = create_method("spatial_ar", hidden=8, epochs=1, batch_size=4).fit(feats(textures(4, size=14)))
+    assert head.dilations == [2, 2, 2, 2] and head.config()["dilations"] == [2, 2, 2, 2]
+    head.save_pretrained(tmp_path)
+    again = get_method_class("spatial_ar").from_pretrained(str(tmp_path))
+    v = feats(textures(2, size=14, seed=3))
+    assert again.dilations == [2, 2, 2, 2] and torch.equal(again.score(v).patch_map, head.score(v).patch_map)
+    with pytest.raises(ValueError, match="grid"):
+        create_method("spatial_ar").receptive_field()  # unfitted, no dilations given: unknown until the grid
+
+
+def test_error_is_normalised_by_normal_statistics(fitted):
+    """err_var is the mean squared error per channel on the normal training tokens: normalised, each is 1."""
+    x = textures(16)
+    with torch.no_grad():
+        e = fitted._error(x, x).mean((0, 2, 3))
+    torch.testing.assert_close(e / fitted.err_var, torch.ones(6), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def hard_features():
+    """Real Lite0 features of the hard set (brick): darker / smoother / low-contrast anomalies, darkened normals."""
+    from harddata import hard_set
+    from uadlab.backbones import Backbone
+
+    bb = Backbone("efficientnet_lite0", layers=["stage3"], image_size=128)  # 8 x 8 grid
+    train, test, labels, kinds, _ = hard_set("brick", size=128, n_train=16, n_per_kind=6)
+    return bb.extract(train), bb.extract(test), labels, np.array(kinds)
+
+
+def test_darker_smoother_anomalies_rank_above_normals(hard_features):
+    """Issue 13: the old default ranked smooth dark defects BELOW normal images. The defaults must rank them
+    above normals, and whole normal images darkened by 20% must not be ranked above the other normals."""
+    from sklearn.metrics import roc_auc_score
+
+    ftr, fte, labels, kinds = hard_features
+    head = create_method("spatial_ar", hidden=32, epochs=20, batch_size=4).fit(ftr)  # default mode and score
+    assert head.dilations == [1, 1, 1, 1]  # the 8 x 8 grid
+    _, s = head.heatmap(head.score(fte), (128, 128))
+    s = s.numpy()
+    assert roc_auc_score(labels, s) > 0.85
+    normal = labels == 0
+    assert roc_auc_score(kinds[normal] == "darkened", s[normal]) < 0.75

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..features import PatchFeatures
+from ..postprocess import image_score, upsample
 from .base import AnomalyResult, Method, register_method
 
 ATTENTIONS = ("linear", "softmax")
 LOSSES = ("hard_mining", "global_cosine")
+EVAL_SIZE = 256  # the official evaluation resolution: maps are smoothed and scored at 256 x 256
 
 
 # ---- optimiser and schedule ------------------------------------------------------------------------------
@@ -188,8 +190,10 @@ class Dinomaly(Method):
 
     Input: ViT: the raw outputs of blocks 2..9 for 12 blocks, scaled with depth (4, 6, ..., 18 for 24
     blocks); the decoder width is the embedding width and heads = width / 64. The paper's input size is
-    ``--resize 448 --image-size 392`` (28 x 28 patches for a /14 ViT): the pipeline's image settings,
-    not a head hyperparameter.
+    ``--resize 448 --image-size 392`` (28 x 28 patches for a /14 ViT): the pipeline's image settings, not a
+    head hyperparameter; ``--preset paper`` applies them (``paper_inputs``). Ours, for the quick preset on
+    the offline Lite0: 224 px, no crop (the pipeline default): the whole image is seen, so a defect near the
+    border is not cut away by the paper's 448 -> 392 center crop (which drops 6% of each side).
 
     Deviations from the paper:
     - Patch tokens only: uadlab's PatchFeatures hold no CLS / register tokens per layer, so the decoder
@@ -204,8 +208,9 @@ class Dinomaly(Method):
       learned: a learned projection of the reconstruction target could collapse to a constant.
     - ``decoder_depth`` may differ from the number of encoder layers (the reversed decoder outputs are
       split into the same number of contiguous groups); the paper uses one block per layer.
-    - The anomaly map is returned on the token grid; upsampling, Gaussian smoothing and the top-1% image
-      score are done by uadlab's post-processing (bilinear to the input size, sigma 4), not at 256 px.
+    - Post-processing (``heatmap``) is the official one at 256 px (5 x 5 Gaussian, sigma 4, zero padding,
+      top-1% image score), then resized to the input size: our pixel metrics are measured at the input
+      size, the paper's at 256 px. The first upsampling is bilinear with align_corners=False (official: True).
     """
 
     name = "dinomaly"
@@ -218,6 +223,7 @@ class Dinomaly(Method):
                "points go to focus on hard ones. Where the decoder fails to restore the features (1 - cosine "
                "similarity), the image is anomalous; one model serves many categories at once.")
     paper_inputs = dict(backbone="dinov2_vitb14_reg", resize=448, image_size=392)  # 28 x 28 patches
+    sigma, smooth_radius, score_mode = 4.0, 2, "top1"  # official: 5 x 5 kernel, sigma 4, at 256 px (heatmap)
     presets = {
         "tiny": dict(dim=64, steps=40, batch_size=8, lr=2e-3, final_lr=2e-4, warmup=5, p_ramp_steps=10),
         "quick": dict(decoder_depth=4, steps=150, batch_size=8, lr=2e-3, final_lr=2e-4, warmup=10, p_ramp_steps=15),
@@ -232,8 +238,8 @@ class Dinomaly(Method):
                  attention: str = "linear", groups: int | str = 2, loss: str = "hard_mining", steps: int = 10_000,
                  batch_size: int = 16, lr: float = 2e-3, final_lr: float = 2e-4, warmup: int = 100,
                  weight_decay: float = 1e-4, eps: float = 1e-10, grad_clip: float = 0.1, p_final: float = 0.9,
-                 p_ramp_steps: int = 1000, hm_factor: float = 0.1, checkpoint_dir: str | None = None,
-                 checkpoint_every: int = 500, seed: int = 0) -> None:
+                 p_ramp_steps: int = 1000, hm_factor: float = 0.1, checkpoint_every: int = 500,
+                 seed: int = 0) -> None:
         super().__init__(backbone)
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -248,7 +254,7 @@ class Dinomaly(Method):
         self.steps, self.batch_size, self.lr, self.final_lr, self.warmup = steps, batch_size, lr, final_lr, warmup
         self.weight_decay, self.eps, self.grad_clip = weight_decay, eps, grad_clip
         self.p_final, self.p_ramp_steps, self.hm_factor = p_final, p_ramp_steps, hm_factor
-        self.checkpoint_dir, self.checkpoint_every, self.seed = checkpoint_dir, checkpoint_every, seed
+        self.checkpoint_every, self.seed = checkpoint_every, seed
         self.bottleneck: nn.Module | None = None
         self.project = False  # whether layers are embedded into the common width (set by _build)
         if in_dims is not None:
@@ -281,7 +287,7 @@ class Dinomaly(Method):
                 if isinstance(m, nn.Linear):
                     nn.init.trunc_normal_(m.weight, std=0.01, a=-0.03, b=0.03)
                     nn.init.zeros_(m.bias)
-        self.in_dims, self._dim, self._depth = list(in_dims), dim, depth
+        self.in_dims, self._dim = list(in_dims), dim
 
     def layers_for(self, spec) -> list[str]:
         if self.layers:
@@ -358,7 +364,8 @@ class Dinomaly(Method):
              checkpoint_dir: str | None = None, **kw: Any) -> None:
         """Train ``steps`` steps on batches of cached features.
 
-        With ``checkpoint_dir`` (argument or hyperparameter), a checkpoint of the same features and settings is
+        With ``checkpoint_dir`` (a machine folder given by the caller, never a hyperparameter: it must not
+        land in a saved head's config.json), a checkpoint of the same features and settings is
         written every ``checkpoint_every`` steps and resumed from if training was interrupted; it is deleted
         when the training completes.
         """
@@ -379,8 +386,8 @@ class Dinomaly(Method):
         per_epoch = n // bs  # drop_last
         opt = self.make_optimizer()
         data_key = _fingerprint([features.maps[l] for l in layers], self.config())
-        folder = checkpoint_dir or self.checkpoint_dir  # one file per (data, settings): trainings never mix
-        ckpt = Path(folder) / f"dinomaly_{data_key}.safetensors" if folder else None
+        # one file per (data, settings): trainings never mix
+        ckpt = Path(checkpoint_dir) / f"dinomaly_{data_key}.safetensors" if checkpoint_dir else None
         history: list[float] = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -416,6 +423,27 @@ class Dinomaly(Method):
         per = torch.stack([1 - F.cosine_similarity(e, d, dim=-1) for e, d in zip(enc, dec)])  # (G, B, N)
         per = per.view(len(enc), -1, *grid)
         return per.mean(0), per
+
+    def heatmap(self, result: AnomalyResult, size: tuple[int, int], sigma: float | None = None,
+                score_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The official post-processing, at the official evaluation size whatever the input size.
+
+        Bilinear to the input size, then to ``EVAL_SIZE`` (256) px; a 5 x 5 Gaussian (sigma 4, zero padding 2,
+        normalised to sum 1 over the 25 taps); image score = mean of the top 1% of that 256 px map; the map is
+        then resized (bilinear) back to ``size`` for display and pixel metrics. Applying the kernel at 256 px
+        (not scaling it by S / 256) is the faithful choice: the paper evaluates at 256 px for every input
+        size, so its smoothing is 4 px of a 256 px image. A caller's ``sigma`` falls back to the shared
+        post-processing at the input size.
+        """
+        if sigma is not None:
+            return super().heatmap(result, size, sigma, score_mode)
+        maps = upsample(upsample(result.patch_map, size), (EVAL_SIZE, EVAL_SIZE))
+        x = torch.arange(-2, 3, dtype=torch.float32)
+        k = torch.exp(-0.5 * (x / self.sigma) ** 2)
+        k2 = torch.outer(k, k) / torch.outer(k, k).sum()
+        maps = F.conv2d(maps[:, None], k2.view(1, 1, 5, 5).to(maps.dtype), padding=2)[:, 0]
+        score = image_score(maps, score_mode or self.score_mode)
+        return upsample(maps, size), score
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:
         tokens, grid = self._tokens(features)
@@ -466,8 +494,7 @@ class Dinomaly(Method):
 
 def _fingerprint(maps: list[torch.Tensor], config: dict) -> str:
     """A short hash of the training features and the settings, so a checkpoint resumes only the same training."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in ("checkpoint_dir",)},
-                                  sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for m in maps:  # (B, C, h, w): a strided sample of the values is enough to tell data sets apart
         h.update(str(tuple(m.shape)).encode())
         h.update(m[:, ::5, ::3, ::3].contiguous().numpy().tobytes())

@@ -16,6 +16,7 @@ import random
 import resource
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,6 +27,7 @@ import torch
 from . import metrics as M
 from .backbones import Backbone
 from .data import Dataset, Sample
+from .errors import DataError
 from .features import FeatureCache, PatchFeatures
 from .methods import Method, get_method_class
 from .postprocess import Calibration, image_score, threshold_from_normals, to_heatmap
@@ -276,11 +278,9 @@ class Run:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, cache: FeatureCache | None = None, token: str | None = None) -> "Run":
+        """A saved run; a damaged or incomplete one raises DataError naming the run and the file."""
         run_dir = Path(run_dir)
-        meta_path = run_dir / "run.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{run_dir}: not a saved run (no run.json)")
-        meta = json.loads(meta_path.read_text())
+        meta = read_run_meta(run_dir)
         run = cls.__new__(cls)
         run.config = RunConfig(**meta["config"])
         run.run_id = meta["run_id"]
@@ -290,8 +290,18 @@ class Run:
         run.calibration = {k: Calibration(**v) for k, v in meta.get("calibration", {}).items()}
         run._token = token
         run._backbone = None
-        run.heads = {name: get_method_class(name).from_pretrained(str(run_dir / name)) for name in run.config.methods
-                     if (run_dir / name / "model.safetensors").exists()}
+        run.heads = {}
+        for name in run.config.methods:
+            if not (run_dir / name / "model.safetensors").is_file():
+                raise DataError(f"run {run_dir.name}: {name}/model.safetensors is missing (uadlab loads "
+                                "safetensors only, never pickle files)")
+            try:
+                run.heads[name] = get_method_class(name).from_pretrained(str(run_dir / name))
+            except DataError:
+                raise
+            except (OSError, ValueError, TypeError, KeyError) as e:  # config.json damaged, unknown method ...
+                raise DataError(f"run {run_dir.name}: {name} cannot be loaded ({type(e).__name__}: "
+                                f"{e.strerror if isinstance(e, OSError) else e})") from None
         run.meta = meta
         return run
 
@@ -304,14 +314,38 @@ def _jsonable(o):
     return str(o)
 
 
-def list_runs(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Saved runs under ``workdir``, newest first (damaged ones are skipped)."""
+def read_run_meta(run_dir: Path) -> dict[str, Any]:
+    """The ``run.json`` of a saved run, checked; DataError naming the run when it is missing or damaged."""
+    path = run_dir / "run.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{run_dir.name}: not a saved run (no run.json)") from None
+    except OSError as e:
+        raise DataError(f"run {run_dir.name}: run.json cannot be read ({e.strerror})") from None
+    except ValueError as e:
+        raise DataError(f"run {run_dir.name}: run.json is damaged ({e})") from None
+    try:
+        RunConfig(**meta["config"])
+        if isinstance(meta["run_id"], str) and isinstance(meta.get("created", 0), (int, float)):
+            return meta
+    except (KeyError, TypeError):
+        pass
+    raise DataError(f"run {run_dir.name}: run.json does not describe a run (run_id, config or created wrong)")
+
+
+def list_runs(workdir: str | os.PathLike, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Saved runs under ``workdir``, newest first; damaged ones are skipped, warned about and listed in
+    ``skipped`` (one message each)."""
     out = []
-    for p in Path(workdir).glob("*/run.json"):
+    for p in sorted(Path(workdir).glob("*/run.json")):
         try:
-            meta = json.loads(p.read_text())
-            meta["dir"] = str(p.parent)
-            out.append(meta)
-        except (OSError, json.JSONDecodeError):
+            meta = read_run_meta(p.parent)
+        except DataError as e:
+            warnings.warn(f"skipped {e}")
+            if skipped is not None:
+                skipped.append(str(e))
             continue
+        meta["dir"] = str(p.parent)
+        out.append(meta)
     return sorted(out, key=lambda m: m.get("created", 0), reverse=True)

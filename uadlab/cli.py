@@ -259,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import UadlabError
     from .backbones import BackboneWeightsError
 
-    warnings.formatwarning = lambda msg, *a, **k: f"uadlab: warning: {msg}\n"
     a = build_parser().parse_args(argv)
     try:
-        return a.func(a)
+        with warnings.catch_warnings():  # skipped files and the like: one line each
+            warnings.showwarning = lambda msg, *_a, **_k: print(f"uadlab: warning: {msg}", file=sys.stderr)
+            return a.func(a)
     except (UadlabError, BackboneWeightsError, KeyError, ValueError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         error = f"{e.strerror}: {Path(e.filename).name}" if isinstance(e, OSError) and e.filename else message

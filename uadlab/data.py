@@ -42,7 +42,7 @@ from .errors import DataError, clean_token, scrub
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL_NAMES = {"good", "normal", "ok", "0", "false", "negative"}
 MVTEC_DIRS = ("train", "test", "ground_truth")
-MAX_IMAGE_BYTES = 50 * 1024**2  # one image file
+MAX_IMAGE_BYTES = 50_000_000  # one image file
 MAX_IMAGE_PIXELS = 40_000_000  # width x height of one image (PIL's own bomb limit is 89 M)
 MIN_IMAGE_SIDE = 8
 
@@ -472,7 +472,13 @@ def load_unpacked(root: str | os.PathLike, skip_bad: bool = False,
 def load_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, skip_bad: bool = False,
              categories: Sequence[str] | None = None) -> Dataset:
     """A zip of an MVTec-layout dataset or of plain normal images, unpacked into ``dest``."""
-    ds = load_unpacked(safe_extract_zip(zip_path, dest), skip_bad, categories, unwrap=True)
+    name = display_name(Path(zip_path).name)
+    root = safe_extract_zip(zip_path, dest)
+    try:
+        ds = load_unpacked(root, skip_bad, categories, unwrap=True)
+    except DataError as e:  # name the zip, not the folder it was unpacked into
+        msg = str(e).removeprefix(f"{root.name}: ")
+        raise DataError(msg if msg.startswith(name) else f"{name}: {msg}") from None
     ds.name = display_name(Path(zip_path).stem)
     return ds
 
@@ -547,7 +553,7 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
     import datasets
 
     token = clean_token(token)
-    where = f"hf:{repo_id}"
+    where = f"hf:{Path(repo_id).name if local and os.path.exists(repo_id) else repo_id}"  # no server paths
     try:
         dd = _open_hf(repo_id, config, token, local)
     except DataError:
@@ -616,7 +622,8 @@ def load_data(spec: str, categories: Sequence[str] | None = None, skip_bad: bool
         return load_hf(spec[3:], skip_bad=skip_bad, **{"local": True, **hf_kwargs})
     p = Path(spec)
     if not p.exists():
-        raise DataError(f"{spec}: no such file or folder (use 'demo', 'hf:REPO_ID', a folder or a zip)")
+        raise DataError(f"{display_name(p.name or spec)}: no such file or folder (use 'demo', 'hf:REPO_ID', a folder "
+                        "or a zip)")
     if p.suffix.lower() == ".zip" and p.is_file():
         tmp = tempfile.TemporaryDirectory(prefix="uadlab-zip-")
         try:

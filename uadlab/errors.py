@@ -24,7 +24,7 @@ def clean_token(token: str | None) -> str | None:
 def scrub(message: str, token: str | None) -> str:
     """``message`` with ``token`` (as pasted, stripped, and each longer piece of it) replaced by ``***``."""
     token = token or ""
-    forms = {token, token.strip(), *(w for w in token.split() if len(w) >= 6)}
+    forms = {token, token.strip(), *(w for w in token.split() if len(w) >= 8)}
     for t in sorted((t for t in forms if t.strip()), key=len, reverse=True):
         message = message.replace(t, "***")
     return message

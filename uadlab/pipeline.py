@@ -297,8 +297,8 @@ class Run:
                                 "safetensors only, never pickle files)")
             try:
                 run.heads[name] = get_method_class(name).from_pretrained(str(run_dir / name))
-            except DataError:
-                raise
+            except DataError as e:
+                raise DataError(f"run {run_dir.name}: {e}") from None
             except (OSError, ValueError, TypeError, KeyError) as e:  # config.json damaged, unknown method ...
                 raise DataError(f"run {run_dir.name}: {name} cannot be loaded ({type(e).__name__}: "
                                 f"{e.strerror if isinstance(e, OSError) else e})") from None

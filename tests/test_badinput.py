@@ -20,6 +20,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -63,11 +64,15 @@ def fake_hub(monkeypatch):
     return served
 
 
-def _make(k: B.Kind, d: Path, good_run: Path):
-    d.mkdir(parents=True, exist_ok=True)
-    if k.make is None:
-        return None
-    return k.make(good_run, d) if k.kind == "run" else k.make(d)
+def _inputs(interface: str, tmp_path: Path, good_run: Path) -> tuple[list[tuple[B.Kind, Any]], int]:
+    """(kind, its input) for every kind that makes sense in ``interface``, and how many do not."""
+    out = []
+    for k in B.KINDS:
+        if interface not in k.not_in:
+            d = tmp_path / k.name
+            d.mkdir(parents=True)
+            out.append((k, None if k.make is None else k.make(good_run, d) if k.kind == "run" else k.make(d)))
+    return out, len(B.KINDS) - len(out)
 
 
 def _judge(k: B.Kind, message: str | None, result, tmp_root: Path, check_paths: bool = True) -> str | None:
@@ -103,7 +108,7 @@ def _report(interface: str, outcomes: dict[str, str | None], n_a: int) -> None:
 
 
 # ---- (a) Python API ----------------------------------------------------------------------------------------------
-def _api(k: B.Kind, path, fake_hub):
+def _api(k: B.Kind, path):
     if k.kind == "image":
         return load_files([str(path)])
     if k.kind in ("masked", "folder", "zip"):
@@ -118,17 +123,13 @@ def _api(k: B.Kind, path, fake_hub):
 
 
 def test_api(tmp_path, good_run, fake_hub):
-    outcomes, n_a = {}, 0
-    for k in B.KINDS:
-        if "api" in k.not_in:
-            n_a += 1
-            continue
-        path = _make(k, tmp_path / k.name, good_run)
+    outcomes, (kinds, n_a) = {}, _inputs("api", tmp_path, good_run)
+    for k, path in kinds:
         message = result = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = _api(k, path, fake_hub)
+                result = _api(k, path)
         except UadlabError as e:
             message = str(e)
         except Exception as e:  # noqa: BLE001 - counted as a failure of the kind
@@ -154,12 +155,8 @@ def _argv(k: B.Kind, path, good_run: Path, good: Path, out: Path) -> list[str]:
 
 def test_cli(tmp_path, good_run, capsys):
     good = B.good_folder(tmp_path / "good")
-    outcomes, n_a = {}, 0
-    for k in B.KINDS:
-        if "cli" in k.not_in:
-            n_a += 1
-            continue
-        path = _make(k, tmp_path / k.name, good_run)
+    outcomes, (kinds, n_a) = {}, _inputs("cli", tmp_path, good_run)
+    for k, path in kinds:
         capsys.readouterr()
         try:
             rc = main(_argv(k, path, good_run, good, tmp_path / "out"))
@@ -242,12 +239,8 @@ def test_app(app, tmp_path, good_run, fake_hub):  # noqa: F811
     import shutil
 
     shutil.copytree(good_run, app.W.Workspace(user).runs_dir / good_run.name)
-    outcomes, n_a = {}, 0
-    for k in B.KINDS:
-        if "app" in k.not_in:
-            n_a += 1
-            continue
-        path = _make(k, tmp_path / k.name, good_run)
+    outcomes, (kinds, n_a) = {}, _inputs("app", tmp_path, good_run)
+    for k, path in kinds:
         message = None
         try:
             with warnings.catch_warnings():

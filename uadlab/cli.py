@@ -156,7 +156,7 @@ def cmd_fit(a) -> int:
 
 
 def cmd_score(a) -> int:
-    from .data import Sample, load_data, load_files
+    from .data import load_data, load_files
     from .pipeline import Run
 
     run = Run.load(a.run)

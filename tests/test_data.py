@@ -135,11 +135,11 @@ def test_hf_dataset_offline(tmp_path):
         .to_parquet(str(d / "data" / "train-00000.parquet"))
     datasets.Dataset.from_dict({"img": imgs[4:], "is_anomaly": [0, 1], "gt": masks[4:]}, features=feats) \
         .to_parquet(str(d / "data" / "test-00000.parquet"))
-    ds = load_hf(str(d), image_column="img", label_column="is_anomaly", mask_column="gt")
+    ds = load_hf(str(d), image_column="img", label_column="is_anomaly", mask_column="gt", local=True)
     assert len(ds.train) == 3  # the anomalous training row is dropped: train on normals only
     assert [s.label for s in ds.test] == [0, 1] and ds.test[1].load_mask().shape == (24, 24)
     with pytest.raises(DataError, match="no column 'pixels'"):
-        load_hf(str(d), image_column="pixels", label_column="is_anomaly")
+        load_hf(str(d), image_column="pixels", label_column="is_anomaly", local=True)
     ds2 = load_data("hf:" + str(d), image_column="img", label_column="is_anomaly")
     assert len(ds2.train) == 3
 

@@ -1,4 +1,8 @@
-"""The ``uadlab`` command line: fit, score, eval, bench, app."""
+"""The ``uadlab`` command line: fit, score, eval, bench, app.
+
+Bad input (a flag, a file, a dataset, a saved run) ends the command with exit code 2 and ONE line on
+stderr that names the problem; never a traceback (set ``UADLAB_DEBUG=1`` to see one).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,18 +10,51 @@ import json
 import os
 import sys
 import time
+import types
+import typing
+import warnings
 from pathlib import Path
 
 from .backbones import OFFLINE_DEFAULT
+
+MIN_SIDE, MAX_SIDE = 32, 4096  # network input side in px
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _side(value: str) -> int:
+    """An image side in px for ``--image-size`` / ``--resize``."""
+    try:
+        side = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of pixels") from None
+    if not MIN_SIDE <= side <= MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"{side} px is out of range: use {MIN_SIDE} to {MAX_SIDE}")
+    return side
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return n
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=None, help="short name (dinov2_vits14, dinov3_vits16, efficientnet_lite0 "
                    "...) or any timm model name; default: efficientnet_lite0, or the paper's with --preset paper")
     p.add_argument("--weights", default="default", help="default | hub | packaged | random | PATH")
-    p.add_argument("--image-size", type=int, default=None, help="center-crop side (default 224, or the paper's "
+    p.add_argument("--image-size", type=_side, default=None, help="center-crop side (default 224, or the paper's "
                    "with --preset paper)")
-    p.add_argument("--resize", type=int, default=None, help="resize side before the center crop")
+    p.add_argument("--resize", type=_side, default=None, help="resize side before the center crop")
     p.add_argument("--preset", default="quick", help="quick | paper | tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -42,11 +79,17 @@ def resolve_inputs(a, methods: list[str]) -> None:
             a.image_size, a.resize = paper["image_size"], a.resize or paper.get("resize")
         print(f"paper inputs: {a.backbone}, resize {a.resize}, crop {a.image_size}", file=sys.stderr)
     a.backbone = a.backbone or OFFLINE_DEFAULT
-    a.image_size = a.image_size or 224
+    if a.image_size is None:
+        a.image_size = 224
 
 
 def parse_params(items: list[str]) -> dict[str, dict]:
-    """``["dinomaly.dropout=0", "dinomaly.attention=softmax"]`` -> ``{"dinomaly": {"dropout": 0, ...}}``."""
+    """``["dinomaly.dropout=0", "dinomaly.attention=softmax"]`` -> ``{"dinomaly": {"dropout": 0, ...}}``.
+
+    VALUE is JSON, else a string. Methods and value types are checked against the method's signature.
+    """
+    from .methods import get_method_class
+
     out: dict[str, dict] = {}
     for item in items:
         key, eq, value = item.partition("=")
@@ -54,10 +97,38 @@ def parse_params(items: list[str]) -> dict[str, dict]:
         if not (eq and dot and method and name):
             raise ValueError(f"--param {item!r}: expected METHOD.KEY=VALUE, e.g. dinomaly.dropout=0")
         try:
-            out.setdefault(method, {})[name] = json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
-            out.setdefault(method, {})[name] = value
+            pass
+        hint = typing.get_type_hints(get_method_class(method).__init__).get(name)  # unknown names: Run says
+        if hint is not None and not _fits(value, hint):
+            raise ValueError(f"--param {item!r}: {method}.{name} takes {_type_name(hint)}, got {value!r}")
+        out.setdefault(method, {})[name] = value
     return out
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value suits a type hint of a method's ``__init__`` (ints count as floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_fits, value, args))
+        return all(_fits(v, args[0]) for v in value) if args else True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _progress(frac: float, msg: str) -> None:
@@ -71,12 +142,12 @@ def cmd_fit(a) -> int:
     from .data import load_data
     from .pipeline import Run, RunConfig
 
-    ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, skip_bad=a.skip_bad)
     methods = a.methods.split(",")
     resolve_inputs(a, methods)
     run = Run(RunConfig(backbone=a.backbone, methods=methods, preset=a.preset, image_size=a.image_size,
                         resize=a.resize, weights=a.weights, seed=a.seed, method_kwargs=parse_params(a.param)),
               workdir=a.out)
+    ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, skip_bad=a.skip_bad)
     aux = [s for s in ds.test if s.label in (0, 1)] if any(h.zero_shot for h in run.heads.values()) else None
     run.fit(ds.train[: a.train_limit] if a.train_limit else ds.train, _progress, aux=aux)
     path = run.save({"dataset": ds.summary()})
@@ -85,7 +156,7 @@ def cmd_fit(a) -> int:
 
 
 def cmd_score(a) -> int:
-    from .data import Sample, load_data, load_files
+    from .data import load_data, load_files
     from .pipeline import Run
 
     run = Run.load(a.run)
@@ -142,14 +213,14 @@ def cmd_app(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="uadlab", description="Unsupervised anomaly detection on frozen features")
+    ap = _Parser(prog="uadlab", description="Unsupervised anomaly detection on frozen features")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("fit", help="train heads on normal images and save the run")
     p.add_argument("--data", default="demo", help="demo | FOLDER | ZIP | hf:REPO_ID")
     p.add_argument("--methods", default="patchcore,anomalydino")
     p.add_argument("--categories", default=None)
-    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--train-limit", type=_positive, default=None)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--out", default="runs")
     _common(p)
@@ -171,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="patchcore,anomalydino")
     p.add_argument("--categories", default=None)
     p.add_argument("--multi-class", action="store_true", help="one model for all categories")
-    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--train-limit", type=_positive, default=None)
     p.add_argument("--json", default=None)
     _common(p)
     p.set_defaults(func=cmd_bench)
@@ -185,15 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
+    from .errors import UadlabError
     from .backbones import BackboneWeightsError
 
     a = build_parser().parse_args(argv)
     try:
-        return a.func(a)
-    except (DataError, BackboneWeightsError, KeyError, ValueError, FileNotFoundError) as e:
-        print(f"uadlab {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        with warnings.catch_warnings():  # skipped files and the like: one line each
+            warnings.showwarning = lambda msg, *_a, **_k: print(f"uadlab: warning: {msg}", file=sys.stderr)
+            return a.func(a)
+    except (UadlabError, BackboneWeightsError, KeyError, ValueError, OSError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        error = f"{e.strerror}: {Path(e.filename).name}" if isinstance(e, OSError) and e.filename else message
+    except Exception as e:  # noqa: BLE001 - a bug, not bad input: still one line unless debugging
+        if os.environ.get("UADLAB_DEBUG"):
+            raise
+        error = f"internal error ({type(e).__name__}: {e}); set UADLAB_DEBUG=1 for the traceback"
+    print(f"uadlab {a.cmd}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

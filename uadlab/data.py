@@ -1,93 +1,168 @@
 """Image sets: a folder, the MVTec AD layout, uploaded files, a zip, a Hugging Face dataset.
 
 Everything becomes a list of ``Sample`` (lazy: pixels are read when needed) inside a ``Dataset`` with a
-``train`` split (normal images) and a ``test`` split (labelled when labels exist). Images of any mode
-(grayscale, 16-bit, RGBA, palette) become 8-bit RGB; masks are binarised (> 0). Bad files raise a
-``DataError`` that names the file and the problem, or are skipped with a warning when asked.
+``train`` split (normal images) and a ``test`` split (labelled when labels exist).
+
+Rules:
+
+- Images of any mode become 8-bit RGB: palette and grey as their colours, transparent pixels black,
+  16-bit images by the full 16-bit range (value / 257, so two images keep their brightness relation),
+  32-bit integer and float images by their own range. Files over ``MAX_IMAGE_BYTES``, images over
+  ``MAX_IMAGE_PIXELS`` (decompression bombs included) and images under ``MIN_IMAGE_SIDE`` px are refused.
+- Masks: a pixel is anomalous when its value is above half of white (> 127 for 8-bit masks such as
+  MVTec's 0/255, > 32767 for 16-bit ones); masks that only hold 0 and 1 use > 0. Colour masks use their
+  brightest channel; a mask must have its image's size.
+- Labels come from class NAMES, never class indices: ``good``, ``normal``, ``ok`` (and ``0``, ``false``,
+  ``negative``) are normal (0), any other name is anomalous (1). A dataset with no normal class is refused.
+- Only files with an image extension are read from folders; hidden files, ``__MACOSX`` and links that lead
+  out of the dataset are not. An MVTec-layout folder (``train``, ``test`` or ``ground_truth`` inside) needs
+  ``train/good``.
+
+Bad files raise a ``DataError`` that names the file (relative to the dataset) and the problem, or with
+``skip_bad`` are skipped and listed in ``Dataset.warnings`` with the reason.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import tempfile
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import DataError, clean_token, scrub
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL_NAMES = {"good", "normal", "ok", "0", "false", "negative"}
+MVTEC_DIRS = ("train", "test", "ground_truth")
+MAX_IMAGE_BYTES = 50_000_000  # one image file
+MAX_IMAGE_PIXELS = 40_000_000  # width x height of one image (PIL's own bomb limit is 89 M)
+MIN_IMAGE_SIDE = 8
+
+__all__ = ["DataError", "Dataset", "Sample", "load_data", "load_files", "load_folder", "load_hf", "load_mvtec",
+           "load_zip", "open_image", "open_mask", "safe_extract_zip", "validate"]
 
 
-class DataError(ValueError):
-    """A file or dataset entry that cannot be used; the message names it and the problem."""
+def is_normal_name(name: Any) -> bool:
+    """True for a class name that means normal (``good``, ``normal``, ``ok`` ..., any case)."""
+    return str(name).strip().lower() in NORMAL_NAMES
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """A (relative) path as printable text: bytes that are not UTF-8 become ``\\xNN`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _reason(e: Exception) -> str:
+    """An exception as a short reason, without the absolute path that OSErrors carry."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _read(src: str | os.PathLike | bytes | Image.Image, name: str) -> Image.Image:
+    """Open and decode an image within the size limits; any problem is a DataError naming ``name``."""
+    try:
+        if isinstance(src, Image.Image):
+            img = src
+        else:
+            if isinstance(src, bytes):
+                size, fp = len(src), io.BytesIO(src)
+            else:
+                if os.path.isdir(src):
+                    raise DataError(f"{name}: is a folder, not an image file")
+                size, fp = os.path.getsize(src), src
+            if size == 0:
+                raise DataError(f"{name}: file is empty")
+            if size > MAX_IMAGE_BYTES:
+                raise DataError(f"{name}: file is {size / 1e6:.0f} MB, more than the limit of "
+                                f"{MAX_IMAGE_BYTES / 1e6:.0f} MB")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
+                img = Image.open(fp)
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            img.close()
+            raise DataError(f"{name}: image is {img.width}x{img.height} px, more than the limit of "
+                            f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels")
+        img.load()
+        return img
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{name}: file not found") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"{name}: image declares more than {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
+                        "(a decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not an image (unrecognised format)") from None
+    except Exception as e:  # noqa: BLE001 - decoders of damaged files raise all kinds of errors
+        raise DataError(f"{name}: corrupt or truncated image ({_reason(e)})") from None
 
 
 def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. 16-bit and float images are rescaled by their own range."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    """Any PIL mode -> 8-bit RGB (see the module docstring for the rules)."""
+    if img.mode.startswith("I;16"):  # full 16-bit range: 65535 -> 255
+        a = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+    elif img.mode in ("I", "F"):
         a = np.asarray(img, dtype=np.float64)
         lo, hi = float(a.min()), float(a.max())
         a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo)
         img = Image.fromarray((a * 255).round().astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):
+    if img.mode in ("RGBA", "LA", "PA"):
         bg = Image.new("RGBA", img.size, (0, 0, 0, 255))  # transparent pixels become black
         img = Image.alpha_composite(bg, img.convert("RGBA"))
     img = img.convert("RGB")
-    if img.width < 8 or img.height < 8:
-        raise DataError(f"{name}: image is too small ({img.width}x{img.height} px)")
+    if min(img.width, img.height) < MIN_IMAGE_SIDE:
+        raise DataError(f"{name}: image is too small ({img.width}x{img.height} px, at least {MIN_IMAGE_SIDE} px "
+                        "per side)")
     return img
 
 
+def _name_of(src: Any, default: str) -> str:
+    return display_name(Path(src).name) if isinstance(src, (str, os.PathLike)) else default
+
+
 def open_image(src: str | os.PathLike | bytes | Image.Image, name: str | None = None) -> Image.Image:
-    """Open a path, bytes or PIL image as RGB; raise DataError naming the file on any problem."""
-    name = name or (str(src) if isinstance(src, (str, os.PathLike)) else "image")
-    try:
-        if isinstance(src, Image.Image):
-            img = src
-        elif isinstance(src, bytes):
-            if not src:
-                raise DataError(f"{name}: file is empty")
-            img = Image.open(io.BytesIO(src))
-        else:
-            if os.path.getsize(src) == 0:
-                raise DataError(f"{name}: file is empty")
-            img = Image.open(src)
-        img.load()
-        return to_rgb(img, name)
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"{name}: file not found") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{name}: not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{name}: corrupt or truncated image ({e})") from None
+    """Open a path, bytes or PIL image as RGB; raise DataError naming the file (its base name by default)."""
+    name = name or _name_of(src, "image")
+    return to_rgb(_read(src, name), name)
+
+
+def binarize_mask(a: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, C) mask values -> (H, W) uint8 in {0, 1} by the rule of the module docstring."""
+    a = np.asarray(a)
+    if a.ndim == 3:
+        a = a[..., :3].max(axis=-1)
+    if a.dtype == bool or a.size == 0 or a.max() <= 1:
+        return (a > 0).astype(np.uint8)
+    return (a > (32767 if a.dtype == np.uint16 or a.max() > 255 else 127)).astype(np.uint8)
 
 
 def open_mask(src: str | os.PathLike | np.ndarray | Image.Image, name: str | None = None) -> np.ndarray:
-    """A mask file or array -> (H, W) uint8 in {0, 1} (any non-zero pixel is anomalous)."""
-    name = name or (str(src) if isinstance(src, (str, os.PathLike)) else "mask")
+    """A mask file, image or array -> (H, W) uint8 in {0, 1} (see ``binarize_mask``)."""
+    name = name or _name_of(src, "mask")
     if isinstance(src, np.ndarray):
         a = src
     else:
-        try:
-            img = src if isinstance(src, Image.Image) else Image.open(src)
-            img.load()
-        except FileNotFoundError:
-            raise DataError(f"{name}: mask file not found") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{name}: unreadable mask ({e})") from None
+        img = _read(src, name)
+        if img.mode in ("P", "RGBA", "PA"):
+            img = img.convert("RGB")  # palette indices are not intensities; alpha is not a defect
+        elif img.mode == "LA":
+            img = img.convert("L")
         a = np.asarray(img)
-    if a.ndim == 3:
-        a = a[..., :3].max(axis=-1)
-    return (a > 0).astype(np.uint8)
+    if a.ndim not in (2, 3) or min(a.shape[:2], default=0) == 0:
+        raise DataError(f"{name}: not a mask (array of shape {tuple(a.shape)})")
+    return binarize_mask(a)
 
 
 @dataclass
@@ -95,11 +170,11 @@ class Sample:
     """One image, loaded lazily.
 
     Attributes:
-        name: display name (relative path or upload name).
+        name: display name (path relative to the dataset, or upload name).
         path: file path, or None for in-memory images.
         image: in-memory image (Hugging Face datasets, uploads), or None.
         label: 0 normal, 1 anomalous, -1 unknown.
-        mask_path / mask: ground-truth mask (anomalous pixels > 0), if any.
+        mask_path / mask: ground-truth mask (see ``binarize_mask``), if any.
         category, defect: MVTec-style category and defect type.
     """
 
@@ -116,11 +191,11 @@ class Sample:
         return open_image(self.image if self.image is not None else self.path, self.name)
 
     def load_mask(self) -> np.ndarray | None:
-        """(H, W) uint8 mask at the image's size, or None. An anomalous image without a mask file is None."""
+        """(H, W) uint8 mask, or None. An anomalous image without a mask file is None."""
         if self.mask is not None:
-            return open_mask(self.mask, f"{self.name} (mask)")
+            return open_mask(self.mask, f"{self.name}: mask")
         if self.mask_path is not None:
-            return open_mask(self.mask_path, self.mask_path)
+            return open_mask(self.mask_path, f"{self.name}: mask {display_name(Path(self.mask_path).name)}")
         return None
 
     def content_key(self) -> str:
@@ -138,12 +213,19 @@ class Sample:
 
 @dataclass
 class Dataset:
-    """Train (normal) and test samples, possibly of several categories."""
+    """Train (normal) and test samples, possibly of several categories.
+
+    Attributes:
+        warnings: one line per skipped file: the file and the reason.
+        owner: what keeps the files alive (the temporary folder of an unpacked zip): they are removed
+            when the last dataset holding it is garbage collected, or at exit.
+    """
 
     name: str
     train: list[Sample] = field(default_factory=list)
     test: list[Sample] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    owner: Any = field(default=None, repr=False, compare=False)
 
     @property
     def categories(self) -> list[str]:
@@ -153,7 +235,7 @@ class Dataset:
         if cat not in self.categories:
             raise KeyError(f"{self.name}: no category {cat!r} (have {self.categories})")
         return Dataset(f"{self.name}/{cat}", [s for s in self.train if s.category == cat],
-                       [s for s in self.test if s.category == cat], list(self.warnings))
+                       [s for s in self.test if s.category == cat], list(self.warnings), self.owner)
 
     @property
     def has_masks(self) -> bool:
@@ -168,6 +250,16 @@ class Dataset:
                 "masks": self.has_masks, "skipped": len(self.warnings)}
 
 
+def _bad(e: DataError, skip_bad: bool, warn: list[str] | None) -> None:
+    """Raise ``e``, or with ``skip_bad`` record it as a skipped file."""
+    if not skip_bad:
+        raise e
+    msg = f"skipped {e}"
+    warnings.warn(msg, stacklevel=3)
+    if warn is not None:
+        warn.append(msg)
+
+
 def validate(samples: Iterable[Sample], skip_bad: bool = False, warn: list[str] | None = None) -> list[Sample]:
     """Open every image (and mask) once; raise DataError on the first bad one, or skip it with a warning."""
     good = []
@@ -176,90 +268,116 @@ def validate(samples: Iterable[Sample], skip_bad: bool = False, warn: list[str] 
             img = s.load()
             m = s.load_mask()
             if m is not None and m.shape != (img.height, img.width):
-                raise DataError(f"{s.mask_path or s.name}: mask is {m.shape[1]}x{m.shape[0]} px but the image "
-                                f"{s.name} is {img.width}x{img.height} px")
+                mask = display_name(Path(s.mask_path).name) if s.mask_path else "mask"
+                raise DataError(f"{s.name}: mask {mask} is {m.shape[1]}x{m.shape[0]} px but the image is "
+                                f"{img.width}x{img.height} px")
             good.append(s)
         except DataError as e:
-            if not skip_bad:
-                raise
-            msg = f"skipped {e}"
-            warnings.warn(msg)
-            if warn is not None:
-                warn.append(msg)
+            _bad(e, skip_bad, warn)
     return good
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_EXTS)
+def _image_files(folder: Path, base: Path, skip_bad: bool, warn: list[str]) -> list[Path]:
+    """Image files under ``folder``, recursively, by extension; hidden files and ``__MACOSX`` are ignored.
+
+    A link to a file outside ``base`` is bad input: following it would read other files of the machine.
+    """
+    real = base.resolve()
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).parts
+        if any(x.startswith(".") or x == "__MACOSX" for x in rel) or p.suffix.lower() not in IMAGE_EXTS \
+                or not p.is_file():
+            continue
+        if p.is_symlink() and not p.resolve().is_relative_to(real):
+            _bad(DataError(f"{display_name(p.relative_to(base))}: a link to a file outside the dataset "
+                           "(links are not followed out of a dataset)"), skip_bad, warn)
+            continue
+        out.append(p)
+    return out
 
 
 def load_folder(path: str | os.PathLike, label: int = 0, category: str | None = None,
                 skip_bad: bool = False) -> Dataset:
-    """A plain folder of images (recursively) as the train split of normal images."""
+    """A plain folder of images (recursively) as the train split of normal images (``label`` 0)."""
     root = Path(path)
+    name = display_name(root.name or str(path))
     if not root.is_dir():
-        raise DataError(f"{root}: not a folder")
+        raise DataError(f"{name}: not a folder")
     warn: list[str] = []
-    files = [p for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")]
-    if not files:
-        raise DataError(f"{root}: the folder is empty")
-    cat = category or root.name
-    samples = [Sample(str(p.relative_to(root)), str(p), label=label, category=cat) for p in files]
+    files = _image_files(root, root, skip_bad, warn)
+    if not files and not warn:
+        empty = not any(root.iterdir())
+        raise DataError(f"{name}: the folder is empty" if empty else
+                        f"{name}: no image files ({' '.join(sorted(IMAGE_EXTS))}) in the folder")
+    cat = category or name
+    samples = [Sample(display_name(p.relative_to(root)), str(p), label=label, category=cat) for p in files]
     samples = validate(samples, skip_bad, warn)
     if not samples:
-        raise DataError(f"{root}: no usable images")
-    return Dataset(root.name, train=samples if label == 0 else [], test=[] if label == 0 else samples, warnings=warn)
+        raise DataError(f"{name}: no usable images ({len(warn)} bad files skipped)")
+    return Dataset(name, train=samples if label == 0 else [], test=[] if label == 0 else samples, warnings=warn)
+
+
+def _is_mvtec_dir(d: Path) -> bool:
+    return any((d / s).is_dir() for s in MVTEC_DIRS)
 
 
 def _mvtec_category(cat_dir: Path, skip_bad: bool, warn: list[str]) -> tuple[list[Sample], list[Sample]]:
-    cat = cat_dir.name
-    train = [Sample(str(p.relative_to(cat_dir.parent)), str(p), label=0, category=cat)
-             for p in _images_in(cat_dir / "train" / "good")]
+    cat = display_name(cat_dir.name)
+    good = cat_dir / "train" / "good"
+    if not good.is_dir():
+        raise DataError(f"train/good missing in {cat}: an MVTec-layout folder needs normal training images in "
+                        "train/good")
+    base = cat_dir.parent
+    rel = lambda p: display_name(p.relative_to(base))  # noqa: E731
+    train = [Sample(rel(p), str(p), label=0, category=cat) for p in _image_files(good, base, skip_bad, warn)]
     test: list[Sample] = []
     test_dir = cat_dir / "test"
     if test_dir.is_dir():
         for d in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-            normal = d.name.lower() in NORMAL_NAMES
-            for p in _images_in(d):
+            normal = is_normal_name(d.name)
+            for p in _image_files(d, base, skip_bad, warn):
                 mask = cat_dir / "ground_truth" / d.name / f"{p.stem}_mask.png"
-                test.append(Sample(str(p.relative_to(cat_dir.parent)), str(p), label=0 if normal else 1,
-                                   mask_path=str(mask) if (not normal and mask.exists()) else None,
-                                   category=cat, defect=d.name))
-    return validate(train, skip_bad, warn), validate(test, skip_bad, warn)
+                test.append(Sample(rel(p), str(p), label=0 if normal else 1,
+                                   mask_path=str(mask) if (not normal and mask.is_file()) else None,
+                                   category=cat, defect=display_name(d.name)))
+    train = validate(train, skip_bad, warn)
+    if not train:
+        raise DataError(f"{cat}/train/good: no usable images")
+    return train, validate(test, skip_bad, warn)
 
 
 def is_mvtec(root: str | os.PathLike) -> bool:
+    """True when ``root`` or one of its sub-folders has ``train``, ``test`` or ``ground_truth`` inside."""
     root = Path(root)
-    return (root / "train" / "good").is_dir() or any((c / "train" / "good").is_dir() for c in _subdirs(root))
+    return _is_mvtec_dir(root) or any(_is_mvtec_dir(c) for c in _subdirs(root))
 
 
 def _subdirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name != "__MACOSX") if root.is_dir() else []
 
 
 def load_mvtec(root: str | os.PathLike, categories: Sequence[str] | None = None, skip_bad: bool = False) -> Dataset:
     """The MVTec AD layout: ``<cat>/train/good``, ``<cat>/test/<defect>``, ``<cat>/ground_truth/<defect>/*_mask.png``.
 
-    ``root`` is one category folder or a folder of categories. Test masks are optional.
+    ``root`` is one category folder or a folder of categories. Test masks are optional; ``train/good`` is not.
     """
     root = Path(root)
+    name = display_name(root.name or str(root))
     if not root.is_dir():
-        raise DataError(f"{root}: not a folder")
-    cats = [root] if (root / "train").is_dir() else [c for c in _subdirs(root) if (c / "train").is_dir()]
+        raise DataError(f"{name}: not a folder")
+    cats = [root] if _is_mvtec_dir(root) else [c for c in _subdirs(root) if _is_mvtec_dir(c)]
     if categories:
-        known = {c.name for c in cats}
+        known = {display_name(c.name) for c in cats}
         missing = [c for c in categories if c not in known]
         if missing:
-            raise DataError(f"{root}: categories {missing} not found (have {sorted(known)})")
-        cats = [c for c in cats if c.name in categories]
+            raise DataError(f"{name}: categories {missing} not found (have {sorted(known)})")
+        cats = [c for c in cats if display_name(c.name) in categories]
     if not cats:
-        raise DataError(f"{root}: no MVTec-style category (expected <category>/train/good/)")
-    ds = Dataset(root.name)
+        raise DataError(f"{name}: no MVTec-style category (expected <category>/train/good/)")
+    ds = Dataset(name)
     for c in cats:
         tr, te = _mvtec_category(c, skip_bad, ds.warnings)
-        if not tr:
-            raise DataError(f"{c}: no training images in train/good")
         ds.train += tr
         ds.test += te
     return ds
@@ -269,25 +387,30 @@ def load_files(files: Sequence[str | os.PathLike], label: int = 0, category: str
                skip_bad: bool = False, masks: dict[str, str] | None = None) -> list[Sample]:
     """Uploaded files -> validated samples. ``masks`` maps an image's file stem to its mask path."""
     masks = masks or {}
-    samples = [Sample(Path(f).name, str(f), label=label, category=category,
+    samples = [Sample(display_name(Path(f).name), str(f), label=label, category=category,
                       mask_path=masks.get(Path(f).stem)) for f in files]
     return validate(samples, skip_bad)
 
 
-def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int = 2 * 1024**3,
-                     max_files: int = 50_000) -> Path:
-    """Unpack a zip without path traversal, links or zip bombs; return ``dest``.
+MAX_ZIP_BYTES = 2 * 1024**3
+MAX_ZIP_FILES = 50_000
+MAX_ZIP_RATIO = 200  # uncompressed / compressed of one large member: images hardly compress, bombs do
+
+
+def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int = MAX_ZIP_BYTES,
+                     max_files: int = MAX_ZIP_FILES, max_ratio: float = MAX_ZIP_RATIO) -> Path:
+    """Unpack a zip without path traversal, links, nested archives or zip bombs; return ``dest``.
 
     Raises:
-        DataError: naming the zip and the offending member.
+        DataError: naming the zip (base name) and the offending member.
     """
     dest = Path(dest).resolve()
     dest.mkdir(parents=True, exist_ok=True)
-    name = Path(zip_path).name
+    name = display_name(Path(zip_path).name)
     try:
         zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise DataError(f"{name}: not a valid zip file ({e})") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise DataError(f"{name}: not a valid zip file ({_reason(e)})") from None
     with zf:
         infos = zf.infolist()
         if len(infos) > max_files:
@@ -296,114 +419,219 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, max_b
         if total > max_bytes:
             raise DataError(f"{name}: unpacks to {total / 1e6:.0f} MB, more than the limit of {max_bytes / 1e6:.0f} MB")
         for info in infos:
-            target = (dest / info.filename).resolve()
-            if info.filename.startswith(("/", "\\")) or ".." in Path(info.filename).parts \
-                    or not str(target).startswith(str(dest) + os.sep) and target != dest:
-                raise DataError(f"{name}: unsafe path {info.filename!r} (outside the target folder)")
+            member = info.filename
+            target = (dest / member).resolve()
+            if member.startswith(("/", "\\")) or (len(member) > 1 and member[1] == ":") \
+                    or ".." in Path(member.replace("\\", "/")).parts or not target.is_relative_to(dest):
+                raise DataError(f"{name}: unsafe path {member!r} (outside the target folder)")
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise DataError(f"{name}: {info.filename!r} is a symbolic link; links are not unpacked")
+                raise DataError(f"{name}: {member!r} is a symbolic link; links are not unpacked")
+            if info.file_size > 8 * 1024**2 and info.file_size > max_ratio * max(info.compress_size, 1):
+                raise DataError(f"{name}: {member!r} expands {info.file_size / max(info.compress_size, 1):.0f} "
+                                f"times (a zip bomb?); the limit is {max_ratio:.0f}")
+            if not info.is_dir() and member.lower().endswith((".zip", ".tar", ".gz", ".tgz", ".7z", ".rar")):
+                raise DataError(f"{name}: {member!r} is an archive inside the archive; nested archives are not "
+                                "unpacked: zip the images themselves")
         written = 0
         for info in infos:
             if info.is_dir() or "__MACOSX" in info.filename:
                 continue
             target = dest / info.filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    written += len(chunk)
-                    if written > max_bytes:  # the header sizes can lie
-                        raise DataError(f"{name}: unpacks to more than {max_bytes / 1e6:.0f} MB")
-                    out.write(chunk)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as out:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        written += len(chunk)
+                        if written > max_bytes:  # the header sizes can lie
+                            raise DataError(f"{name}: unpacks to more than {max_bytes / 1e6:.0f} MB")
+                        out.write(chunk)
+            except DataError:
+                raise
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError,
+                    zlib.error) as e:
+                raise DataError(f"{name}: cannot unpack {info.filename!r} ({_reason(e)})") from None
     return dest
 
 
-def load_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, skip_bad: bool = False) -> Dataset:
-    """A zip of an MVTec-layout dataset or of plain normal images."""
-    root = safe_extract_zip(zip_path, dest)
+def load_unpacked(root: str | os.PathLike, skip_bad: bool = False,
+                  categories: Sequence[str] | None = None, unwrap: bool = False) -> Dataset:
+    """An MVTec-layout dataset or a folder of normal images.
+
+    Args:
+        unwrap: an unpacked upload: when ``root`` holds nothing but one folder, that folder is the dataset.
+    """
+    root = Path(root)
     inner = _subdirs(root)
-    if len(inner) == 1 and not _images_in_top(root):
+    if unwrap and len(inner) == 1 and not any(p.is_file() for p in root.iterdir() if not p.name.startswith(".")):
         root = inner[0]  # zips usually wrap everything in one folder
-    return load_mvtec(root, skip_bad=skip_bad) if is_mvtec(root) else load_folder(root, skip_bad=skip_bad)
+    if is_mvtec(root):
+        return load_mvtec(root, categories, skip_bad)
+    return load_folder(root, skip_bad=skip_bad)
 
 
-def _images_in_top(root: Path) -> bool:
-    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTS for p in root.iterdir())
+def load_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, skip_bad: bool = False,
+             categories: Sequence[str] | None = None) -> Dataset:
+    """A zip of an MVTec-layout dataset or of plain normal images, unpacked into ``dest``."""
+    name = display_name(Path(zip_path).name)
+    root = safe_extract_zip(zip_path, dest)
+    try:
+        ds = load_unpacked(root, skip_bad, categories, unwrap=True)
+    except DataError as e:  # name the zip, not the folder it was unpacked into
+        msg = str(e).removeprefix(f"{root.name}: ")
+        raise DataError(msg if msg.startswith(name) else f"{name}: {msg}") from None
+    ds.name = display_name(Path(zip_path).stem)
+    return ds
 
 
-def _label(value, name: str) -> int:
-    if value is None:
-        return -1
-    if isinstance(value, (bool, np.bool_)):
-        return int(value)
-    if isinstance(value, (int, np.integer)):
-        if value not in (0, 1):
-            raise DataError(f"{name}: label {value} is not 0 (normal) or 1 (anomalous)")
-        return int(value)
-    s = str(value).strip().lower()
-    return 0 if s in NORMAL_NAMES else 1
+# ---- Hugging Face datasets ---------------------------------------------------------------------------------
+def label_mapping(feature: Any, values: Iterable[Any], where: str) -> dict[Any, int]:
+    """Each label value of a Hugging Face column -> 0 (normal), 1 (anomalous) or -1 (no label).
+
+    Class NAMES decide, never class indices: a ``ClassLabel`` index becomes its name first (``imagefolder``
+    sorts classes, so ``crack`` = 0 and ``good`` = 1). Strings are names; booleans and plain integers must be
+    0/1 (0 = normal). A dataset with no class recognised as normal is refused, listing its classes.
+
+    Args:
+        feature: the column's feature (``datasets.ClassLabel``, ``datasets.Value``, ...).
+        values: the distinct values found in the column.
+        where: dataset name for messages.
+    """
+    import datasets
+
+    values = list(values)
+    if isinstance(feature, datasets.ClassLabel):
+        classes = list(feature.names)
+        out = {}
+        for v in values:
+            if v is None or v == -1:  # datasets' "no label"
+                out[v] = -1
+            elif not (isinstance(v, (int, np.integer)) and 0 <= v < len(classes)):
+                raise DataError(f"{where}: label {v!r} is not one of the {len(classes)} classes {classes}")
+            else:
+                out[v] = 0 if is_normal_name(classes[v]) else 1
+    elif all(v is None or isinstance(v, str) for v in values):
+        classes = sorted(str(v) for v in values if v is not None)
+        out = {v: -1 if v is None else 0 if is_normal_name(v) else 1 for v in values}
+    elif all(v is None or isinstance(v, (bool, int, np.integer, np.bool_)) for v in values):
+        bad = sorted(v for v in values if v is not None and v not in (0, 1))
+        if bad:
+            raise DataError(f"{where}: labels {bad[:5]} are not 0 (normal) or 1 (anomalous); use 0/1 or class "
+                            "names such as good / crack")
+        return {v: -1 if v is None else int(v) for v in values}
+    else:
+        raise DataError(f"{where}: label values such as {values[:3]!r} are neither class names nor 0/1")
+    if classes and not any(is_normal_name(c) for c in classes):
+        raise DataError(f"{where}: no class is recognised as normal (classes: {', '.join(classes)}); the normal "
+                        f"class must be named one of {', '.join(sorted(NORMAL_NAMES))}")
+    return out
+
+
+def _open_hf(repo_id: str, config: str | None, token: str | None, local: bool):
+    """A ``datasets.DatasetDict`` from the Hub, or with ``local`` from a folder (saved or image folder)."""
+    import datasets
+
+    path = Path(repo_id)
+    if path.exists():
+        if not local:
+            raise DataError(f"hf:{repo_id}: not a Hub dataset id (owner/name); local paths are not allowed here")
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            dd = datasets.load_from_disk(str(path))
+            return dd if isinstance(dd, datasets.DatasetDict) else datasets.DatasetDict(train=dd)
+    return datasets.load_dataset(repo_id, config, token=token)
 
 
 def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test", image_column: str = "image",
             label_column: str | None = "label", mask_column: str | None = None, category_column: str | None = None,
             config: str | None = None, token: str | None = None, limit: int | None = None,
-            skip_bad: bool = False) -> Dataset:
-    """A Hugging Face dataset (Hub id or local path) through ``datasets.load_dataset``.
+            skip_bad: bool = False, local: bool = False) -> Dataset:
+    """A Hugging Face dataset through ``datasets`` (Hub id; with ``local`` also a folder on this machine).
 
-    The train split keeps only normal images (label 0, or all when there is no label column). Labels may be
-    0/1, booleans or names ("good"/"normal" are normal). The token is passed through and never stored.
+    The train split keeps only normal images (label 0, or all when there is no label column); labels follow
+    ``label_mapping`` (class names, never indices). The token is stripped, used for this call only, and never
+    appears in a message.
     """
     import datasets
 
+    token = clean_token(token)
+    where = f"hf:{Path(repo_id).name if local and os.path.exists(repo_id) else repo_id}"  # no server paths
     try:
-        dd = datasets.load_dataset(repo_id, config, token=token)
-    except Exception as e:
-        raise DataError(f"hf:{repo_id}: cannot load the dataset ({type(e).__name__}: {e})") from None
+        dd = _open_hf(repo_id, config, token, local)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every loading failure becomes one clear message
+        raise DataError(scrub(f"{where}: cannot load the dataset ({type(e).__name__}: {_reason(e)})", token)) from None
     if split not in dd:
-        raise DataError(f"hf:{repo_id}: no split {split!r} (have {list(dd)})")
-    ds = Dataset(f"hf:{repo_id}")
+        raise DataError(f"{where}: no split {split!r} (have {list(dd)})")
+    if test_split is not None and test_split not in dd and test_split != "test":
+        raise DataError(f"{where}: no split {test_split!r} (have {list(dd)})")
+    parts = [p for p in (split, test_split) if p is not None and p in dd]
+    for part in parts:
+        cols = dd[part].column_names
+        for col in (image_column, label_column, mask_column, category_column):
+            if col is not None and col not in cols and not (col == label_column == "label"):
+                raise DataError(f"{where}/{part}: no column {col!r} (have {cols})")
+        feat = dd[part].features[image_column]
+        if not isinstance(feat, datasets.Image):
+            raise DataError(f"{where}/{part}: column {image_column!r} does not hold images (it holds {feat})")
+    has_label = label_column is not None and all(label_column in dd[p].column_names for p in parts)
+    labels = {}
+    if has_label:
+        try:
+            values = {v for p in parts for v in dd[p].unique(label_column)}
+        except TypeError:
+            raise DataError(f"{where}: column {label_column!r} holds no labels (lists?)") from None
+        labels = label_mapping(dd[split].features[label_column], values, where)
+    ds = Dataset(where)
     for part, target in ((split, ds.train), (test_split, ds.test)):
-        if part is None or part not in dd:
+        if part not in parts:
             continue
         table = dd[part]
-        cols = table.column_names
-        for col in (image_column, label_column, mask_column, category_column):
-            if col is not None and col not in cols and not (col == label_column and col == "label"):
-                raise DataError(f"hf:{repo_id}/{part}: no column {col!r} (have {cols})")
-        has_label = label_column in cols if label_column else False
         n = len(table) if limit is None else min(limit, len(table))
         samples = []
         for i in range(n):
-            row = table[i]
             name = f"{part}/{i:05d}"
-            label = _label(row[label_column], name) if has_label else (0 if part == split else -1)
+            try:
+                row = table[i]
+            except Exception as e:  # noqa: BLE001 - a row whose image does not decode
+                _bad(DataError(f"{name}: cannot decode the row ({_reason(e)})"), skip_bad, ds.warnings)
+                continue
+            label = labels[row[label_column]] if has_label else (0 if part == split else -1)
             if part == split and label == 1:
                 continue  # train on normal images only
-            img = row[image_column]
-            if not isinstance(img, Image.Image):
-                raise DataError(f"hf:{repo_id}/{name}: column {image_column!r} does not hold images")
             mask = row[mask_column] if mask_column else None
-            samples.append(Sample(name, image=img, label=label,
+            samples.append(Sample(name, image=row[image_column], label=label,
                                   mask=None if mask is None else np.asarray(mask),
                                   category=str(row[category_column]) if category_column else "default"))
         target.extend(validate(samples, skip_bad, ds.warnings))
     if not ds.train:
-        raise DataError(f"hf:{repo_id}: no normal training images in split {split!r}")
+        raise DataError(f"{where}: no normal training images in split {split!r}")
     return ds
 
 
 def load_data(spec: str, categories: Sequence[str] | None = None, skip_bad: bool = False, **hf_kwargs) -> Dataset:
-    """``demo``, ``hf:REPO_ID``, a zip, an MVTec-layout folder, or a folder of normal images."""
+    """``demo``, ``hf:REPO_ID`` (or ``hf:FOLDER``), a zip, an MVTec-layout folder, or a folder of normal images.
+
+    A zip is unpacked into a temporary folder that lives as long as the returned dataset (and is removed on
+    any error).
+    """
     if spec == "demo":
         from .demo import make_demo
 
         return load_mvtec(make_demo(), categories=categories, skip_bad=skip_bad)
     if spec.startswith("hf:"):
-        return load_hf(spec[3:], **hf_kwargs)
+        return load_hf(spec[3:], skip_bad=skip_bad, **{"local": True, **hf_kwargs})
     p = Path(spec)
-    if p.suffix.lower() == ".zip":
-        import tempfile
-
-        return load_zip(p, tempfile.mkdtemp(prefix="uadlab-zip-"), skip_bad=skip_bad)
     if not p.exists():
-        raise DataError(f"{spec}: no such file or folder (use 'demo', 'hf:REPO_ID', a folder or a zip)")
-    return load_mvtec(p, categories, skip_bad) if is_mvtec(p) else load_folder(p, skip_bad=skip_bad)
+        raise DataError(f"{display_name(p.name or spec)}: no such file or folder (use 'demo', 'hf:REPO_ID', a folder "
+                        "or a zip)")
+    if p.suffix.lower() == ".zip" and p.is_file():
+        tmp = tempfile.TemporaryDirectory(prefix="uadlab-zip-")
+        try:
+            ds = load_zip(p, tmp.name, skip_bad=skip_bad, categories=categories)
+        except BaseException:
+            tmp.cleanup()
+            raise
+        ds.owner = tmp
+        return ds
+    return load_unpacked(p, skip_bad, categories) if p.is_dir() else load_folder(p)
+

@@ -5,13 +5,15 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, message)
 
@@ -97,6 +99,16 @@ class PatchFeatures:
         return PatchFeatures(maps, first.image_size, cls, first.backbone, dict(first.meta))
 
 
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write ``path`` through a temporary file unique to this writer, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
@@ -104,8 +116,11 @@ def content_key(data: bytes) -> str:
 class FeatureCache:
     """On-disk cache of per-image features, keyed by backbone fingerprint and image content.
 
-    Each entry is one safetensors file (never pickle) at ``root/<backbone-hash>/<image-hash>.safetensors``.
-    When the cache grows past ``max_bytes`` the least recently used entries are evicted.
+    Each entry is one safetensors file (never pickle) at ``root/<backbone-hash>/<image-hash>.safetensors``,
+    its layer names and input size in the file's metadata. Writes are atomic: every writer fills its own
+    temporary file and renames it into place, so concurrent writers of one key (threads or processes) never
+    collide and readers never see a partial entry. When the cache grows past ``max_bytes`` the least
+    recently used entries are evicted.
 
     Args:
         root: cache folder (created if missing).
@@ -124,50 +139,63 @@ class FeatureCache:
         d.mkdir(exist_ok=True)
         fp = d / "backbone.json"
         if not fp.exists():
-            fp.write_text(json.dumps({"fingerprint": fingerprint}))
+            _atomic_write(fp, lambda tmp: tmp.write_text(json.dumps({"fingerprint": fingerprint})))
         return d
 
     def get(self, fingerprint: str, key: str) -> PatchFeatures | None:
         path = self._dir(fingerprint) / f"{key}.safetensors"
-        if not path.exists():
-            return None
         try:
-            tensors = load_file(str(path))
-            meta = json.loads((path.with_suffix(".json")).read_text())
-        except Exception:  # a half-written or damaged entry is a miss, not a crash
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            maps = {l: tensors[f"map.{l}"] for l in json.loads(meta["layers"])}
+            size = tuple(json.loads(meta["image_size"]))
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - a damaged (or old-format) entry is a miss, not a crash
             path.unlink(missing_ok=True)
             return None
-        os.utime(path)  # LRU bookkeeping
-        maps = {l: tensors[f"map.{l}"] for l in meta["layers"]}
-        return PatchFeatures(maps, tuple(meta["image_size"]), tensors.get("cls"), fingerprint)
+        try:
+            os.utime(path)  # LRU bookkeeping
+        except OSError:
+            pass  # evicted meanwhile: the tensors are already in memory
+        return PatchFeatures(maps, size, tensors.get("cls"), fingerprint)
 
     def put(self, fingerprint: str, key: str, feats: PatchFeatures) -> None:
         assert len(feats) == 1, "cache entries hold one image"
-        d = self._dir(fingerprint)
         tensors = {f"map.{l}": m.contiguous() for l, m in feats.maps.items()}
         if feats.cls is not None:
             tensors["cls"] = feats.cls.contiguous()
-        tmp = d / f".{key}.tmp"
-        save_file(tensors, str(tmp))
-        (d / f"{key}.json").write_text(json.dumps({"layers": feats.layers, "image_size": list(feats.image_size)}))
-        os.replace(tmp, d / f"{key}.safetensors")  # atomic: a crash never leaves a torn entry
+        meta = {"layers": json.dumps(feats.layers), "image_size": json.dumps(list(feats.image_size))}
+        _atomic_write(self._dir(fingerprint) / f"{key}.safetensors",
+                      lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        """(mtime, bytes, path) of every entry that still exists (others may evict concurrently)."""
+        out = []
+        for p in self.root.rglob("*.safetensors"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, p))
+        return out
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*.safetensors"))
+        return sum(n for _, n, _ in self._entries())
 
     def evict(self) -> int:
         """Remove least recently used entries until the cache fits ``max_bytes``; returns how many went."""
         if self.max_bytes is None:
             return 0
-        files = sorted(self.root.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
+        entries = sorted(self._entries(), key=lambda e: e[0])
+        total = sum(n for _, n, _ in entries)
         removed = 0
-        for p in files:
+        for _, n, p in entries:
             if total <= self.max_bytes:
                 break
-            total -= p.stat().st_size
+            total -= n
             p.unlink(missing_ok=True)
-            p.with_suffix(".json").unlink(missing_ok=True)
             removed += 1
         return removed
 

@@ -17,19 +17,15 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from .errors import UadlabError, clean_token, scrub
 from .methods import Method, get_method_class
 
 EXAMPLE_FILE = "example_heatmap.png"
 INFO_FILE = "uadlab_info.json"
 
 
-class HubError(RuntimeError):
+class HubError(UadlabError, RuntimeError):
     """A Hub operation failed; the message says why and what to do (it never contains the token)."""
-
-
-def _clean_token(token: str | None) -> str | None:
-    token = (token or "").strip()
-    return token or None
 
 
 def _explain(e: Exception, action: str, repo_id: str, token: str | None) -> str:
@@ -55,7 +51,7 @@ def _explain(e: Exception, action: str, repo_id: str, token: str | None) -> str:
         msg = f"cannot {action} {repo_id}: cannot reach huggingface.co ({type(e).__name__})"
     else:
         msg = f"cannot {action} {repo_id}: {type(e).__name__}: {e}"
-    return msg.replace(token, "***") if token else msg
+    return scrub(msg, token)
 
 
 def _finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +100,7 @@ def push_head(run, method: str, repo_id: str, token: str | None = None, private:
     from huggingface_hub.utils import validate_repo_id
 
     repo_id = (repo_id or "").strip()
-    token = _clean_token(token)
+    token = clean_token(token)
     try:
         validate_repo_id(repo_id)
     except Exception as e:
@@ -133,10 +129,11 @@ def load_head(repo_or_dir: str, token: str | None = None, method: str | None = N
     from huggingface_hub import hf_hub_download
 
     src = (repo_or_dir or "").strip()
-    token = _clean_token(token)
+    token = clean_token(token)
     if not src:
         raise HubError("enter a repository id (owner/name) or a folder")
     info: dict[str, Any] = {}
+    where = Path(src).name if os.path.isdir(src) else src  # never a server path in a message
     try:
         if os.path.isdir(src):
             p = Path(src) / INFO_FILE
@@ -153,15 +150,15 @@ def load_head(repo_or_dir: str, token: str | None = None, method: str | None = N
             info = json.loads(p.read_text())
         name = method or info.get("method")
         if not name:
-            raise HubError(f"{src}: cannot tell which method this head is; choose the method")
+            raise HubError(f"{where}: cannot tell which method this head is; choose the method")
         return get_method_class(name).from_pretrained(src, token=token)
-    except HubError:
+    except UadlabError:
         raise
     except KeyError as e:
         raise HubError(str(e).strip("'\"")) from None
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
         if os.path.isdir(src):
-            raise HubError(f"{src}: {e}") from None
+            raise HubError(f"{where}: {type(e).__name__}: {e.strerror if isinstance(e, OSError) else e}") from None
         raise HubError(_explain(e, "load", src, token)) from None
 
 
@@ -176,7 +173,18 @@ def score_images(head: Method, images: Sequence[Image.Image], token: str | None 
 
     if not images:
         raise ValueError("upload at least one image")
+<<<<<<< HEAD
     run = Run.from_head(head, token=_clean_token(token))
     samples = [Sample(f"image{i}", image=im.convert("RGB")) for i, im in enumerate(images)]
     scored = run.score(samples)[head.name]
     return scored.scores, scored.maps, [run.backbone.view(s.image) for s in samples]
+=======
+    bb = _backbone_for(head, clean_token(token))
+    info = head.fit_info
+    feats = bb.extract([im.convert("RGB") for im in images])
+    res = head.score(feats)
+    maps = to_heatmap(res.patch_map, feats.image_size, float(info.get("sigma", 4.0)))
+    raw = res.image_score if res.image_score is not None else image_score(maps, info.get("score_mode", "top1"))
+    cal = Calibration(**info["calibration"]) if info.get("calibration") else Calibration()
+    return cal.scores(raw).numpy(), cal.maps(maps).numpy(), [bb.view(im) for im in images]
+>>>>>>> safety-data

@@ -16,6 +16,7 @@ import random
 import resource
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,6 +27,7 @@ import torch
 from . import metrics as M
 from .backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, Backbone, shared_backbone
 from .data import Dataset, Sample
+from .errors import DataError
 from .features import FeatureCache, PatchFeatures
 from .methods import Method, get_method_class
 from .postprocess import Calibration
@@ -365,20 +367,26 @@ class Run:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, cache: FeatureCache | None = None, token: str | None = None) -> "Run":
-        """A saved run: its settings, calibrations, records and every head with weights on disk."""
+        """A saved run: its settings, calibrations, records and every head; a damaged or incomplete one raises
+        DataError naming the run and the file."""
         run_dir = Path(run_dir)
-        meta_path = run_dir / "run.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{run_dir.name}: not a saved run (no run.json)")
-        meta = json.loads(meta_path.read_text())
-        known = {f.name for f in fields(RunConfig)}
-        run = cls(RunConfig(**{k: v for k, v in meta["config"].items() if k in known}), cache=cache, token=token)
+        meta = read_run_meta(run_dir)
+        run = cls(_config_from(meta), cache=cache, token=token)
         run.run_id, run.dir = meta["run_id"], run_dir
         run.info = meta.get("info", run.info)
         run.calibration = {k: Calibration(**v) for k, v in meta.get("calibration", {}).items()}
         run.meta = {k: v for k, v in meta.items() if k not in ("run_id", "config", "info", "calibration")}
-        run.heads = {name: get_method_class(name).from_pretrained(str(run_dir / name)) for name in run.config.methods
-                     if (run_dir / name / "model.safetensors").exists()}
+        for name in run.config.methods:
+            if not (run_dir / name / "model.safetensors").is_file():
+                raise DataError(f"run {run_dir.name}: {name}/model.safetensors is missing (uadlab loads "
+                                "safetensors only, never pickle files)")
+            try:
+                run.heads[name] = get_method_class(name).from_pretrained(str(run_dir / name))
+            except DataError as e:
+                raise DataError(f"run {run_dir.name}: {e}") from None
+            except (OSError, ValueError, TypeError, KeyError) as e:  # config.json damaged, unknown method ...
+                raise DataError(f"run {run_dir.name}: {name} cannot be loaded ({type(e).__name__}: "
+                                f"{e.strerror if isinstance(e, OSError) else e})") from None
         return run
 
     @classmethod
@@ -386,9 +394,10 @@ class Run:
         """A run of one loaded head (e.g. pulled from the Hub): its backbone, geometry and calibration come
         from what the head recorded when it was saved, so it scores exactly like the run that trained it."""
         info = head.fit_info
-        config = RunConfig(backbone=head.backbone, methods=[head.name], image_size=int(info.get("image_size") or DEFAULT_IMAGE_SIZE),
-                           resize=info.get("resize"), weights=info.get("weights") or "default",
-                           sigma=info.get("sigma"), score_mode=info.get("score_mode"))
+        config = RunConfig(backbone=head.backbone, methods=[head.name],
+                           image_size=int(info.get("image_size") or DEFAULT_IMAGE_SIZE), resize=info.get("resize"),
+                           weights=info.get("weights") or "default", sigma=info.get("sigma"),
+                           score_mode=info.get("score_mode"))
         run = cls(config, cache=cache, token=token)
         run.heads = {head.name: head}
         if info.get("calibration"):
@@ -404,14 +413,44 @@ def _jsonable(o):
     return str(o)
 
 
-def list_runs(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Saved runs under ``workdir``, newest first (damaged ones are skipped)."""
+def _config_from(meta: dict[str, Any]) -> RunConfig:
+    """The RunConfig of a saved run.json (settings that a newer or older uadlab does not know are ignored)."""
+    known = {f.name for f in fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in meta["config"].items() if k in known})
+
+
+def read_run_meta(run_dir: Path) -> dict[str, Any]:
+    """The ``run.json`` of a saved run, checked; DataError naming the run when it is missing or damaged."""
+    path = run_dir / "run.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{run_dir.name}: not a saved run (no run.json)") from None
+    except OSError as e:
+        raise DataError(f"run {run_dir.name}: run.json cannot be read ({e.strerror})") from None
+    except ValueError as e:
+        raise DataError(f"run {run_dir.name}: run.json is damaged ({e})") from None
+    try:
+        _config_from(meta)
+        if isinstance(meta["run_id"], str) and isinstance(meta.get("created", 0), (int, float)):
+            return meta
+    except (KeyError, TypeError):
+        pass
+    raise DataError(f"run {run_dir.name}: run.json does not describe a run (run_id, config or created wrong)")
+
+
+def list_runs(workdir: str | os.PathLike, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Saved runs under ``workdir``, newest first; damaged ones are skipped, warned about and listed in
+    ``skipped`` (one message each)."""
     out = []
-    for p in Path(workdir).glob("*/run.json"):
+    for p in sorted(Path(workdir).glob("*/run.json")):
         try:
-            meta = json.loads(p.read_text())
-            meta["dir"] = str(p.parent)
-            out.append(meta)
-        except (OSError, json.JSONDecodeError):
+            meta = read_run_meta(p.parent)
+        except DataError as e:
+            warnings.warn(f"skipped {e}")
+            if skipped is not None:
+                skipped.append(str(e))
             continue
+        meta["dir"] = str(p.parent)
+        out.append(meta)
     return sorted(out, key=lambda m: m.get("created", 0), reverse=True)

@@ -1,7 +1,8 @@
 """Annotations and reviews in one SQLite file: saved at once, isolated per user, exportable.
 
 One database file lives in the workspace (WAL mode; every write is its own committed transaction, so
-a crash loses nothing that the user saw as saved). Rows are keyed by ``(user, dataset, sample)``:
+a crash loses nothing that the user saw as saved; saves are upserts, so concurrent requests, threads or
+processes never collide and never lose each other's fields). Rows are keyed by ``(user, dataset, sample)``:
 
 - ``annotations``: a label (normal / anomalous / unsure), the painted defect mask as a PNG blob, a note
   and timestamps; the image's path (or, for in-memory images, a PNG blob) so that an export works later;
@@ -137,20 +138,15 @@ class AnnotationStore:
         fields = {"label": label, "mask_png": mask_png, "note": "" if note is None else note,
                   "image_path": image_path, "image_png": image_png}
         given = {k: v for k, v in fields.items() if v is not _KEEP}
-        with self._connect() as con:
-            exists = con.execute("SELECT 1 FROM annotations WHERE user=? AND dataset=? AND sample=?",
-                                 (user, dataset, sample)).fetchone()
-            if exists:
-                sets = ", ".join(f"{k}=?" for k in given) + (", " if given else "") + "updated=?"
-                con.execute(f"UPDATE annotations SET {sets} WHERE user=? AND dataset=? AND sample=?",
-                            (*given.values(), now, user, dataset, sample))
-            else:
-                cols = ["user", "dataset", "sample", *given, "created", "updated"]
-                con.execute(f"INSERT INTO annotations ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                            (user, dataset, sample, *given.values(), now, now))
-        got = self.get(user, dataset, sample)
-        assert got is not None
-        return got
+        cols = ["user", "dataset", "sample", *given, "created", "updated"]
+        sets = ", ".join(f"{k}=excluded.{k}" for k in [*given, "updated"])
+        with self._connect() as con:  # one upsert: concurrent first saves of a sample never collide
+            con.execute(f"INSERT INTO annotations ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                        f"ON CONFLICT (user, dataset, sample) DO UPDATE SET {sets}",
+                        (user, dataset, sample, *given.values(), now, now))
+            row = con.execute("SELECT * FROM annotations WHERE user=? AND dataset=? AND sample=?",
+                              (user, dataset, sample)).fetchone()
+        return _annotation(row)
 
     def get(self, user: str, dataset: str, sample: str) -> Annotation | None:
         with self._connect() as con:

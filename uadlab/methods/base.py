@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ..errors import DataError
 from ..features import PatchFeatures
 from ..postprocess import image_score, to_heatmap
 
@@ -189,18 +191,28 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
                          local_files_only=False, token=None, map_location: str = "cpu", strict: bool = True,
                          **model_kwargs):
         model = cls(**model_kwargs)
+        where = Path(model_id).name if os.path.isdir(model_id) else model_id
         if os.path.isdir(model_id):
             path = os.path.join(model_id, "model.safetensors")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{model_id}: no model.safetensors (uadlab loads safetensors only)")
+            if not os.path.isfile(path):
+                raise DataError(f"{where}: no model.safetensors (uadlab loads safetensors only, never pickle "
+                                "files such as .bin or .pt)")
         else:
             path = hf_hub_download(repo_id=model_id, filename="model.safetensors", revision=revision,
                                    cache_dir=cache_dir, force_download=force_download, token=token,
                                    local_files_only=local_files_only)
-        model.load_state_dict(load_file(path, device=map_location), strict=strict)
+        try:
+            model.load_state_dict(load_file(path, device=map_location), strict=strict)
+        except (SafetensorError, OSError) as e:
+            raise DataError(f"{where}/model.safetensors: truncated or not a safetensors file "
+                            f"({e.strerror if isinstance(e, OSError) else e})") from None
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise DataError(f"{where}/model.safetensors: does not hold a {cls.name} head ({str(e)[:200]})") from None
         info = Path(path).with_name("uadlab_info.json")
-        if info.exists():
-            model.fit_info = json.loads(info.read_text())
+        try:
+            model.fit_info = json.loads(info.read_text()) if info.exists() else {}
+        except ValueError as e:
+            raise DataError(f"{where}/uadlab_info.json: damaged ({e})") from None
         return model.eval()
 
     def _save_pretrained(self, save_directory: Path) -> None:

@@ -1,0 +1,30 @@
+"""The one exception type of bad input, and token hygiene for messages.
+
+Every problem a user can cause with a file, a dataset, a saved run or a Hub repository raises a
+``UadlabError`` (``DataError`` for files and datasets, ``hub.HubError`` for the Hub) whose message names the
+file and the problem in one line. The CLI prints it, the app shows it; neither shows a traceback.
+"""
+from __future__ import annotations
+
+
+class UadlabError(Exception):
+    """Bad input or an unusable file; the message names it and says what is wrong (never a token)."""
+
+
+class DataError(UadlabError, ValueError):
+    """A file, folder, archive, dataset entry or saved run that cannot be used."""
+
+
+def clean_token(token: str | None) -> str | None:
+    """A pasted token without surrounding whitespace; None when empty."""
+    token = (token or "").strip()
+    return token or None
+
+
+def scrub(message: str, token: str | None) -> str:
+    """``message`` with ``token`` (as pasted, stripped, and each longer piece of it) replaced by ``***``."""
+    token = token or ""
+    forms = {token, token.strip(), *(w for w in token.split() if len(w) >= 8)}
+    for t in sorted((t for t in forms if t.strip()), key=len, reverse=True):
+        message = message.replace(t, "***")
+    return message

@@ -7,6 +7,7 @@ import torch
 
 from uadlab.backbones import backbone_spec
 from uadlab.data import load_mvtec
+from uadlab.errors import UadlabError
 from uadlab.features import FeatureCache
 from uadlab.methods import NotFittedError, create_method, get_method_class, list_methods
 from uadlab.pipeline import Run, RunConfig
@@ -64,5 +65,5 @@ def test_pickle_is_never_loaded(tmp_path):
     head = create_method("patchcore")
     (tmp_path / "config.json").write_text("{}")
     torch.save(head.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match="safetensors"):
+    with pytest.raises(UadlabError, match="no model.safetensors"):
         get_method_class("patchcore").from_pretrained(str(tmp_path))

@@ -21,8 +21,9 @@ import pandas as pd
 from uadlab import hub, viz
 from uadlab import safety as S
 from uadlab import workspace as W
-from uadlab.backbones import OFFLINE_DEFAULT, SHORT_NAMES, BackboneWeightsError
+from uadlab.backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, SHORT_NAMES
 from uadlab.data import DataError
+from uadlab.errors import UadlabError
 from uadlab.demo import CATEGORIES
 from uadlab.methods import get_method_class, list_methods
 from uadlab.store import LABELS
@@ -57,7 +58,7 @@ def ui_errors(fn):
             return fn(*args, **kwargs)
         except gr.Error as e:
             raise gr.Error(clean(e.message), print_exception=False) from None
-        except (DataError, hub.HubError, BackboneWeightsError, ValueError, KeyError, FileNotFoundError) as e:
+        except (UadlabError, ValueError, KeyError, FileNotFoundError) as e:
             raise gr.Error(clean(str(e).strip("'\"")), print_exception=False) from None
         except Exception as e:  # noqa: BLE001
             log.error("callback %s failed: %s", fn.__name__, clean("".join(traceback.format_exception(e))))
@@ -170,7 +171,7 @@ def on_source_change(source: str):
 @ui_errors
 def on_train(user, backbone, methods, preset, image_size, aux_source, token, progress=gr.Progress()):
     ws = _ws(user)
-    run_id, evaluation = ws.train(methods, backbone or OFFLINE_DEFAULT, preset, int(image_size or 224),
+    run_id, evaluation = ws.train(methods, backbone or None, preset, None if image_size in (None, "") else int(image_size),
                                   aux_source, S.clean_token(token), progress=lambda f, m: progress(f, desc=m))
     msg = f"Run **{run_id}** trained and saved. Open **Compare** to see the heatmaps."
     if not evaluation:
@@ -399,11 +400,13 @@ def build_app() -> gr.Blocks:
             # -- Train
             with gr.Tab("2 · Train", id="train"):
                 with gr.Row():
-                    backbone = gr.Dropdown(list(SHORT_NAMES), value=OFFLINE_DEFAULT, label="Backbone",
-                                           allow_custom_value=True, info="efficientnet_lite0 works offline; DINO "
-                                           "backbones download their weights from the Hub (DINOv3 is gated: token)")
+                    backbone = gr.Dropdown(list(SHORT_NAMES), value=None, label="Backbone",
+                                           allow_custom_value=True, info=f"empty: {OFFLINE_DEFAULT} (works offline), "
+                                           "or the paper's with the paper preset; DINO backbones download their "
+                                           "weights from the Hub (DINOv3 is gated: token)")
                     preset = gr.Radio(["quick", "paper"], value="quick", label="Preset")
-                    image_size = gr.Number(label="Image size (px)", value=224, precision=0)
+                    image_size = gr.Number(label="Image size (px)", value=None, precision=0,
+                                           info=f"empty: the preset's ({DEFAULT_IMAGE_SIZE}, or the paper's geometry)")
                 methods = gr.CheckboxGroup(
                     [(m + (" (zero-shot)" if get_method_class(m).zero_shot else ""), m) for m in list_methods()],
                     value=DEFAULT_METHODS, label="Methods", elem_id="methods")

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import badinput as B
-from test_app_callbacks import _load, app  # noqa: F401 - the app fixture of the callback tests
+from conftest import load_data as _load
 from uadlab.cli import main
 from uadlab.data import label_mapping, load_data, load_files, load_folder, load_hf
 from uadlab.errors import UadlabError
@@ -234,7 +234,8 @@ def _app_call(app, user, k: B.Kind, path, d: Path, fake_hub):  # noqa: F811
     raise AssertionError(k.kind)
 
 
-def test_app(app, tmp_path, good_run, fake_hub):  # noqa: F811
+def test_app(app, tmp_path, good_run, fake_hub, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("UADLAB_LOCAL_FOLDERS", str(tmp_path))  # the corpus' folders lie under an allowed root
     user, _, _ = app.on_start(None)
     import shutil
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import UadlabError
 from .features import PatchFeatures
 
 # short name -> timm model name (with pretrained tag)
@@ -42,7 +43,7 @@ OFFLINE_DEFAULT = "efficientnet_lite0"
 DEFAULT_IMAGE_SIZE = 224  # the network input side (centre crop) unless a preset or the user says otherwise
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(UadlabError, RuntimeError):
     """Weights could not be obtained; the message says which, why, and what to do."""
 
 

@@ -6,6 +6,7 @@ features; ``backbone_ms`` and ``head_ms`` are medians per test image (batch 1) m
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -43,11 +44,13 @@ def _limit(samples, n: int | None):
     return list(samples) if not n else list(samples)[:n]
 
 
-def run_bench(data: str | Dataset, backbone: str | None, methods: Sequence[str], weights: str = "default",
-              categories: Sequence[str] | None = None, multi_class: bool = False, image_size: int | None = None,
-              resize: int | None = None, preset: str = "quick", train_limit: int | None = None, seed: int = 0,
-              cache_dir: str | None = None, method_kwargs: dict[str, dict[str, Any]] | None = None,
+def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] | None = None,
+              multi_class: bool = False, train_limit: int | None = None, cache_dir: str | None = None,
               log=print) -> list[dict[str, Any]]:
+    """Fit and evaluate ``config.methods`` per category (or once for all with ``multi_class``); one row per
+    method and category, then each method's mean. ``config`` is the resolved run settings
+    (``RunConfig.resolve``); each group of methods gets a copy of it."""
+    methods = config.methods
     ds = data if isinstance(data, Dataset) else load_data(data, categories=categories)
     cats = list(categories) if categories else ds.categories
     cache = FeatureCache(cache_dir or default_cache_dir())
@@ -56,8 +59,8 @@ def run_bench(data: str | Dataset, backbone: str | None, methods: Sequence[str],
     rows: list[dict[str, Any]] = []
 
     def make(ms):
-        return Run(RunConfig.resolve(ms, preset, backbone, image_size, resize, weights=weights, seed=seed,
-                                     method_kwargs=method_kwargs or {}), cache=cache)
+        kw = {m: v for m, v in config.method_kwargs.items() if m in ms}
+        return Run(dataclasses.replace(config, methods=list(ms), method_kwargs=kw), cache=cache)
 
     def emit(run: Run, cat: str, test, bms: float) -> None:
         res = run.evaluate(test)

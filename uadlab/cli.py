@@ -15,7 +15,6 @@ import typing
 import warnings
 from pathlib import Path
 
-from .backbones import OFFLINE_DEFAULT
 
 MIN_SIDE, MAX_SIDE = 32, 4096  # network input side in px
 
@@ -62,25 +61,16 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "(VALUE is JSON, else a string); repeatable")
 
 
-def resolve_inputs(a, methods: list[str]) -> None:
-    """Fill in ``a.backbone``, ``a.image_size`` and ``a.resize`` where the user left them unset.
+def run_config(a, methods: list[str]):
+    """The run settings from the command line, resolved once by ``RunConfig.resolve`` (a preset brings its
+    paper's backbone and geometry where the user did not choose them)."""
+    from .pipeline import RunConfig
 
-    With ``--preset paper`` and methods that agree on their paper's backbone, the paper's backbone and input
-    geometry (e.g. Dinomaly: DINOv2-reg ViT-B/14, resize 448, crop 392); otherwise the offline default
-    backbone at 224 px. The paper's geometry is never applied to a backbone the user chose otherwise.
-    """
-    from .methods import get_method_class
-
-    inputs = [get_method_class(m).paper_inputs for m in methods] if a.preset == "paper" else []
-    paper = inputs[0] if inputs and all(i == inputs[0] for i in inputs) else {}
-    if paper and a.backbone in (None, paper["backbone"]):
-        a.backbone = paper["backbone"]
-        if a.image_size is None:
-            a.image_size, a.resize = paper["image_size"], a.resize or paper.get("resize")
-        print(f"paper inputs: {a.backbone}, resize {a.resize}, crop {a.image_size}", file=sys.stderr)
-    a.backbone = a.backbone or OFFLINE_DEFAULT
-    if a.image_size is None:
-        a.image_size = 224
+    cfg = RunConfig.resolve(methods, a.preset, a.backbone, a.image_size, a.resize, weights=a.weights, seed=a.seed,
+                            method_kwargs=parse_params(a.param))
+    if a.preset == "paper" and (a.backbone, a.image_size) != (cfg.backbone, cfg.image_size):
+        print(f"paper inputs: {cfg.backbone}, resize {cfg.resize}, crop {cfg.image_size}", file=sys.stderr)
+    return cfg
 
 
 def parse_params(items: list[str]) -> dict[str, dict]:
@@ -140,13 +130,9 @@ def _progress(frac: float, msg: str) -> None:
 
 def cmd_fit(a) -> int:
     from .data import load_data
-    from .pipeline import Run, RunConfig
+    from .pipeline import Run
 
-    methods = a.methods.split(",")
-    resolve_inputs(a, methods)
-    run = Run(RunConfig(backbone=a.backbone, methods=methods, preset=a.preset, image_size=a.image_size,
-                        resize=a.resize, weights=a.weights, seed=a.seed, method_kwargs=parse_params(a.param)),
-              workdir=a.out)
+    run = Run(run_config(a, a.methods.split(",")), workdir=a.out)
     ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, skip_bad=a.skip_bad)
     aux = [s for s in ds.test if s.label in (0, 1)] if any(h.zero_shot for h in run.heads.values()) else None
     run.fit(ds.train[: a.train_limit] if a.train_limit else ds.train, _progress, aux=aux)
@@ -186,12 +172,9 @@ def cmd_bench(a) -> int:
     from .bench import markdown, run_bench, write_json
 
     t0 = time.perf_counter()
-    methods = a.methods.split(",")
-    resolve_inputs(a, methods)
-    rows = run_bench(a.data, a.backbone, methods, weights=a.weights,
+    rows = run_bench(a.data, run_config(a, a.methods.split(",")),
                      categories=a.categories.split(",") if a.categories else None, multi_class=a.multi_class,
-                     image_size=a.image_size, resize=a.resize, preset=a.preset, train_limit=a.train_limit,
-                     seed=a.seed, method_kwargs=parse_params(a.param), log=lambda m: print(m, file=sys.stderr))
+                     train_limit=a.train_limit, log=lambda m: print(m, file=sys.stderr))
     print(markdown(rows))
     if a.json:
         write_json(rows, a.json, {"args": {k: v for k, v in vars(a).items() if k != "func"},

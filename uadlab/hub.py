@@ -173,18 +173,7 @@ def score_images(head: Method, images: Sequence[Image.Image], token: str | None 
 
     if not images:
         raise ValueError("upload at least one image")
-<<<<<<< HEAD
-    run = Run.from_head(head, token=_clean_token(token))
+    run = Run.from_head(head, token=clean_token(token))
     samples = [Sample(f"image{i}", image=im.convert("RGB")) for i, im in enumerate(images)]
     scored = run.score(samples)[head.name]
     return scored.scores, scored.maps, [run.backbone.view(s.image) for s in samples]
-=======
-    bb = _backbone_for(head, clean_token(token))
-    info = head.fit_info
-    feats = bb.extract([im.convert("RGB") for im in images])
-    res = head.score(feats)
-    maps = to_heatmap(res.patch_map, feats.image_size, float(info.get("sigma", 4.0)))
-    raw = res.image_score if res.image_score is not None else image_score(maps, info.get("score_mode", "top1"))
-    cal = Calibration(**info["calibration"]) if info.get("calibration") else Calibration()
-    return cal.scores(raw).numpy(), cal.maps(maps).numpy(), [bb.view(im) for im in images]
->>>>>>> safety-data

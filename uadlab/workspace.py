@@ -445,8 +445,8 @@ class Workspace:
             raise DataError(f"run {run_id} does not record its data source")
         return self.dataset(choice)
 
-    def train(self, methods: Sequence[str], backbone: str = "efficientnet_lite0", preset: str = "quick",
-              image_size: int = 224, aux_source: str = "other categories", token: str | None = None,
+    def train(self, methods: Sequence[str], backbone: str | None = None, preset: str = "quick",
+              image_size: int | None = None, aux_source: str = "other categories", token: str | None = None,
               progress: Progress | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
         """Fit the chosen heads on the current data, evaluate on its labelled test images, save; return
         (run id, evaluation)."""
@@ -468,8 +468,8 @@ class Workspace:
         self.check_disk()
         lim = limits()
         with TRAININGS.hold(self.user, lim.trainings_per_workspace, lim.trainings):
-            run = Run(RunConfig(backbone=backbone, methods=list(methods), preset=preset, image_size=int(image_size)),
-                      workdir=self.runs_dir, token=token or None)
+            run = Run(RunConfig.resolve(methods, preset, backbone or None, image_size or None), workdir=self.runs_dir,
+                      token=token or None)
             run.fit(ds.train, lambda f, m: report(0.85 * f, m), aux=aux)
             evaluation: dict[str, dict[str, Any]] = {}
             if any(s.label in (0, 1) for s in ds.test):
@@ -478,7 +478,6 @@ class Workspace:
             run.save({"data": choice, "dataset_key": dataset_key(choice), "dataset": ds.summary(),
                       "evaluation": evaluation})
         run._token = None  # the token served this call only; the cached run must not keep it
-        run.meta = {"data": choice, "dataset_key": dataset_key(choice), "evaluation": evaluation}
         _RUNS.put((self.user, run.run_id), run)
         report(1.0, "done")
         return run.run_id, evaluation

@@ -425,10 +425,11 @@ HF_KINDS = [
     Kind("hf_corrupt_row", "hf", _hf(_corrupt_row, _image_label_features(_label_ints)),
          (r"train/00001", r"cannot decode")),
     Kind("hf_imagefolder_labels", "hf", _imagefolder, check=_check_imagefolder),
-    Kind("hf_token_with_spaces", "hf", None, (r"cannot load the dataset",),
+    Kind("hf_token_with_spaces", "hf", None, (r"token has spaces or line breaks inside",),
          not_in={"cli": "the CLI takes no token (datasets reads HF_TOKEN itself)"}),
 ]
-TOKEN = "  hf_SeCrEtToKeN123 xq7Zp9Lm  "  # pasted with spaces around and inside
+TOKEN = "  hf_SeCrEtToKeN123xq7Zp9Lm  "  # pasted with spaces around: stripped, used, never shown
+SPACED_TOKEN = "hf_SeCrEtToKeN123 xq7Zp9Lm"  # with a space inside: refused unread, never shown
 
 
 # ---- saved runs ---------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def _judge(k: B.Kind, message: str | None, result, tmp_root: Path, check_paths: 
         return f"message {message!r} does not match {missing}"
     if check_paths and not k.typed_path and str(tmp_root) in message:
         return f"message shows a server path: {message!r}"
-    if any(w in message for w in B.TOKEN.split()):
+    if any(w in message for w in (B.TOKEN + " " + B.SPACED_TOKEN).split()):
         return f"message shows the token: {message!r}"
     return None
 
@@ -115,7 +115,7 @@ def _api(k: B.Kind, path):
         return load_data(str(path))
     if k.kind == "hf":
         if path is None:  # the token kind: a private repository on the (simulated) Hub
-            return load_hf("someone/private", token=B.TOKEN)
+            return load_hf("someone/private", token=B.SPACED_TOKEN)
         return load_hf(str(path), local=True)
     if k.kind == "run":
         return Run.load(path)
@@ -221,7 +221,8 @@ def _app_call(app, user, k: B.Kind, path, d: Path, fake_hub):  # noqa: F811
         if path is not None:
             fake_hub[repo] = str(path)
         return _load(app, user, "Hugging Face dataset", hf_repo=repo, hf_image="image", hf_label="label",
-                     hf_split="train", hf_test_split="test", hf_token=B.TOKEN)
+                     hf_split="train", hf_test_split="test",
+                     hf_token=B.SPACED_TOKEN if k.name == "hf_token_with_spaces" else B.TOKEN)
     if k.kind == "run":
         import shutil
 

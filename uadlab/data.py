@@ -37,7 +37,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError, clean_token, scrub
+from .errors import DataError
+from .safety import clean_token, scrub
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL_NAMES = {"good", "normal", "ok", "0", "false", "negative"}

@@ -13,18 +13,3 @@ class UadlabError(Exception):
 
 class DataError(UadlabError, ValueError):
     """A file, folder, archive, dataset entry or saved run that cannot be used."""
-
-
-def clean_token(token: str | None) -> str | None:
-    """A pasted token without surrounding whitespace; None when empty."""
-    token = (token or "").strip()
-    return token or None
-
-
-def scrub(message: str, token: str | None) -> str:
-    """``message`` with ``token`` (as pasted, stripped, and each longer piece of it) replaced by ``***``."""
-    token = token or ""
-    forms = {token, token.strip(), *(w for w in token.split() if len(w) >= 8)}
-    for t in sorted((t for t in forms if t.strip()), key=len, reverse=True):
-        message = message.replace(t, "***")
-    return message

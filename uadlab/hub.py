@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import UadlabError, clean_token, scrub
+from .errors import UadlabError
+from .safety import clean_token, scrub
 from .methods import Method, get_method_class
 
 EXAMPLE_FILE = "example_heatmap.png"

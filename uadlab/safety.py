@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .data import DataError
+from .errors import DataError, UadlabError
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 # an absolute path of 2+ parts not inside a URL ("https://h/p": its slashes follow "/" or a word character)
@@ -131,18 +131,20 @@ def clean_token(token: str | None) -> str | None:
     if not t:
         return None
     if any(c.isspace() or not c.isprintable() for c in t):
-        raise ValueError("the token has spaces or line breaks inside: paste it again (it is never shown or stored)")
+        raise UadlabError("the token has spaces or line breaks inside: paste it again (it is never shown or stored)")
     return t
 
 
 def secret_variants(values: Iterable[object]) -> list[str]:
-    """The strings to scrub for some pasted secrets: each as given and stripped, longest first."""
-    out = {x for v in values if isinstance(v, str) and v.strip() for x in (v, v.strip())}
+    """The strings to scrub for some pasted secrets: each as given, stripped, and its longer pieces; longest first."""
+    out = {x for v in values if isinstance(v, str) and v.strip()
+           for x in (v, v.strip(), *(w for w in v.split() if len(w) >= 8))}
     return sorted(out, key=len, reverse=True)
 
 
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    for s in secrets:
+def scrub(text: str, secrets: str | Iterable[str] | None) -> str:
+    """``text`` with every secret (a token as pasted, or ``secret_variants``) replaced by ``***``."""
+    for s in secret_variants([secrets] if isinstance(secrets, str) or secrets is None else secrets):
         text = text.replace(s, "***")
     return text
 

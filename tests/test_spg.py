@@ -80,19 +80,43 @@ def test_zero_shot_transfer_to_unseen_category(fitted):
     assert fitted.fit_info["alive_atoms"] > 0 and fitted.fit_info["sae_fvu"] < 1
 
 
-def test_topk_guides_are_sparse_and_l1_switch_differs(fitted, aux):
+def test_l1_default_and_topk_ablation(fitted, aux):
+    assert fitted.sparsity == "l1" and get_method_class("spg").presets["paper"]["sparsity"] == "l1"
     c, _ = fitted.coefficients(fitted.theta_ema)
-    assert ((c > 0).sum(1) <= SMALL["guide_k"]).all()
-    assert (c[:, ~fitted.alive] == 0).all()
+    assert (c[:, ~fitted.alive] == 0).all() and (c >= 0).all()
+    assert (c > 0).sum(1).max() > SMALL["guide_k"]  # L1 only: no hard cap on the number of atoms
     top = fitted.top_atoms(4)
     assert list(top) == list(GUIDES) and all(len(v) <= 4 for v in top.values())
     vals = [v for _, v in top["local_anomaly"]]
     assert vals == sorted(vals, reverse=True) and vals[0] > 0
     feats, labels, masks = aux
-    topk, l1 = (create_method("spg", **{**SMALL, **CHEAP, "sparsity": s}).fit(feats, labels=labels, masks=masks)
-                for s in ("topk", "l1"))
-    assert (l1.coefficients(l1.theta_ema)[0] > 0).sum(1).max() > SMALL["guide_k"]
+    topk = create_method("spg", **{**SMALL, **CHEAP, "sparsity": "topk"}).fit(feats, labels=labels, masks=masks)
+    l1 = create_method("spg", **{**SMALL, **CHEAP}).fit(feats, labels=labels, masks=masks)
+    assert ((topk.coefficients(topk.theta_ema)[0] > 0).sum(1) <= SMALL["guide_k"]).all()
     assert not torch.allclose(l1.score(feats[:4]).patch_map, topk.score(feats[:4]).patch_map)
+
+
+def test_official_post_processing(fitted):
+    feats, _, _ = synthetic(2, 4, 5)
+    res = fitted.score(feats)
+    maps, scores = fitted.heatmap(res, (S, S))  # the method's own: sigma 4 at the input size, max of the map
+    assert fitted.sigma == 4.0 and fitted.score_mode == "max"
+    torch.testing.assert_close(scores, maps.flatten(1).max(1).values)
+    raw, _ = fitted.heatmap(res, (S, S), sigma=0)
+    assert maps.flatten(1).std(1).mean() < raw.flatten(1).std(1).mean()  # smoothed
+
+
+def test_image_labels_only(aux):
+    """An auxiliary set without masks trains through the MIL image loss and still transfers."""
+    feats, labels, _ = aux
+    head = create_method("spg", **SMALL).fit(feats, labels=labels, masks=None)
+    assert head.fit_info["supervision"] == "image labels only"
+    test, tl, tm = synthetic(2, 8, 3)
+    m = head.score(test).patch_map
+    gt = torch.nn.functional.avg_pool2d(tm[:, None], 4)[:, 0] > 0.5
+    assert m[gt].mean() > m[~gt].mean() + 0.2
+    img = m.flatten(1).max(1).values
+    assert img[tl == 1].min() > img[tl == 0].max()
 
 
 def test_seeded_and_round_trip(fitted, aux, tmp_path):
@@ -123,7 +147,7 @@ def test_explain_and_global_token(fitted, aux):
     torch.testing.assert_close(fitted.score(with_cls).patch_map, fitted.score(feats).patch_map)  # map unaffected
 
 
-def test_needs_labels_and_masks(aux):
+def test_needs_labels_and_matching_masks(aux):
     feats, labels, _ = aux
     with pytest.raises(ValueError, match="zero-shot"):
         create_method("spg", **SMALL).fit(feats)
@@ -131,3 +155,39 @@ def test_needs_labels_and_masks(aux):
         create_method("spg", **SMALL).fit(feats, labels=labels, masks=torch.zeros(3, S, S))
     with pytest.raises(ValueError, match="sparsity"):
         create_method("spg", sparsity="l0")
+
+
+# ---- the auxiliary set: other categories only (no leakage of the target's test images) ----------------------
+def test_auxiliary_set_never_holds_the_target(tiny_demo):
+    from uadlab.data import load_mvtec
+    from uadlab.pipeline import auxiliary_set
+
+    ds = load_mvtec(tiny_demo)
+    aux = auxiliary_set(ds, ["brick"])
+    assert aux and {s.category for s in aux} == {"grass", "gravel"}
+    assert {s.label for s in aux} == {0, 1} and all(s.label == 0 or s.mask_path for s in aux)
+    assert {s.category for s in auxiliary_set(ds, ["brick", "grass"])} == {"gravel"}
+    with pytest.raises(ValueError, match="categories other than the target"):
+        auxiliary_set(ds.category("brick"), ["brick"])
+    # anomalies without masks: image labels only, when none of them has a mask
+    for s in ds.test:
+        s.mask_path = None
+    unmasked = auxiliary_set(ds, ["brick"])
+    assert any(s.label == 1 for s in unmasked) and "brick" not in {s.category for s in unmasked}
+
+
+def test_cli_fit_learns_from_other_categories_only(tiny_demo, tmp_path, monkeypatch, capsys):
+    from uadlab.cli import main
+    from uadlab.pipeline import Run
+
+    seen, fit = [], Run.fit
+    monkeypatch.setattr(Run, "fit", lambda self, train, progress=None, aux=None: (seen.append(aux),
+                                                                                  fit(self, train, progress, aux))[1])
+    assert main(["fit", "--data", str(tiny_demo), "--categories", "brick", "--methods", "spg", "--preset", "tiny",
+                 "--image-size", "64", "--out", str(tmp_path / "runs")]) == 0
+    assert seen[0] and "brick" not in {s.category for s in seen[0]}
+    assert {s.category for s in seen[0]} == {"grass", "gravel"}
+    # a single-category dataset: refused with a clear message instead of training on the target's test images
+    assert main(["fit", "--data", str(tiny_demo / "brick"), "--methods", "spg", "--preset", "tiny",
+                 "--image-size", "64", "--out", str(tmp_path / "runs")]) == 2
+    assert "categories other than the target" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import torch
 from .data import Dataset, load_data
 from .features import FeatureCache
 from .methods import get_method_class
-from .pipeline import Run, RunConfig, default_cache_dir, peak_rss_mb
+from .pipeline import Run, RunConfig, auxiliary_set, default_cache_dir, peak_rss_mb
 
 COLUMNS = ["method", "category", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
            "pixel_f1max", "aupro", "fit_s", "backbone_ms", "head_ms", "head_mb", "peak_rss_mb",
@@ -83,10 +83,9 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
             for c in gcats:
                 test = [s for s in ds.test if s.category == c]
                 emit(run, c, test, backbone_ms(run, test))
+    pool = load_data(data) if zero_shot and categories and not isinstance(data, Dataset) else ds
     for c in cats if zero_shot else []:
-        aux = [s for s in ds.test if s.category != c]
-        if not aux:
-            raise ValueError(f"zero-shot methods {zero_shot} need other categories than {c!r} as auxiliary set")
+        aux = auxiliary_set(pool, [c])  # the other categories' labelled test images, never c's
         run = make(zero_shot)
         log(f"[{c}] zero-shot {', '.join(zero_shot)}: auxiliary set = test splits of the other categories "
             f"({len(aux)} labelled images); target normals only calibrate the scale")

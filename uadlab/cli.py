@@ -130,11 +130,13 @@ def _progress(frac: float, msg: str) -> None:
 
 def cmd_fit(a) -> int:
     from .data import load_data
-    from .pipeline import Run
+    from .pipeline import Run, auxiliary_set
 
     run = Run(run_config(a, a.methods.split(",")), workdir=a.out)
     ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, skip_bad=a.skip_bad)
-    aux = [s for s in ds.test if s.label in (0, 1)] if any(h.zero_shot for h in run.heads.values()) else None
+    aux = None
+    if any(h.zero_shot for h in run.heads.values()):  # other categories only, never the target's test images
+        aux = auxiliary_set(load_data(a.data, skip_bad=a.skip_bad) if a.categories else ds, ds.categories)
     run.fit(ds.train[: a.train_limit] if a.train_limit else ds.train, _progress, aux=aux)
     path = run.save({"dataset": ds.summary()})
     print(f"saved run {run.run_id} to {path}")

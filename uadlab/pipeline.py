@@ -454,3 +454,31 @@ def list_runs(workdir: str | os.PathLike, skipped: list[str] | None = None) -> l
         meta["dir"] = str(p.parent)
         out.append(meta)
     return sorted(out, key=lambda m: m.get("created", 0), reverse=True)
+
+
+def auxiliary_set(dataset: Dataset, targets: Sequence[str]) -> list[Sample]:
+    """The auxiliary labelled set of zero-shot heads: the labelled test images of every OTHER category.
+
+    Never an image of a ``targets`` category (the heads are evaluated on those: training on them leaks).
+    Anomalous images come with their masks; when some anomalous images have a mask and others do not, only
+    the masked ones are kept (pixel supervision is worth more than a few more images); when none has a mask,
+    all are kept and zero-shot heads train on the image labels alone.
+
+    Raises:
+        DataError: no other category, or no normal or no anomalous image among them.
+    """
+    targets = set(targets)
+    others = sorted(set(dataset.categories) - targets)
+    if not others:
+        raise DataError(f"{dataset.name}: zero-shot methods learn from categories other than the target "
+                         f"({', '.join(sorted(targets))}) and there is none: choose target categories (e.g. "
+                         "--categories) or a dataset with more categories (training on the target's own test images "
+                         "would leak into the evaluation)")
+    aux = [s for s in dataset.test if s.category in others and s.label in (0, 1)]
+    masked = [s for s in aux if s.label == 1 and (s.mask is not None or s.mask_path is not None)]
+    if masked:
+        aux = [s for s in aux if s.label == 0 or s.mask is not None or s.mask_path is not None]
+    if not any(s.label == 1 for s in aux) or not any(s.label == 0 for s in aux):
+        raise DataError(f"{dataset.name}: zero-shot methods need normal and anomalous labelled test images of other "
+                         f"categories than {sorted(targets)}; {', '.join(others)} gave {len(aux)}")
+    return aux

@@ -492,10 +492,10 @@ class Workspace:
             if not cat or cat == "all":
                 raise DataError("the auxiliary set 'other categories' needs one target category: choose a category "
                                 "in the Data tab (the others then serve as the labelled set), or use annotations")
-            full = self.full_dataset(choice)
-            aux = [s for s in full.test if s.category != cat and s.label in (0, 1)
-                   and (s.label == 0 or s.mask is not None or s.mask_path is not None)]
-            where = "the other categories' test images with masks"
+            from .pipeline import auxiliary_set
+
+            aux = auxiliary_set(self.full_dataset(choice), [cat])
+            where = "the other categories' test images"
         if not any(s.label == 1 for s in aux) or not any(s.label == 0 for s in aux):
             raise DataError(f"a zero-shot method needs an auxiliary labelled set with normal and anomalous "
                             f"(masked) images; {where} gave {len(aux)} usable images")

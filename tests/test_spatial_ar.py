@@ -96,7 +96,7 @@ def test_switches_change_outputs(fitted):
     assert not torch.allclose(base, flipped) and torch.isfinite(flipped).all()
     small = {**TINY, "epochs": 2}
     for kw in [dict(mode="bidirectional"), dict(mode="standard"), dict(loss="gaussian_nll"), dict(select="last")]:
-        head = create_method("spatial_ar", **small, **kw).fit(x, val_features=v)
+        head = create_method("spatial_ar", **{**small, **kw}).fit(x, val_features=v)
         m = head.score(v).patch_map
         assert torch.isfinite(m).all() and not torch.allclose(m, base), kw
     assert head.fit_info["selection"] == "last" and head.fit_info["best_epoch"] == 2

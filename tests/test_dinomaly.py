@@ -169,7 +169,7 @@ def test_pipeline_resumes_an_interrupted_training(tiny_demo, tmp_path):
     from uadlab.pipeline import Run, RunConfig
 
     train = load_mvtec(tiny_demo).category("grass").train
-    cfg = RunConfig(methods=["dinomaly"], preset="tiny", image_size=64,
+    cfg = RunConfig(methods=["dinomaly"], preset="tiny", image_size=64, calibration="holdout",  # one fit: no refit
                     method_kwargs={"dinomaly": {"steps": 12, "checkpoint_every": 4}})
     cache = FeatureCache(tmp_path / "features")
 

@@ -84,3 +84,18 @@ def test_reference_augment_gives_eight_views_and_fit_insists_on_them():
     with pytest.raises(ValueError, match="reference_augment"):
         head.fit(feats)
     assert head.fit(feats, references_augmented=True).memory_bank.shape == (8 * 16, 4)
+
+
+def test_the_run_fits_rotated_references(tiny_demo, tmp_path):
+    """rotation=True: the run extracts the 8 rotated views of every reference and the bank holds them all."""
+    from uadlab.data import load_mvtec
+    from uadlab.features import FeatureCache
+    from uadlab.pipeline import Run, RunConfig
+
+    train = load_mvtec(tiny_demo, categories=["brick"]).train[:2]
+    run = Run(RunConfig(methods=["anomalydino"], image_size=64, method_kwargs={"anomalydino": {"rotation": True}}),
+              cache=FeatureCache(tmp_path))
+    run.fit(train)
+    head = run.heads["anomalydino"]
+    grid = run.features(train[:1]).select(head.layers_for(run.backbone.spec)).grid
+    assert head.memory_bank.shape[0] == 2 * 8 * grid[0] * grid[1]

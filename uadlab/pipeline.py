@@ -255,10 +255,9 @@ class Run:
                 head.fit_members(self.heads)
             elif head.zero_shot:
                 self._fit_zero_shot(name, head, aux, step, report)
-            else:  # heads that train for long keep resumable checkpoints next to the feature cache
-                head.fit(f_fit.select(head.layers_for(self.backbone.spec)), progress=step,
-                         val_features=None if f_val is None else f_val.select(head.layers_for(self.backbone.spec)),
-                         checkpoint_dir=str(self.cache.root.parent / "checkpoints"), category=category)
+            else:
+                self._fit_learned(head, [train[i] for i in fit_i], f_fit, step, category=category,
+                                  val_features=None if f_val is None else f_val.select(head.layers_for(self.backbone.spec)))
             self.info["fit_s"][name] = time.perf_counter() - t0
             # zero-shot heads never saw the target's normals: calibrate on all of them
             self._calibrate(name, f_all if head.zero_shot else (f_val if f_val is not None else f_fit))
@@ -267,14 +266,21 @@ class Run:
                 step = stage_progress(name, "refitting on all normal images:")
                 head = self._new_head(name)
                 t0 = time.perf_counter()
-                head.fit(f_all.select(head.layers_for(self.backbone.spec)), progress=step,
-                         checkpoint_dir=str(self.cache.root.parent / "checkpoints"), category=category)
+                self._fit_learned(head, train, f_all, step, category=category)
                 self.info.setdefault("calibration_fit_s", {})[name] = self.info["fit_s"][name]
                 self.info["fit_s"][name] = time.perf_counter() - t0
                 head.fit_info["calibration"] = self.heads[name].fit_info.get("calibration")
                 self.heads[name] = head
         report(1.0, "done")
         return self
+
+    def _fit_learned(self, head: Method, samples: Sequence[Sample], feats: PatchFeatures, step, **kw: Any) -> None:
+        """Fit a head on normal images; heads that train for long keep resumable checkpoints next to the cache."""
+        refs = head.reference_augment(samples)
+        if len(refs) != len(samples):  # image-space augmentation of the references (AnomalyDINO's rotations)
+            feats, kw = self.features(refs, what="augmented references"), {**kw, "references_augmented": True}
+        head.fit(feats.select(head.layers_for(self.backbone.spec)), progress=step,
+                 checkpoint_dir=str(self.cache.root.parent / "checkpoints"), **kw)
 
     def _fit_zero_shot(self, name: str, head: Method, aux: Sequence[Sample] | None, step, report: Progress) -> None:
         if not aux:

@@ -156,6 +156,12 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         layers = getattr(self, "layers", None)
         return list(layers) if layers else spec.default_layers()
 
+    def reference_augment(self, samples: list) -> list:
+        """The images to fit on, given the normal ``samples``: the samples themselves unless the method
+        augments its references in image space (AnomalyDINO's rotations); the run then fits on their
+        features with ``references_augmented=True``."""
+        return list(samples)
+
     def explain(self, features: PatchFeatures) -> dict[str, Any]:
         """Optional: named explanation images (numpy arrays) for ONE image; methods without any return {}."""
         return {}

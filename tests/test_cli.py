@@ -75,14 +75,11 @@ def test_param_overrides_reach_the_head(tiny_demo, tmp_path, capsys):
 
 
 def test_paper_preset_brings_the_papers_inputs(capsys):
-    from argparse import Namespace
+    from uadlab.pipeline import RunConfig
 
-    from uadlab.cli import resolve_inputs
-
-    def resolved(methods, **kw):
-        a = Namespace(**{"backbone": None, "image_size": None, "resize": None, "preset": "paper", **kw})
-        resolve_inputs(a, methods)
-        return a.backbone, a.resize, a.image_size
+    def resolved(methods, preset="paper", **kw):  # what fit, bench and the app resolve alike
+        c = RunConfig.resolve(methods, preset, kw.get("backbone"), kw.get("image_size"))
+        return c.backbone, c.resize, c.image_size
 
     assert resolved(["dinomaly"]) == ("dinov2_vitb14_reg", 448, 392)
     assert resolved(["dinomaly"], image_size=224) == ("dinov2_vitb14_reg", None, 224)  # the user's size wins

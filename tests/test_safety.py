@@ -149,7 +149,7 @@ def test_limits_trip_with_clear_messages_and_leave_nothing(app, tmp_path, monkey
     not_images.parent.mkdir()
     with zipfile.ZipFile(not_images, "w") as zf:
         zf.writestr("readme.txt", "hello")
-    refused("no usable images|empty|no MVTec", zip_file=str(not_images))
+    refused("no usable images|empty|no MVTec|no image files", zip_file=str(not_images))
 
     # trainings: one per workspace, and a process-wide cap
     app.on_restore_data(user)

@@ -84,8 +84,10 @@ class RunConfig:
 
         inputs = [get_method_class(m).paper_inputs for m in methods] if preset == "paper" else []
         paper = inputs[0] if inputs and all(i == inputs[0] for i in inputs) else {}
-        if paper and backbone in (None, paper["backbone"]) and image_size is None:
-            backbone, image_size, resize = paper["backbone"], paper["image_size"], resize or paper.get("resize")
+        if paper and backbone in (None, paper["backbone"]):
+            backbone = paper["backbone"]
+            if image_size is None:  # the user's size wins over the paper's geometry
+                image_size, resize = paper["image_size"], resize or paper.get("resize")
         if image_size is not None and (not isinstance(image_size, int) or image_size < 32):
             raise ValueError(f"image size {image_size!r}: give a whole number of pixels, at least 32")
         return cls(backbone=backbone or OFFLINE_DEFAULT, methods=list(methods), preset=preset,

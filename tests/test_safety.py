@@ -213,6 +213,8 @@ def test_launch_refuses_a_workspace_gradio_would_serve(app, tmp_path, monkeypatc
             app.S.launch_guard()
     monkeypatch.setenv("UADLAB_WORKSPACE", tempfile.gettempdir())  # where exports go before gradio copies them
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(Path.home() / "elsewhere" / "gradio"))
+    # gradio's cached examples default to ./.gradio: the checkout itself may lie in the temp folder
+    monkeypatch.setenv("GRADIO_EXAMPLES_CACHE", str(Path.home() / "elsewhere" / "examples"))
     with pytest.raises(RuntimeError, match="holds the temp folder"):
         app.S.launch_guard()
     monkeypatch.setenv("UADLAB_WORKSPACE", str(tmp_path / "ws"))

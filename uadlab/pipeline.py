@@ -335,8 +335,10 @@ class Run:
             out[name] = Scored(np.array(scores), np.stack(maps), times)
         return out
 
-    def evaluate(self, test: Sequence[Sample], progress: Progress | None = None) -> dict[str, dict[str, Any]]:
-        """Metrics and curves of every head on labelled test images (unlabelled ones are ignored)."""
+    def evaluate(self, test: Sequence[Sample], progress: Progress | None = None,
+                 record: bool = True) -> dict[str, dict[str, Any]]:
+        """Metrics and curves of every head on labelled test images (unlabelled ones are ignored); with
+        ``record`` they are kept in the run's info and the heads' model cards."""
         test = [s for s in test if s.label in (0, 1)]
         if not test:
             raise ValueError("no labelled test images to evaluate on")
@@ -354,8 +356,10 @@ class Run:
                  "normal_px_over_1": float((sc.maps[normal] > 1.0).mean()) if normal.any() else None,
                  "normal_img_over_1": float((sc.scores[normal] > 1.0).mean()) if normal.any() else None}
             results[name] = r
-            self.heads[name].fit_info["metrics"] = {k: v for k, v in r.items() if k != "curves" and v is not None}
-        self.info["metrics"] = {k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in results.items()}
+        if record:
+            for name, r in results.items():
+                self.heads[name].fit_info["metrics"] = {k: v for k, v in r.items() if k != "curves" and v is not None}
+            self.info["metrics"] = {k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in results.items()}
         return results
 
     # ---- persistence -----------------------------------------------------------------------------------------------

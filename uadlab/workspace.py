@@ -28,7 +28,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from . import metrics as M
 from .data import (IMAGE_EXTS, DataError, Dataset, Sample, is_mvtec, load_folder, load_hf, load_mvtec, safe_extract_zip,
                    validate)
 from .methods import get_method_class, list_methods
@@ -226,24 +225,6 @@ def describe(s: Sample) -> str:
     if s.label == 1:
         return f"anomalous ({s.defect})" if s.defect else "anomalous"
     return "unlabelled"
-
-
-# ---- evaluation without side effects --------------------------------------------------------------------
-def evaluate_scored(run, samples: Sequence[Sample]) -> dict[str, dict[str, Any]]:
-    """Metrics and curves of every head on labelled ``samples``, leaving the run untouched."""
-    from .pipeline import head_megabytes, masks_at
-
-    samples = [s for s in samples if s.label in (0, 1)]
-    if not samples:
-        raise ValueError("no labelled images to evaluate on")
-    labels = np.array([s.label for s in samples])
-    masks = masks_at(run.backbone, samples)
-    out = {}
-    for name, sc in run.score(samples).items():
-        out[name] = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(masks, sc.maps),
-                     "curves": M.curves(labels, sc.scores), "head_ms": float(np.median(sc.head_ms)),
-                     "head_mb": head_megabytes(run.heads[name]), "fit_s": run.info.get("fit_s", {}).get(name)}
-    return out
 
 
 # ---- editor values ----------------------------------------------------------------------------------------
@@ -510,7 +491,7 @@ class Workspace:
             samples = self.store.to_samples(self.user, key)
             if not samples:
                 raise ValueError("no annotations with a normal/anomalous label for this run's dataset yet")
-            return evaluate_scored(run, samples)
+            return run.evaluate(samples, record=False)
         return meta.get("evaluation") or {}
 
     # ---- scoring and pictures --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from PIL import Image
 from scipy.ndimage import affine_transform
 
 from ..data import Sample
+from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..layers import cached_index
 from .base import AnomalyResult, Method, register_method
@@ -115,7 +116,7 @@ class AnomalyDINO(Method):
     smooth_radius = None  # scipy's gaussian_filter default truncate=4
     presets = {"tiny": {}, "quick": {}, "paper": dict(masking="auto", top_percent=1.0, rotation=True)}
 
-    def __init__(self, backbone: str = "efficientnet_lite0", layers: list[str] | None = None,
+    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,
                  masking: bool | str = "auto", mask_threshold: float = 10.0, top_percent: float = 1.0,
                  rotation: bool = False) -> None:
         super().__init__(backbone)

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import DataError
+from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..postprocess import image_score, to_heatmap
 
@@ -106,7 +107,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
     smooth_radius: ClassVar[int | None] = None
     score_mode: ClassVar[str] = "top1"
 
-    def __init__(self, backbone: str = "efficientnet_lite0") -> None:
+    def __init__(self, backbone: str = OFFLINE_DEFAULT) -> None:
         super().__init__()
         self.backbone = backbone
         self.register_buffer("_fitted", torch.zeros((), dtype=torch.bool))

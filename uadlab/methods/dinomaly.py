@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..postprocess import image_score, upsample
 from .base import AnomalyResult, Method, register_method
@@ -232,7 +233,7 @@ class Dinomaly(Method):
                       p_final=0.9, p_ramp_steps=1000, hm_factor=0.1),
     }
 
-    def __init__(self, backbone: str = "efficientnet_lite0", layers: list[str] | None = None,
+    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,
                  in_dims: list[int] | None = None, dim: int | None = None, heads: int | None = None,
                  grid: list[int] | None = None, decoder_depth: int | None = None, dropout: float = 0.2,
                  attention: str = "linear", groups: int | str = 2, loss: str = "hard_mining", steps: int = 10_000,

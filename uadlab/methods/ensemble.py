@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from .base import AnomalyResult, Method, register_method
 
@@ -35,7 +36,7 @@ class Ensemble(Method):
     combines_heads = True
     presets = {"tiny": {}, "quick": {}, "paper": {}}
 
-    def __init__(self, backbone: str = "efficientnet_lite0", combine: str = "mean",
+    def __init__(self, backbone: str = OFFLINE_DEFAULT, combine: str = "mean",
                  members: list[str] | None = None) -> None:
         super().__init__(backbone)
         if combine not in ("mean", "max"):

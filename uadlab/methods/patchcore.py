@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..layers import cached_index
 from .base import AnomalyResult, Method, register_method
@@ -173,7 +174,7 @@ class PatchCore(Method):
                       image_score="max"),
     }
 
-    def __init__(self, backbone: str = "efficientnet_lite0", layers: list[str] | None = None,
+    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,
                  coreset_ratio: float = 0.1, patch_size: int = 3, pretrain_dim: int | None = 1024,
                  target_dim: int = 1024,
                  distance: str = "squared", image_score: str = "max", reweight_neighbours: int = 9,

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from .base import AnomalyResult, Method, register_method
 
@@ -168,7 +169,7 @@ class SpatialAR(Method):
                       batch_size=64, seed=42),
     }
 
-    def __init__(self, backbone: str = "efficientnet_lite0", layers: list[str] | None = None,
+    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,
                  in_dim: int | None = None, mode: str = "bidirectional", hidden: int = 256, n_layers: int = 5,
                  kernel: int = 3, dilations: list[int] | None = None, loss: str = "mse", noise_p: float = 0.2,
                  noise_scale: float = 0.03, lr: float = 1e-3, weight_decay: float = 0.01, epochs: int = 40,

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from .base import AnomalyResult, Method, register_method
 
@@ -157,7 +158,7 @@ class SPG(Method):
                       guide_epochs=15, guide_batch=8, guide_lr=1e-2, ema_decay=0.999, loss_size=None),
     }
 
-    def __init__(self, backbone: str = "efficientnet_lite0", layers: list[str] | None = None,
+    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,
                  in_dim: int | None = None, n_atoms: int = 4096, k: int = 32, aux_k: int = 512,
                  aux_coef: float = 1 / 32, dead_tokens: int = 10_000_000, sae_epochs: int = 50,
                  sae_batch: int = 16, sae_lr: float = 1e-3, sparsity: str = "l1", guide_k: int = 32,

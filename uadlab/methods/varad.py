@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from .base import AnomalyResult, Method, register_method
 
@@ -268,7 +269,7 @@ class VarAD(Method):
     sigma = 4.0  # not stated by the paper: the uadlab default
     score_mode = "top1"  # not stated by the paper: mean of the top 1% of the map
 
-    def __init__(self, backbone: str = "efficientnet_lite0", layers: list[str] | None = None,
+    def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,
                  in_dims: list[int] | None = None, grid_layer: int | None = None,
                  directions: list[str] | None = None, d_model: int = 32, n_layers: int = 2, d_state: int = 8,
                  expand: int = 2, d_conv: int = 4, chunk: int = 32, distance: str = "l2", epochs: int = 10,

@@ -152,7 +152,7 @@ class Scored:
 
     scores: np.ndarray  # (N,) calibrated image scores
     maps: np.ndarray  # (N, S, S) float32 calibrated heatmaps
-    head_ms: list[float]  # per-image scoring time of the head (an ensemble's includes its members')
+    head_ms: list[float]  # per-image scoring time of the head (an ensemble's: combining its members' maps)
 
 
 class Run:
@@ -165,7 +165,8 @@ class Run:
     """
 
     def __init__(self, config: RunConfig, workdir: str | os.PathLike | None = None,
-                 cache: FeatureCache | None = None, token: str | None = None) -> None:
+                 cache: FeatureCache | None = None, token: str | None = None,
+                 heads: dict[str, Method] | None = None) -> None:
         self.config = config
         self.run_id = uuid.uuid4().hex[:12]
         self.dir = Path(workdir) / self.run_id if workdir is not None else None
@@ -176,7 +177,10 @@ class Run:
         self.meta: dict[str, Any] = {}  # what the caller records with the run (data source, evaluation, ...)
         self._token = token  # used for this process only; never saved
         self._backbone: Backbone | None = None
-        self.build_heads()
+        if heads is None:
+            self.build_heads()
+        else:  # trained heads (a saved run, a head from the Hub)
+            self.heads = dict(heads)
 
     # ---- construction ------------------------------------------------------------------------------
     def build_heads(self) -> None:
@@ -239,12 +243,11 @@ class Run:
         f_val = f_all[val_i] if f_all is not None and val_i != fit_i else None
         self.info.update(n_train=len(train), n_fit=len(fit_i), n_calibration=len(val_i),
                          calibration_mode=self.config.calibration)
-        stages = [(n, "fit") for n in self.heads] + [(n, "refit") for n in learned if refit and f_val is not None]
-        self._stage = 0
+        n_stages = len(self.heads) + (len(learned) if refit and f_val is not None else 0)  # fits, then refits
+        stage = iter(range(n_stages))
 
         def stage_progress(name: str, what: str) -> Callable[[int, int, float], None]:
-            lo, span = 0.3 + 0.7 * self._stage / len(stages), 0.7 / len(stages)
-            self._stage += 1
+            lo, span = 0.3 + 0.7 * next(stage) / n_stages, 0.7 / n_stages
             report(lo, f"{what} {name}")
             return lambda s, total, loss: report(lo + span * s / max(total, 1), f"{name}: step {s}/{total}, loss {loss:.4g}")
 
@@ -294,20 +297,26 @@ class Run:
         head.fit(f_aux.select(head.layers_for(self.backbone.spec)), progress=step, labels=labels,
                  masks=None if masks is None else torch.from_numpy(masks).float())
 
-    def _raw(self, name: str, feats: PatchFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+    def _raw(self, name: str, feats: PatchFeatures, done: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Heatmaps (B, S, S) and image scores (B,) of one head before calibration, by the method's own
-        post-processing; an ensemble combines its members' CALIBRATED outputs."""
+        post-processing; an ensemble combines its members' CALIBRATED outputs (taken from ``done``, the
+        calibrated outputs already computed for these features, when there)."""
         head = self.heads[name]
         if head.combines_heads:
-            outs = [self._calibrated(m, feats) for m in head.members_in(self.heads)]
+            outs = [self._calibrated(m, feats, done) for m in head.members_in(self.heads)]
             return head.combine([o[0] for o in outs], [o[1] for o in outs])
         res = head.score(feats.select(head.layers_for(self.backbone.spec)))
         return head.heatmap(res, feats.image_size, self.config.sigma, self.config.score_mode)
 
-    def _calibrated(self, name: str, feats: PatchFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        maps, scores = self._raw(name, feats)
+    def _calibrated(self, name: str, feats: PatchFeatures, done: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if done is not None and name in done:
+            return done[name]
+        maps, scores = self._raw(name, feats, done)
         cal = self.calibration.get(name, Calibration())
-        return cal.maps(maps), cal.scores(scores)
+        out = cal.maps(maps), cal.scores(scores)
+        if done is not None:
+            done[name] = out
+        return out
 
     def _calibrate(self, name: str, f_val: PatchFeatures | None) -> None:
         if f_val is None:  # zero-shot heads with no target normals: identity calibration
@@ -323,17 +332,19 @@ class Run:
               progress: Progress | None = None) -> dict[str, Scored]:
         """Calibrated maps and scores of ``samples`` for each head; heads are timed one image at a time."""
         feats = samples if isinstance(samples, PatchFeatures) else self.features(samples, progress, "test")
-        out = {}
-        for name in methods or list(self.heads):
-            maps, scores, times = [], [], []
-            for i in range(len(feats)):
+        names = sorted(methods or list(self.heads), key=lambda n: self.heads[n].combines_heads)  # members first
+        maps: dict[str, list] = {n: [] for n in names}
+        scores: dict[str, list] = {n: [] for n in names}
+        times: dict[str, list] = {n: [] for n in names}
+        for i in range(len(feats)):
+            one, done = feats[i], {}  # an ensemble reuses its members' outputs for this image
+            for name in names:
                 t0 = time.perf_counter()
-                m, s = self._calibrated(name, feats[i])
-                times.append((time.perf_counter() - t0) * 1000)
-                maps.append(m[0].numpy().astype(np.float32))
-                scores.append(float(s[0]))
-            out[name] = Scored(np.array(scores), np.stack(maps), times)
-        return out
+                m, s = self._calibrated(name, one, done)
+                times[name].append((time.perf_counter() - t0) * 1000)
+                maps[name].append(m[0].numpy().astype(np.float32))
+                scores[name].append(float(s[0]))
+        return {n: Scored(np.array(scores[n]), np.stack(maps[n]), times[n]) for n in methods or list(self.heads)}
 
     def evaluate(self, test: Sequence[Sample], progress: Progress | None = None,
                  record: bool = True) -> dict[str, dict[str, Any]]:
@@ -383,22 +394,24 @@ class Run:
         DataError naming the run and the file."""
         run_dir = Path(run_dir)
         meta = read_run_meta(run_dir)
-        run = cls(_config_from(meta), cache=cache, token=token)
-        run.run_id, run.dir = meta["run_id"], run_dir
-        run.info = meta.get("info", run.info)
-        run.calibration = {k: Calibration(**v) for k, v in meta.get("calibration", {}).items()}
-        run.meta = {k: v for k, v in meta.items() if k not in ("run_id", "config", "info", "calibration")}
-        for name in run.config.methods:
+        config = _config_from(meta)
+        heads = {}
+        for name in config.methods:
             if not (run_dir / name / "model.safetensors").is_file():
                 raise DataError(f"run {run_dir.name}: {name}/model.safetensors is missing (uadlab loads "
                                 "safetensors only, never pickle files)")
             try:
-                run.heads[name] = get_method_class(name).from_pretrained(str(run_dir / name))
+                heads[name] = get_method_class(name).from_pretrained(str(run_dir / name))
             except DataError as e:
                 raise DataError(f"run {run_dir.name}: {e}") from None
             except (OSError, ValueError, TypeError, KeyError) as e:  # config.json damaged, unknown method ...
                 raise DataError(f"run {run_dir.name}: {name} cannot be loaded ({type(e).__name__}: "
                                 f"{e.strerror if isinstance(e, OSError) else e})") from None
+        run = cls(config, cache=cache, token=token, heads=heads)
+        run.run_id, run.dir = meta["run_id"], run_dir
+        run.info = meta.get("info", run.info)
+        run.calibration = {k: Calibration(**v) for k, v in meta.get("calibration", {}).items()}
+        run.meta = {k: v for k, v in meta.items() if k not in ("run_id", "config", "info", "calibration")}
         return run
 
     @classmethod
@@ -410,8 +423,7 @@ class Run:
                            image_size=int(info.get("image_size") or DEFAULT_IMAGE_SIZE), resize=info.get("resize"),
                            weights=info.get("weights") or "default", sigma=info.get("sigma"),
                            score_mode=info.get("score_mode"))
-        run = cls(config, cache=cache, token=token)
-        run.heads = {head.name: head}
+        run = cls(config, cache=cache, token=token, heads={head.name: head})
         if info.get("calibration"):
             run.calibration[head.name] = Calibration(**info["calibration"])
         return run

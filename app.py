@@ -172,7 +172,7 @@ def on_source_change(source: str):
 def on_train(user, backbone, methods, preset, image_size, aux_source, token, progress=gr.Progress()):
     ws = _ws(user)
     run_id, evaluation = ws.train(methods, backbone or None, preset, None if image_size in (None, "") else int(image_size),
-                                  aux_source, S.clean_token(token), progress=lambda f, m: progress(f, desc=m))
+                                  aux_source, S.clean_token(token), progress=lambda p: progress(p.overall or 0.0, desc=p.text))
     msg = f"Run **{run_id}** trained and saved. Open **Compare** to see the heatmaps."
     if not evaluation:
         msg += " (No labelled test images: no metrics.)"

@@ -11,7 +11,7 @@ def test_cache_reuses_features(tmp_path, tiny_demo, effnet):
     samples = load_mvtec(tiny_demo, categories=["brick"]).train[:4]
     cache = FeatureCache(tmp_path / "c")
     calls = []
-    f1 = cache.extract(effnet, samples, batch_size=3, progress=lambda d, t, m: calls.append((d, t)))
+    f1 = cache.extract(effnet, samples, batch_size=3, progress=lambda p: calls.append((p.done, p.total)))
     assert cache.misses == 4 and cache.hits == 0 and calls[-1] == (4, 4)
     f2 = cache.extract(effnet, samples)
     assert cache.hits == 4 and f2.meta["extracted"] == 0

@@ -13,15 +13,19 @@ def fitted(tiny_demo, tmp_path_factory):
     run = Run(RunConfig(methods=["patchcore", "anomalydino"], image_size=96), workdir=work,
               cache=FeatureCache(work / "cache"))
     steps = []
-    run.fit(ds.train, progress=lambda f, m: steps.append((f, m)))
+    run.fit(ds.train, progress=steps.append)
     return run, ds, steps, work
 
 
 def test_progress_is_monotone_and_complete(fitted):
     _, _, steps, _ = fitted
-    fracs = [f for f, _ in steps]
+    fracs = [p.overall for p in steps]
     assert fracs[-1] == 1.0 and all(b >= a - 1e-9 for a, b in zip(fracs, fracs[1:]))
-    assert any("patchcore" in m for _, m in steps) and any("extract" in m for _, m in steps)
+    assert any("patchcore" in p.text for p in steps) and any("extract" in p.text for p in steps)
+    # every stage reports its counts; a stage with counts under way has an ETA
+    extraction = [p for p in steps if p.stage.startswith("extracting") and p.done]
+    assert extraction and extraction[-1].done == extraction[-1].total == len(fitted[1].train)
+    assert all(p.eta_s is not None for p in extraction)
 
 
 def test_methods_share_one_calibrated_scale(fitted):

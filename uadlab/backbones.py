@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import timm
@@ -24,6 +24,7 @@ from PIL import Image
 
 from .errors import UadlabError
 from .features import PatchFeatures
+from .progress import Progress, ProgressFn
 
 # short name -> timm model name (with pretrained tag)
 SHORT_NAMES: dict[str, str] = {
@@ -217,13 +218,13 @@ class Backbone(torch.nn.Module):
         return PatchFeatures(maps, (x.shape[-2], x.shape[-1]), cls, self.fingerprint)
 
     def extract(self, images: Sequence[Image.Image], batch_size: int = 16,
-                progress: Callable[[int, int, str], None] | None = None) -> PatchFeatures:
+                progress: ProgressFn | None = None) -> PatchFeatures:
         """Features of PIL images without a cache."""
         out = []
         for s in range(0, len(images), batch_size):
             out.append(self(torch.stack([self.transform(im) for im in images[s:s + batch_size]])))
             if progress:
-                progress(min(s + batch_size, len(images)), len(images), f"extracting {self.name} features")
+                progress(Progress(min(s + batch_size, len(images)), len(images), "images"))
         return PatchFeatures.cat(out)
 
 

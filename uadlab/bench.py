@@ -72,14 +72,13 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
             log(f"  {name:12s} {cat:10s} image AUROC {row['image_auroc']:.4f}  pixel AUROC {row['pixel_auroc']:.4f}"
                 f"  fit {row['fit_s']:.1f}s  head {row['head_ms']:.1f} ms/img")
 
-    progress = lambda f, m: None  # noqa: E731
     if trained:
         groups = [("all", cats)] if multi_class else [(c, [c]) for c in cats]
         for gname, gcats in groups:
             run = make(trained)
             train = _limit([s for s in ds.train if s.category in gcats], train_limit)
             log(f"[{gname}] fitting {', '.join(trained)} on {len(train)} normal images ({run.config.backbone})")
-            run.fit(train, progress)
+            run.fit(train)
             for c in gcats:
                 test = [s for s in ds.test if s.category == c]
                 emit(run, c, test, backbone_ms(run, test))
@@ -89,7 +88,7 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
         run = make(zero_shot)
         log(f"[{c}] zero-shot {', '.join(zero_shot)}: auxiliary set = test splits of the other categories "
             f"({len(aux)} labelled images); target normals only calibrate the scale")
-        run.fit(_limit([s for s in ds.train if s.category == c], train_limit), progress, aux=aux)
+        run.fit(_limit([s for s in ds.train if s.category == c], train_limit), aux=aux)
         test = [s for s in ds.test if s.category == c]
         emit(run, c, test, backbone_ms(run, test))
     for name in methods:

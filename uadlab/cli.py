@@ -15,6 +15,8 @@ import typing
 import warnings
 from pathlib import Path
 
+from .progress import Progress
+
 
 MIN_SIDE, MAX_SIDE = 32, 4096  # network input side in px
 
@@ -121,11 +123,22 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _progress(frac: float, msg: str) -> None:
-    sys.stderr.write(f"\r[{frac * 100:5.1f}%] {msg[:100]:100s}")
-    sys.stderr.flush()
-    if frac >= 1:
-        sys.stderr.write("\n")
+class ProgressBar:
+    """A one-line progress bar on stderr: the whole job's share, the stage, its counts and ETA."""
+
+    def __init__(self, stream=sys.stderr, width: int = 24) -> None:
+        self.stream, self.width, self.stage = stream, width, None
+
+    def __call__(self, p: Progress) -> None:
+        if self.stage is not None and p.stage.split(":")[0] != self.stage:
+            self.stream.write("\n")  # a finished stage keeps its last line
+        self.stage = p.stage.split(":")[0]
+        frac = p.overall if p.overall is not None else p.fraction
+        bar = "#" * round(frac * self.width)
+        self.stream.write(f"\r[{bar:{self.width}s}] {frac * 100:5.1f}% {p.text[:90]:90s}")
+        if frac >= 1:
+            self.stream.write("\n")
+        self.stream.flush()
 
 
 def cmd_fit(a) -> int:
@@ -137,7 +150,7 @@ def cmd_fit(a) -> int:
     aux = None
     if any(h.zero_shot for h in run.heads.values()):  # other categories only, never the target's test images
         aux = auxiliary_set(load_data(a.data, skip_bad=a.skip_bad) if a.categories else ds, ds.categories)
-    run.fit(ds.train[: a.train_limit] if a.train_limit else ds.train, _progress, aux=aux)
+    run.fit(ds.train[: a.train_limit] if a.train_limit else ds.train, ProgressBar(), aux=aux)
     path = run.save({"dataset": ds.summary()})
     print(f"saved run {run.run_id} to {path}")
     return 0

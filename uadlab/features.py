@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-ProgressFn = Callable[[int, int, str], None]  # (done, total, message)
+from .progress import Progress, ProgressFn
+
 
 
 @dataclass
@@ -234,7 +235,7 @@ class FeatureCache:
                 self.put(fp, keys[i], one)
                 out[i] = one
             if progress is not None:
-                progress(min(start + batch_size, len(todo)), len(todo), f"extracting {backbone.name} features")
+                progress(Progress(min(start + batch_size, len(todo)), len(todo), "images"))
         self.evict()
         res = PatchFeatures.cat(out)  # type: ignore[arg-type]
         res.backbone = fp

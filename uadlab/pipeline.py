@@ -17,9 +17,9 @@ import resource
 import time
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,9 +31,7 @@ from .errors import DataError
 from .features import FeatureCache, PatchFeatures
 from .methods import Method, get_method_class
 from .postprocess import Calibration
-
-Progress = Callable[[float, str], None]  # (fraction done in [0, 1], message)
-
+from .progress import ProgressFn, Stages
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("UADLAB_CACHE", Path.home() / ".cache" / "uadlab")) / "features"
@@ -219,12 +217,11 @@ class Run:
                                              self.config.resize, self.config.weights, self._token)
         return self._backbone
 
-    def features(self, samples: Sequence[Sample], progress: Progress | None = None, what: str = "images") -> PatchFeatures:
-        cb = None if progress is None else (lambda d, t, m: progress(d / max(t, 1), f"{m}: {what} {d}/{t}"))
-        return self.cache.extract(self.backbone, samples, progress=cb)
+    def features(self, samples: Sequence[Sample], progress: ProgressFn | None = None) -> PatchFeatures:
+        return self.cache.extract(self.backbone, samples, progress=progress)
 
     # ---- training ---------------------------------------------------------------------------------------
-    def fit(self, train: Sequence[Sample], progress: Progress | None = None,
+    def fit(self, train: Sequence[Sample], progress: ProgressFn | None = None,
             aux: Sequence[Sample] | None = None) -> "Run":
         """Fit every head on the normal ``train`` images (zero-shot heads on the labelled ``aux`` set) and
         calibrate it label-free on held-out normal images (see ``RunConfig``: refit or holdout)."""
@@ -232,66 +229,61 @@ class Run:
         if not train and learned:
             raise ValueError("no normal training images")
         seed_everything(self.config.seed)
-        report = progress or (lambda f, m: None)
         refit = self.config.calibration == "refit"
         fit_i, val_i = split_indices(len(train), self.config.val_fraction, self.config.seed)
         cats = {s.category for s in train}
         category = cats.pop() if len(cats) == 1 else None  # for per-category choices (AnomalyDINO's masking table)
-        report(0.0, "extracting features")
-        f_all = self.features(train, lambda f, m: report(0.3 * f, m), "normal") if train else None
+        order = sorted(self.heads, key=lambda n: self.heads[n].combines_heads)  # ensembles after their members
+        refits = learned if refit and val_i != fit_i else []
+        # stages: extraction (weighed as all fits together: a cold cache costs that much), one fit per head,
+        # one refit per learned head (a refit costs about a fit)
+        stages = Stages(progress, [len(order) or 1] + [1] * (len(order) + len(refits)))
+        f_all = self.features(train, stages.stage("extracting features of the normal images")) if train else None
         f_fit = f_all[fit_i] if f_all is not None else None
         f_val = f_all[val_i] if f_all is not None and val_i != fit_i else None
         self.info.update(n_train=len(train), n_fit=len(fit_i), n_calibration=len(val_i),
                          calibration_mode=self.config.calibration)
-        n_stages = len(self.heads) + (len(learned) if refit and f_val is not None else 0)  # fits, then refits
-        stage = iter(range(n_stages))
-
-        def stage_progress(name: str, what: str) -> Callable[[int, int, float], None]:
-            lo, span = 0.3 + 0.7 * next(stage) / n_stages, 0.7 / n_stages
-            report(lo, f"{what} {name}")
-            return lambda s, total, loss: report(lo + span * s / max(total, 1), f"{name}: step {s}/{total}, loss {loss:.4g}")
-
-        order = sorted(self.heads, key=lambda n: self.heads[n].combines_heads)  # ensembles after their members
         for name in order:
             head = self.heads[name]
-            step = stage_progress(name, "fitting")
+            step = stages.stage(f"fitting {name} on {len(fit_i) if not head.zero_shot else len(aux or [])} images")
             t0 = time.perf_counter()
             if head.combines_heads:
                 head.fit_members(self.heads)
             elif head.zero_shot:
-                self._fit_zero_shot(name, head, aux, step, report)
+                self._fit_zero_shot(name, head, aux, step)
             else:
                 self._fit_learned(head, [train[i] for i in fit_i], f_fit, step, category=category,
                                   val_features=None if f_val is None else f_val.select(head.layers_for(self.backbone.spec)))
             self.info["fit_s"][name] = time.perf_counter() - t0
             # zero-shot heads never saw the target's normals: calibrate on all of them
             self._calibrate(name, f_all if head.zero_shot else (f_val if f_val is not None else f_fit))
-        if refit and f_val is not None:
-            for name in learned:  # the final heads see every normal image; the calibration carries over
-                step = stage_progress(name, "refitting on all normal images:")
-                head = self._new_head(name)
-                t0 = time.perf_counter()
-                self._fit_learned(head, train, f_all, step, category=category)
-                self.info.setdefault("calibration_fit_s", {})[name] = self.info["fit_s"][name]
-                self.info["fit_s"][name] = time.perf_counter() - t0
-                head.fit_info["calibration"] = self.heads[name].fit_info.get("calibration")
-                self.heads[name] = head
-        report(1.0, "done")
+        for name in refits:  # the final heads see every normal image; the calibration carries over
+            step = stages.stage(f"refitting {name} on all {len(train)} normal images")
+            head = self._new_head(name)
+            t0 = time.perf_counter()
+            self._fit_learned(head, train, f_all, step, category=category)
+            self.info.setdefault("calibration_fit_s", {})[name] = self.info["fit_s"][name]
+            self.info["fit_s"][name] = time.perf_counter() - t0
+            head.fit_info["calibration"] = self.heads[name].fit_info.get("calibration")
+            self.heads[name] = head
+        stages.finish("trained")
         return self
 
-    def _fit_learned(self, head: Method, samples: Sequence[Sample], feats: PatchFeatures, step, **kw: Any) -> None:
+    def _fit_learned(self, head: Method, samples: Sequence[Sample], feats: PatchFeatures, step: ProgressFn,
+                     **kw: Any) -> None:
         """Fit a head on normal images; heads that train for long keep resumable checkpoints next to the cache."""
         refs = head.reference_augment(samples)
         if len(refs) != len(samples):  # image-space augmentation of the references (AnomalyDINO's rotations)
-            feats, kw = self.features(refs, what="augmented references"), {**kw, "references_augmented": True}
+            feats = self.features(refs, lambda p: step(replace(p, stage="features of the augmented references")))
+            kw = {**kw, "references_augmented": True}
         head.fit(feats.select(head.layers_for(self.backbone.spec)), progress=step,
                  checkpoint_dir=str(self.cache.root.parent / "checkpoints"), **kw)
 
-    def _fit_zero_shot(self, name: str, head: Method, aux: Sequence[Sample] | None, step, report: Progress) -> None:
+    def _fit_zero_shot(self, name: str, head: Method, aux: Sequence[Sample] | None, step: ProgressFn) -> None:
         if not aux:
             raise ValueError(f"{name} is zero-shot: it needs an auxiliary labelled set (other categories "
                              "with masks, or annotations)")
-        f_aux = self.features(aux, lambda f, m: report(0.3, m), "auxiliary")
+        f_aux = self.features(aux, lambda p: step(replace(p, stage="features of the auxiliary set")))
         labels = torch.tensor([max(s.label, 0) for s in aux], dtype=torch.float32)
         masks = masks_at(self.backbone, aux)
         head.fit(f_aux.select(head.layers_for(self.backbone.spec)), progress=step, labels=labels,
@@ -329,9 +321,9 @@ class Run:
 
     # ---- scoring --------------------------------------------------------------------------------------------
     def score(self, samples: Sequence[Sample] | PatchFeatures, methods: Sequence[str] | None = None,
-              progress: Progress | None = None) -> dict[str, Scored]:
+              progress: ProgressFn | None = None) -> dict[str, Scored]:
         """Calibrated maps and scores of ``samples`` for each head; heads are timed one image at a time."""
-        feats = samples if isinstance(samples, PatchFeatures) else self.features(samples, progress, "test")
+        feats = samples if isinstance(samples, PatchFeatures) else self.features(samples, progress)
         names = sorted(methods or list(self.heads), key=lambda n: self.heads[n].combines_heads)  # members first
         maps: dict[str, list] = {n: [] for n in names}
         scores: dict[str, list] = {n: [] for n in names}
@@ -346,7 +338,7 @@ class Run:
                 scores[name].append(float(s[0]))
         return {n: Scored(np.array(scores[n]), np.stack(maps[n]), times[n]) for n in methods or list(self.heads)}
 
-    def evaluate(self, test: Sequence[Sample], progress: Progress | None = None,
+    def evaluate(self, test: Sequence[Sample], progress: ProgressFn | None = None,
                  record: bool = True) -> dict[str, dict[str, Any]]:
         """Metrics and curves of every head on labelled test images (unlabelled ones are ignored); with
         ``record`` they are kept in the run's info and the heads' model cards."""

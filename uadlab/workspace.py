@@ -33,10 +33,10 @@ from .data import (IMAGE_EXTS, DataError, Dataset, Sample, is_mvtec, load_folder
 from .methods import get_method_class, list_methods
 from .safety import (TRAININGS, QuotaError, confine, disk_usage, export_path, hub_id, limits, megabytes, public_text,
                      remove_stale_exports, resolve_local_folder, workspace_root)
+from .progress import Progress, ProgressFn, Stages, quiet, within
 from .store import AnnotationStore
 from .viz import GridRow, compare_grid
 
-Progress = Callable[[float, str], None]
 _USER_RE = re.compile(r"^[0-9a-f]{8,64}$")
 _ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")
 
@@ -428,12 +428,11 @@ class Workspace:
 
     def train(self, methods: Sequence[str], backbone: str | None = None, preset: str = "quick",
               image_size: int | None = None, aux_source: str = "other categories", token: str | None = None,
-              progress: Progress | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
+              progress: ProgressFn | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
         """Fit the chosen heads on the current data, evaluate on its labelled test images, save; return
         (run id, evaluation)."""
         from .pipeline import Run, RunConfig
 
-        report = progress or (lambda f, m: None)
         if not methods:
             raise ValueError("select at least one method")
         unknown = [m for m in methods if m not in list_methods()]
@@ -451,16 +450,17 @@ class Workspace:
         with TRAININGS.hold(self.user, lim.trainings_per_workspace, lim.trainings):
             run = Run(RunConfig.resolve(methods, preset, backbone or None, image_size or None), workdir=self.runs_dir,
                       token=token or None)
-            run.fit(ds.train, lambda f, m: report(0.85 * f, m), aux=aux)
+            run.fit(ds.train, within(progress, 0.0, 0.85), aux=aux)
             evaluation: dict[str, dict[str, Any]] = {}
-            if any(s.label in (0, 1) for s in ds.test):
-                report(0.85, "evaluating on the labelled test images")
-                evaluation = run.evaluate(ds.test, progress=lambda f, m: report(0.85 + 0.14 * f, m))
+            labelled = [s for s in ds.test if s.label in (0, 1)]
+            if labelled:
+                step = Stages(within(progress, 0.85, 0.99), [1]).stage(f"evaluating on {len(labelled)} labelled test images")
+                evaluation = run.evaluate(labelled, progress=step)
             run.save({"data": choice, "dataset_key": dataset_key(choice), "dataset": ds.summary(),
                       "evaluation": evaluation})
         run._token = None  # the token served this call only; the cached run must not keep it
         _RUNS.put((self.user, run.run_id), run)
-        report(1.0, "done")
+        (progress or quiet)(Progress(1, 1, stage="saved", overall=1.0))
         return run.run_id, evaluation
 
     def aux_set(self, choice: dict[str, Any], source: str) -> list[Sample]:

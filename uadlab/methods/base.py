@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
@@ -22,12 +22,12 @@ from safetensors.torch import load_file
 from ..errors import DataError
 from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
+from ..progress import ProgressFn
 from ..postprocess import image_score, to_heatmap
 
 if TYPE_CHECKING:
     from ..backbones import BackboneSpec
 
-StepFn = Callable[[int, int, float], None]  # (step, total_steps, loss) for iterative heads
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -118,7 +118,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
     def is_fitted(self) -> bool:
         return bool(self._fitted)
 
-    def fit(self, features: PatchFeatures, progress: StepFn | None = None, **kwargs: Any) -> "Method":
+    def fit(self, features: PatchFeatures, progress: ProgressFn | None = None, **kwargs: Any) -> "Method":
         """Learn from the features of normal images (or a labelled auxiliary set for zero-shot methods)."""
         if len(features) == 0:
             raise ValueError(f"{self.name}: cannot fit on zero images")
@@ -167,7 +167,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         """Optional: named explanation images (numpy arrays) for ONE image; methods without any return {}."""
         return {}
 
-    def _fit(self, features: PatchFeatures, progress: StepFn | None = None, **kwargs: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress: ProgressFn | None = None, **kwargs: Any) -> None:
         raise NotImplementedError
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:

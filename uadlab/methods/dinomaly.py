@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
+from ..progress import Progress
 from ..postprocess import image_score, upsample
 from .base import AnomalyResult, Method, register_method
 
@@ -406,7 +407,7 @@ class Dinomaly(Method):
                 if ckpt and (step + 1) % self.checkpoint_every == 0 and step + 1 < self.steps:
                     self._save_checkpoint(ckpt, opt, step + 1, data_key)
                 if progress is not None:
-                    progress(step + 1, self.steps, loss)
+                    progress(Progress(step + 1, self.steps, "steps", loss=loss))
         self.eval()
         if ckpt is not None:  # finished: the weights now live in the head; the resume file has done its job
             ckpt.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
+from ..progress import Progress
 from ..layers import cached_index
 from .base import AnomalyResult, Method, register_method
 
@@ -117,7 +118,7 @@ def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 128, n_starts: int =
         dot = (zs @ zs[j]).float()
         torch.minimum(d, dot.mul_(-2.0).add_(sq).add_(sq[j]), out=d)
         if progress is not None and (i % 1000 == 0 or i == n - 1):
-            progress(i + 1, n, float(d[j]))
+            progress(Progress(i + 1, n, "coreset points"))
     return out
 
 

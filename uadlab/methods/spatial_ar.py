@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
+from ..progress import Progress
 from .base import AnomalyResult, Method, register_method
 
 MODES = ("causal", "bidirectional", "standard")
@@ -287,7 +288,7 @@ class SpatialAR(Method):
                 opt.step()
                 step += 1
                 if progress is not None:
-                    progress(step, total, loss.item())
+                    progress(Progress(step, total, "steps", loss=loss.item()))
             if x_val is not None and self.select == "val_loss":  # held-out NORMAL images only
                 self.eval()
                 with torch.no_grad():

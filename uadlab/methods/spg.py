@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
+from ..progress import Progress
 from .base import AnomalyResult, Method, register_method
 
 GUIDES = ("global_normal", "global_anomaly", "local_normal", "local_anomaly")  # rows of theta / the guides
@@ -279,7 +280,7 @@ class SPG(Method):
                 since_fired[fired] = 0
                 step, mse = step + 1, loss_mse.item()
                 if progress is not None:
-                    progress(step, total, loss.item())
+                    progress(Progress(step, total, "steps", loss=loss.item()))
         with torch.no_grad():  # atoms that never fire on the whole training set are dead for good
             alive = torch.zeros(self.n_atoms, dtype=torch.bool)
             for x in tok.split(16):
@@ -329,7 +330,7 @@ class SPG(Method):
                         self.theta_ema.lerp_(self.theta, 1 - self.ema_decay)
                 step += 1
                 if progress is not None:
-                    progress(step, total, loss.item())
+                    progress(Progress(step, total, "steps", loss=loss.item()))
 
     # ---- scoring and interpretation --------------------------------------------------------------------------
     def _score(self, features: PatchFeatures) -> AnomalyResult:

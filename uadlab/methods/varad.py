@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
+from ..progress import Progress
 from .base import AnomalyResult, Method, register_method
 
 DIRECTIONS = ("row", "col", "row_rev", "col_rev")  # scan orders of the token grid
@@ -396,7 +397,7 @@ class VarAD(Method):
                 sched.step()
                 step += 1
                 if progress is not None:
-                    progress(step, total, loss.detach().item())
+                    progress(Progress(step, total, "steps", loss=loss.detach().item()))
             if val is not None:  # checkpoint selection on held-out NORMAL images only
                 self.eval()
                 with torch.no_grad():  # in slices of batch_size images: memory stays flat at any resolution

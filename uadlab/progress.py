@@ -1,0 +1,107 @@
+"""One progress type for every long job: feature extraction, fitting, scoring, evaluating.
+
+Producers (a backbone's extraction loop, a method's training loop, a coreset) report plain counts::
+
+    progress(Progress(done=step, total=steps, unit="steps", loss=loss))
+
+The job that runs them (``Run.fit``, the app's training) splits itself into ``Stages``: each stage
+names the counts, places them in the whole job (``overall``) and adds an ETA. Consumers (the CLI's
+progress bar, the app's progress bar) only read ``Progress.overall`` and ``Progress.text``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Progress:
+    """``done`` of ``total`` units of one stage of a job.
+
+    Attributes:
+        done, total: counts of the stage (images, steps, points).
+        unit: what is counted ("images", "steps").
+        stage: what runs ("extracting features: normal images", "fitting patchcore").
+        loss: the training loss at this step, if any.
+        overall: fraction of the whole job in [0, 1], when the job knows its stages.
+        eta_s: estimated seconds left in this stage (from its rate so far).
+    """
+
+    done: int
+    total: int
+    unit: str = ""
+    stage: str = ""
+    loss: float | None = None
+    overall: float | None = None
+    eta_s: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return min(max(self.done / self.total, 0.0), 1.0) if self.total > 0 else 0.0
+
+    @property
+    def text(self) -> str:
+        """e.g. ``fitting patchcore: 120/400 steps, loss 0.0123, about 35 s left``."""
+        parts = [f"{self.done}/{self.total} {self.unit}".strip()] if self.total else []
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4g}")
+        if self.eta_s is not None and self.done < self.total:
+            parts.append(f"about {format_seconds(self.eta_s)} left")
+        body = ", ".join(parts)
+        return f"{self.stage}: {body}" if self.stage and body else self.stage or body
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def format_seconds(s: float) -> str:
+    s = max(int(round(s)), 0)
+    return f"{s} s" if s < 90 else f"{s // 60} min {s % 60:02d} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def quiet(_: Progress) -> None:
+    """A ProgressFn that reports nothing."""
+
+
+class Stages:
+    """Split a job into weighted stages; every event of a stage is re-emitted with its stage name, its place
+    in the whole job (``overall``) and an ETA from the stage's own rate.
+
+    Args:
+        report: where events go (None: nowhere).
+        weights: relative cost of each stage, in the order they run.
+    """
+
+    def __init__(self, report: ProgressFn | None, weights: Sequence[float]) -> None:
+        total = float(sum(weights)) or 1.0
+        self.report = report or quiet
+        self.bounds, acc = [], 0.0
+        for w in weights:
+            self.bounds.append((acc / total, (acc + w) / total))
+            acc += w
+        self.index = 0
+
+    def stage(self, name: str, unit: str = "") -> ProgressFn:
+        """The callback for the next stage (announced at once with 0 done)."""
+        a, b = self.bounds[min(self.index, len(self.bounds) - 1)]
+        self.index += 1
+        t0 = time.monotonic()
+
+        def emit(p: Progress) -> None:
+            elapsed = time.monotonic() - t0
+            eta = elapsed / p.done * (p.total - p.done) if p.done > 0 and p.total > 0 else None
+            self.report(replace(p, stage=f"{name}: {p.stage}" if p.stage else name, unit=p.unit or unit,
+                                overall=a + (b - a) * p.fraction, eta_s=eta))
+
+        self.report(Progress(0, 0, unit, name, overall=a))
+        return emit
+
+    def finish(self, name: str = "done") -> None:
+        self.report(Progress(1, 1, "", name, overall=self.bounds[-1][1] if self.bounds else 1.0))
+
+
+def within(report: ProgressFn | None, lo: float, hi: float) -> ProgressFn:
+    """Map a job's ``overall`` into [lo, hi] of an outer job (a fit inside the app's training)."""
+    out = report or quiet
+    return lambda p: out(replace(p, overall=None if p.overall is None else lo + (hi - lo) * p.overall))

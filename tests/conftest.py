@@ -1,10 +1,9 @@
 """Shared fixtures: everything offline, tiny and real (real textures, real pretrained EfficientNet-Lite0)."""
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import json
 import os
+from types import SimpleNamespace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the Hub is unreachable here: fail fast instead of retrying
@@ -45,15 +44,18 @@ SMALL_DEMO = {"n_train": 8, "n_test_good": 2, "n_test_per_defect": 1, "size": 96
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """app.py as a module on a fresh workspace and a small demo: its callbacks are called as plain functions."""
+    """The app's screens on a fresh workspace and a small demo: their callbacks are called as plain functions
+    (``app.data.on_load_demo``, ``app.train.on_train``, ...; ``app.W`` is uadlab.workspace, ``app.S`` safety)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("UADLAB_WORKSPACE", str(tmp_path_factory.mktemp("workspace")))
     mp.setenv("UADLAB_DEMO", json.dumps(SMALL_DEMO))
     mp.delenv("UADLAB_LOCAL_FOLDERS", raising=False)
-    spec = importlib.util.spec_from_file_location("uadlab_app", Path(__file__).resolve().parents[1] / "app.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    yield mod
+    from uadlab import safety, ui, workspace
+    from uadlab.ui import annotate_tab, compare_tab, data_tab, explain_tab, header, hub_tab, train_tab
+
+    yield SimpleNamespace(header=header, data=data_tab, train=train_tab, compare=compare_tab, annotate=annotate_tab,
+                          hub=hub_tab, explain=explain_tab, on_run_change=ui.on_run_change, build_app=ui.build_app,
+                          serve=ui.serve, W=workspace, S=safety)
     mp.undo()
 
 
@@ -62,8 +64,17 @@ def no_progress(*a, **k):
 
 
 def load_data(app, user, source, category="all", **kw):
-    """Call on_load_data with the named inputs (the others empty), like the Data tab does."""
-    names = [n for n in inspect.signature(app.on_load_data).parameters if n != "progress"]
-    args = {n: None for n in names}
-    args.update(user=user, source=source, category=category, **kw)
-    return app.on_load_data(**args, progress=no_progress)
+    """Load data like the Data tab's buttons do: ``source`` names the form, ``kw`` its fields (others empty)."""
+    d = app.data
+    if source == "Demo (offline)":
+        return d.on_load_demo(user, category)
+    if source == "Upload":
+        return d.on_load_upload(user, category, d.Upload(kw.get("zip_file"), kw.get("train_files") or [],
+                                                         kw.get("test_files") or [], kw.get("mask_files") or [],
+                                                         bool(kw.get("unmasked_normal"))))
+    if source == "Local folder":
+        return d.on_load_folder(user, category, kw.get("folder"))
+    fields = {k[3:]: v for k, v in kw.items() if k.startswith("hf_") and k != "hf_token"}
+    fields = {{"image": "image_column", "label": "label_column", "mask": "mask_column",
+               "category": "category_column"}.get(k, k): v for k, v in fields.items()}
+    return d.on_load_hf(user, category, d.HfSource(**fields), kw.get("hf_token"))

@@ -16,20 +16,20 @@ from conftest import load_data as _load, no_progress as _progress
 @pytest.fixture(scope="module")
 def trained(app):
     """One user with the demo (brick) loaded and a quick PatchCore run."""
-    user, _, _ = app.on_start(None)
-    app.on_restore_data(user)
-    msg, table, dd = app.on_train(user, "efficientnet_lite0", ["patchcore"], "quick", 128, "other categories", "",
+    user, _, _ = app.header.on_start(None)
+    app.data.on_restore_data(user)
+    msg, table, run_id = app.train.on_train(user, "efficientnet_lite0", ["patchcore"], "quick", 128, "other categories", "",
                                   progress=_progress)
-    return user, dd["value"], msg, table
+    return user, run_id, msg, table
 
 
 def test_session_ids(app):
-    user, same, shown = app.on_start(None)
+    user, same, shown = app.header.on_start(None)
     assert len(user) == 32 and user == same == shown
-    assert app.on_start(user)[0] == user  # a reload keeps the workspace
-    assert app.on_start("../../etc")[0] != "../../etc"  # a forged id is replaced, never used as a path
+    assert app.header.on_start(user)[0] == user  # a reload keeps the workspace
+    assert app.header.on_start("../../etc")[0] != "../../etc"  # a forged id is replaced, never used as a path
     with pytest.raises(gr.Error):
-        app.on_switch_workspace("not-hex!")
+        app.header.on_switch_workspace("not-hex!")
 
 
 def test_browser_secret_survives_restarts(app, tmp_path, monkeypatch):
@@ -48,8 +48,8 @@ def test_every_registered_method_is_offered(app):
 
 
 def test_data_demo_and_errors(app, tmp_path, monkeypatch):
-    user, _, _ = app.on_start(None)
-    md, preview, bad, cat, idx = app.on_restore_data(user)
+    user, _, _ = app.header.on_start(None)
+    md, preview, bad, cat = app.data.on_restore_data(user)
     assert "demo/brick" in md and len(preview) > 8 and cat["value"] == "brick"
     md, *_ = _load(app, user, "Demo (offline)", "grass")
     assert "demo/grass" in md
@@ -66,7 +66,7 @@ def test_data_demo_and_errors(app, tmp_path, monkeypatch):
 
 
 def test_upload_loose_files_lists_bad_ones(app, tmp_path):
-    user, _, _ = app.on_start(None)
+    user, _, _ = app.header.on_start(None)
     files = []
     for i in range(3):
         p = tmp_path / f"n{i}.png"
@@ -78,7 +78,7 @@ def test_upload_loose_files_lists_bad_ones(app, tmp_path):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(test)
     mask = tmp_path / "t0_mask.png"
     Image.fromarray(np.pad(np.ones((10, 10), np.uint8) * 255, 15)).save(mask)
-    md, preview, bad, _, _ = _load(app, user, "Upload", train_files=files + [str(broken)], test_files=[str(test)],
+    md, preview, bad, _ = _load(app, user, "Upload", train_files=files + [str(broken)], test_files=[str(test)],
                                    mask_files=[str(mask)], unmasked_normal=False)
     assert "| 3 | 0 | 1 | 0 | yes | 1 |" in md
     assert "broken.png" in bad
@@ -86,63 +86,63 @@ def test_upload_loose_files_lists_bad_ones(app, tmp_path):
 
 def test_train_compare_threshold(app, trained):
     user, run_id, msg, table = trained
-    assert run_id in msg and list(table["method"]) == ["patchcore"]
+    assert "demo/brick · patchcore" in msg and run_id not in msg and list(table["method"]) == ["patchcore"]
     names_u, heads_u, ex_name, ex_method, info = app.on_run_change(user, run_id)
     assert heads_u["choices"] == ["patchcore"] and "demo/brick" in info
     names = names_u["value"]
     assert len(names) >= 3
-    grid, masks, fig, tab = app.on_compare(user, run_id, names, 1.0, "dataset labels")
+    grid, masks, fig, tab = app.compare.on_compare(user, run_id, names, 1.0, "dataset labels")
     assert isinstance(grid, Image.Image) and grid.height > 100 * len(names)
     assert {t.name.split(" ")[0] for t in fig.data if t.name != "chance"} == {"patchcore"}
     assert tab.shape[0] == 1 and tab["image AUROC"][0] != "–"
-    m2 = app.on_threshold(user, run_id, names, 2.5)
+    m2 = app.compare.on_threshold(user, run_id, names, 2.5)
     assert m2.size == masks.size
-    assert app.on_compare(user, None, [], 1.0, "dataset labels") == (None, None, None, None)
-    runs = app.on_refresh_runs(user, None)
+    assert app.compare.on_compare(user, None, [], 1.0, "dataset labels") == (None, None, None, None)
+    runs = app.header.on_refresh_runs(user, None)
     assert runs["value"] == run_id  # the saved run is listed (it survives a restart: it is on disk)
 
 
 def test_annotate_save_reload_export_and_labels(app, trained):
     user, run_id, _, _ = trained
-    editor, label, note, agree, disagree, review, status = app.on_annotate_show(user, 1, run_id, 1.0)
+    editor, label, note, agree, disagree, review, status = app.annotate.on_annotate_show(user, 1, run_id, 1.0)
     assert label is None and "not annotated yet" in status and len(review) == 2  # heatmap + mask
     h, w = editor["background"].shape[:2]
     layer = np.zeros((h, w, 4), np.uint8)
     layer[10:30, 10:30] = (255, 0, 0, 255)
-    status = app.on_annotate_save(user, 1, {"background": editor["background"], "layers": [layer]},
+    status = app.annotate.on_annotate_save(user, 1, {"background": editor["background"], "layers": [layer]},
                                   "anomalous", "a dent", ["patchcore"], [], run_id)
     assert "anomalous" in status and "mask 400 px" in status
     # more strokes are added to the saved mask
     layer2 = np.zeros((h, w, 4), np.uint8)
     layer2[50:60, 50:60] = (255, 0, 0, 255)
-    status = app.on_annotate_save(user, 1, {"layers": [layer2]}, "anomalous", "a dent", ["patchcore"], [], run_id)
+    status = app.annotate.on_annotate_save(user, 1, {"layers": [layer2]}, "anomalous", "a dent", ["patchcore"], [], run_id)
     assert "mask 500 px" in status
     # "reload": show again from the database
-    editor, label, note, agree, *_ , status = app.on_annotate_show(user, 1, run_id, 1.0)
+    editor, label, note, agree, *_ , status = app.annotate.on_annotate_show(user, 1, run_id, 1.0)
     assert label == "anomalous" and note == "a dent" and agree["value"] == ["patchcore"]
     bg = editor["background"].astype(int)
     assert (bg[..., 0] - bg[..., 1] > 90).sum() >= 500  # the saved mask is drawn in red
-    app.on_annotate_save(user, 0, None, "normal", "", [], ["patchcore"], run_id)
-    assert "agree 1, disagree 1" in app.on_review_summary(user, run_id)
-    _, status = app.on_clear_mask(user, 1, "anomalous", "a dent", [], [], run_id)
+    app.annotate.on_annotate_save(user, 0, None, "normal", "", [], ["patchcore"], run_id)
+    assert "agree 1, disagree 1" in app.annotate.on_review_summary(user, run_id)
+    _, status = app.annotate.on_clear_mask(user, 1, "anomalous", "a dent", [], [], run_id)
     assert "mask 0 px" in status
-    zpath = app.on_export(user)
+    zpath = app.annotate.on_export(user)
     with zipfile.ZipFile(zpath) as zf:
         names = zf.namelist()
     assert any("/test/good/" in n for n in names) and any("/test/anomalous/" in n for n in names)
     assert any("/train/good/" in n for n in names)
-    res = app.W.Workspace(user).evaluation(run_id, "annotations")
+    res = app.W.Workspace(user).runs.evaluation(run_id, "annotations")
     assert set(res) == {"patchcore"} and "image_auroc" in res["patchcore"]
 
 
 def test_other_users_see_nothing(app, trained):
     user, run_id, _, _ = trained
-    other, _, _ = app.on_start(None)
-    assert app.on_refresh_runs(other, None)["choices"] == []
+    other, _, _ = app.header.on_start(None)
+    assert app.header.on_refresh_runs(other, None)["choices"] == []
     with pytest.raises(gr.Error, match="not in this workspace"):
-        app.on_compare(other, run_id, ["x"], 1.0, "dataset labels")
-    app.on_restore_data(other)
-    *_, status = app.on_annotate_show(other, 1, None, 1.0)
+        app.compare.on_compare(other, run_id, ["x"], 1.0, "dataset labels")
+    app.data.on_restore_data(other)
+    *_, status = app.annotate.on_annotate_show(other, 1, None, 1.0)
     assert "Annotated in this dataset: 0" in status
 
 
@@ -151,30 +151,30 @@ def test_aux_sets_for_zero_shot_methods(app, trained):
 
     user, _, _, _ = trained
     ws = app.W.Workspace(user)
-    choice = ws.data_choice()
-    aux = ws.aux_set(choice, "other categories")
+    choice = ws.data.choice()
+    aux = ws.data.auxiliary(choice, "other categories")
     assert aux and {s.category for s in aux} == {"grass", "gravel"} and {s.label for s in aux} == {0, 1}
-    fresh = app.W.Workspace(app.on_start(None)[0])
-    fresh.set_data({"kind": "demo", "category": "brick"})
+    fresh = app.W.Workspace(app.header.on_start(None)[0])
+    fresh.data.set({"kind": "demo", "category": "brick"})
     with pytest.raises(DataError, match="auxiliary"):
-        fresh.aux_set(fresh.data_choice(), "annotations")
+        fresh.data.auxiliary(fresh.data.choice(), "annotations")
 
 
 def test_explain_panel(app, trained):
     user, run_id, _, _ = trained
     names = app.on_run_change(user, run_id)[0]["value"]
-    images, md = app.on_explain(user, run_id, names[0], "patchcore")
+    images, md = app.explain.on_explain(user, run_id, names[0], "patchcore")
     assert images and images[0][0].ndim == 3 and "patchcore" in md
-    assert "patchcore" in app.methods_markdown()
+    assert "patchcore" in app.explain.methods_markdown()
 
 
 def test_hub_push_offline_is_a_clear_error(app, trained, monkeypatch):
     user, run_id, _, _ = trained
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(gr.Error, match="not reachable|offline"):
-        app.on_push(user, run_id, "patchcore", "someone/uadlab-test", "hf_secret_token_123", True, progress=_progress)
+        app.hub.on_push(user, run_id, "patchcore", "someone/uadlab-test", "hf_secret_token_123", True, progress=_progress)
     with pytest.raises(gr.Error, match="valid repository id"):
-        app.on_push(user, run_id, "patchcore", "bad id with spaces", "hf_x", True, progress=_progress)
+        app.hub.on_push(user, run_id, "patchcore", "bad id with spaces", "hf_x", True, progress=_progress)
 
 
 def test_hub_push_uploads_card_and_example(app, trained, monkeypatch, tmp_path):
@@ -197,7 +197,7 @@ def test_hub_push_uploads_card_and_example(app, trained, monkeypatch, tmp_path):
 
     monkeypatch.setattr(HfApi, "create_repo", fake_create)
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload)
-    md = app.on_push(user, run_id, "patchcore", "me/uadlab-patchcore", "hf_secret_token_123", True,
+    md = app.hub.on_push(user, run_id, "patchcore", "me/uadlab-patchcore", "hf_secret_token_123", True,
                      progress=_progress)
     assert "huggingface.co/me/uadlab-patchcore" in md
     assert calls["create"][1]["private"] is True and calls["create"][1]["token"] == "hf_secret_token_123"
@@ -215,11 +215,11 @@ def test_hub_push_uploads_card_and_example(app, trained, monkeypatch, tmp_path):
     monkeypatch.setenv("UADLAB_LOCAL_FOLDERS", str(tmp_path))
     img = tmp_path / "probe.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(img)
-    gallery, md = app.on_hub_score(str(pushed), "", "auto", [str(img)], progress=_progress)
+    gallery, md = app.hub.on_hub_score(str(pushed), "", "auto", [str(img)], progress=_progress)
     assert len(gallery) == 1 and "patchcore" in md and gallery[0][0].shape == (128, 128, 3)
     with pytest.raises(gr.Error, match="offline|not reachable"):
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        app.on_hub_score("someone/not-here", "", "auto", [], progress=_progress)
+        app.hub.on_hub_score("someone/not-here", "", "auto", [], progress=_progress)
 
 
 def test_viz_shared_scale_and_helpers():
@@ -251,9 +251,9 @@ def test_tokens_are_never_echoed_logged_or_stored(app, trained, caplog):
     messages = []
     for token in (spaced, plain):
         calls = [lambda t: _load(app, user, "Hugging Face dataset", hf_repo="someone/gated-data", hf_token=t),
-                 lambda t: app.on_push(user, run_id, "patchcore", "someone/uadlab-head", t, True, progress=_progress),
-                 lambda t: app.on_hub_score("someone/uadlab-head", t, "auto", [], progress=_progress),
-                 lambda t: app.on_train(user, "efficientnet_lite0", [], "quick", 96, "other categories", t,
+                 lambda t: app.hub.on_push(user, run_id, "patchcore", "someone/uadlab-head", t, True, progress=_progress),
+                 lambda t: app.hub.on_hub_score("someone/uadlab-head", t, "auto", [], progress=_progress),
+                 lambda t: app.train.on_train(user, "efficientnet_lite0", [], "quick", 96, "other categories", t,
                                         progress=_progress)]
         for call in calls:
             with pytest.raises(gr.Error) as e:
@@ -261,9 +261,9 @@ def test_tokens_are_never_echoed_logged_or_stored(app, trained, caplog):
             messages.append(e.value.message)
     assert sum("spaces or line breaks inside" in m for m in messages) == 4  # refused before any use
     assert any("not reachable" in m for m in messages)  # the plain token went as far as the (offline) Hub
-    app.on_restore_data(user)
-    app.on_annotate_save(user, 0, None, "normal", "", [], [], run_id)
-    export = Path(app.on_export(user))
+    app.data.on_restore_data(user)
+    app.annotate.on_annotate_save(user, 0, None, "normal", "", [], [], run_id)
+    export = Path(app.annotate.on_export(user))
     with zipfile.ZipFile(export) as zf:
         exported = b"".join(zf.read(n) for n in zf.namelist())
     stored = b"".join(p.read_bytes() for p in app.W.workspace_root().rglob("*") if p.is_file())

@@ -226,9 +226,9 @@ def _app_call(app, user, k: B.Kind, path, d: Path, fake_hub):  # noqa: F811
     if k.kind == "run":
         import shutil
 
-        runs_dir = app.W.Workspace(user).runs_dir
+        runs_dir = app.W.Workspace(user).runs.dir
         shutil.copytree(path, runs_dir / path.name)
-        listed = app.on_refresh_runs(user, None)["choices"]  # the list goes on with damaged runs in it
+        listed = app.header.on_refresh_runs(user, None)["choices"]  # the list goes on with damaged runs in it
         if "run.json" in k.name and any(v == path.name for _, v in listed):
             raise AssertionError(f"the run list shows the damaged run {path.name}")
         return app.on_run_change(user, path.name)
@@ -237,10 +237,10 @@ def _app_call(app, user, k: B.Kind, path, d: Path, fake_hub):  # noqa: F811
 
 def test_app(app, tmp_path, good_run, fake_hub, monkeypatch):  # noqa: F811
     monkeypatch.setenv("UADLAB_LOCAL_FOLDERS", str(tmp_path))  # the corpus' folders lie under an allowed root
-    user, _, _ = app.on_start(None)
+    user, _, _ = app.header.on_start(None)
     import shutil
 
-    shutil.copytree(good_run, app.W.Workspace(user).runs_dir / good_run.name)
+    shutil.copytree(good_run, app.W.Workspace(user).runs.dir / good_run.name)
     outcomes, (kinds, n_a) = {}, _inputs("app", tmp_path, good_run)
     for k, path in kinds:
         message = None

@@ -33,34 +33,34 @@ def _upload(app, user, files):
 
 
 def test_sessions_see_only_their_own_uploads_runs_and_annotations(app, tmp_path):
-    a, b = app.on_start(None)[0], app.on_start(None)[0]
+    a, b = app.header.on_start(None)[0], app.header.on_start(None)[0]
     _upload(app, a, _images(tmp_path / "a", 3))
     wa, wb = app.W.Workspace(a), app.W.Workspace(b)
-    uid = wa.data_choice()["id"]
+    uid = wa.data.choice()["id"]
     run_id = "20250101-000000-abcdef"
-    (wa.runs_dir / run_id).mkdir()
-    (wa.runs_dir / run_id / "run.json").write_text(json.dumps({"run_id": run_id, "created": 0, "config": {}}))
+    (wa.runs.dir / run_id).mkdir()
+    (wa.runs.dir / run_id / "run.json").write_text(json.dumps({"run_id": run_id, "created": 0, "config": {}}))
     for forged in (uid, f"../../{a}/uploads/{uid}"):
         with pytest.raises(DataError, match="no longer in this workspace"):
-            wb.set_data({"kind": "upload", "id": forged})
+            wb.data.set({"kind": "upload", "id": forged})
     with pytest.raises(gr.Error, match="not in this workspace"):
         app.on_run_change(b, run_id)
-    assert app.on_refresh_runs(b, None)["choices"] == []
+    assert app.header.on_refresh_runs(b, None)["choices"] == []
     for w in (wa, wb):
-        w.set_data({"kind": "demo", "category": "brick"})
-    wa.save_annotation(0, "anomalous", np.ones((96, 96), np.uint8), "mine")
-    *_, status = app.on_annotate_show(b, 0, None, 1.0)
+        w.data.set({"kind": "demo", "category": "brick"})
+    wa.annotations.save(0, "anomalous", np.ones((96, 96), np.uint8), "mine")
+    *_, status = app.annotate.on_annotate_show(b, 0, None, 1.0)
     assert "not annotated yet" in status and "Annotated in this dataset: 0" in status
     assert wb.store.list(b) == [] and len(wa.store.list(a)) == 1
     # sharing on purpose: whoever opens A's id sees A's runs and annotations
-    assert app.on_switch_workspace(a) == (a, a)
-    assert app.on_refresh_runs(a, None)["value"] == run_id
-    *_, status = app.on_annotate_show(a, 0, None, 1.0)
+    assert app.header.on_switch_workspace(a) == (a, a)
+    assert app.header.on_refresh_runs(a, None)["value"] == run_id
+    *_, status = app.annotate.on_annotate_show(a, 0, None, 1.0)
     assert "saved: **anomalous**" in status
 
 
 def test_server_folders_only_inside_allowed_roots(app, tmp_path, monkeypatch):
-    user = app.on_start(None)[0]
+    user = app.header.on_start(None)[0]
     data, outside = tmp_path / "data", tmp_path / "outside"
     _images(data / "good", 3)
     _images(outside, 2, "o")
@@ -99,13 +99,13 @@ def _source_choices(app) -> list[str]:
 
 
 def test_hub_sources_take_hub_ids_only(app, tmp_path, monkeypatch):
-    user = app.on_start(None)[0]
+    user = app.header.on_start(None)[0]
     for bad in ("/etc", str(tmp_path), "../x/y", "owner/../name", "./owner/name", "a/b/c", "~/x", "owner/"):
         with pytest.raises(gr.Error, match="not a Hugging Face dataset id") as e:
             load_data(app, user, "Hugging Face dataset", hf_repo=bad)
         assert str(tmp_path) not in str(e.value)
         with pytest.raises(gr.Error, match="not a Hugging Face model id"):
-            app.on_hub_score(bad, "", "auto", [], progress=no_progress)
+            app.hub.on_hub_score(bad, "", "auto", [], progress=no_progress)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "owner" / "name").mkdir(parents=True)  # the libraries would read this folder, not the Hub
     with pytest.raises(gr.Error, match="cannot be used as a Hub id"):
@@ -116,7 +116,7 @@ def test_limits_trip_with_clear_messages_and_leave_nothing(app, tmp_path, monkey
     from gradio.utils import get_upload_folder
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    user = app.on_start(None)[0]
+    user = app.header.on_start(None)[0]
     ws = app.W.Workspace(user)
 
     def received(n, prefix):  # files as gradio hands them over: inside its upload folder
@@ -125,7 +125,7 @@ def test_limits_trip_with_clear_messages_and_leave_nothing(app, tmp_path, monkey
     def refused(match, **kw):
         with pytest.raises(gr.Error, match=match):
             load_data(app, user, "Upload", **{"test_files": [], "mask_files": [], "unmasked_normal": False, **kw})
-        assert list(ws.uploads.iterdir()) == []  # nothing kept in the workspace
+        assert list(ws.data.uploads.iterdir()) == []  # nothing kept in the workspace
         for f in [kw.get("zip_file"), *(kw.get("train_files") or [])]:
             if f:
                 assert not os.path.exists(f) and f.startswith(get_upload_folder())  # gradio's copy removed too
@@ -152,15 +152,15 @@ def test_limits_trip_with_clear_messages_and_leave_nothing(app, tmp_path, monkey
     refused("no usable images|empty|no MVTec|no image files", zip_file=str(not_images))
 
     # trainings: one per workspace, and a process-wide cap
-    app.on_restore_data(user)
+    app.data.on_restore_data(user)
     with TRAININGS.hold(user, 1, 5):
         with pytest.raises(gr.Error, match="a training is already running in this workspace"):
-            app.on_train(user, "efficientnet_lite0", ["patchcore"], "quick", 96, "other categories", "",
+            app.train.on_train(user, "efficientnet_lite0", ["patchcore"], "quick", 96, "other categories", "",
                          progress=no_progress)
     monkeypatch.setenv("UADLAB_MAX_TRAININGS", "1")
     with TRAININGS.hold("someone-else", 1, 1):
         with pytest.raises(QuotaError, match="the server is busy"):
-            ws.train(["patchcore"], image_size=96)
+            ws.runs.train(["patchcore"], image_size=96)
     assert TRAININGS.busy() == set()
     monkeypatch.setenv("UADLAB_MAX_UPLOAD_IMAGES", "many")
     with pytest.raises(ValueError, match="UADLAB_MAX_UPLOAD_IMAGES='many' is not a number"):
@@ -168,10 +168,10 @@ def test_limits_trip_with_clear_messages_and_leave_nothing(app, tmp_path, monkey
 
 
 def test_expiry_sweep_deletes_old_workspaces_and_their_annotations(app, monkeypatch):
-    old, fresh, training = (app.on_start(None)[0] for _ in range(3))
+    old, fresh, training = (app.header.on_start(None)[0] for _ in range(3))
     for u in (old, fresh, training):
-        app.on_restore_data(u)
-        app.W.Workspace(u).save_annotation(0, "normal", None)
+        app.data.on_restore_data(u)
+        app.W.Workspace(u).annotations.save(0, "normal", None)
     week_ago = time.time() - 8 * 86400
     root = app.W.workspace_root()
     for u in (old, training):

@@ -26,7 +26,7 @@ URL_ROUTES = ["/gradio_api/proxy="]  # a URL of a proxied Space
 @pytest.fixture(scope="module")
 def server(app):
     """The app launched like ``python app.py`` on a free port, after one session used everything it stores."""
-    user = app.on_start(None)[0]
+    user = app.header.on_start(None)[0]
     src = app.W.workspace_root().parent / "src"
     src.mkdir(exist_ok=True)
     files = []
@@ -35,8 +35,8 @@ def server(app):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(files[-1])
     load_data(app, user, "Upload", train_files=files, test_files=files[:1], mask_files=[], unmasked_normal=True)
     ws = app.W.Workspace(user)
-    ws.save_annotation(0, "anomalous", np.ones((48, 48), np.uint8), "a note")
-    run = ws.runs_dir / "20250101-000000-abcdef"  # what a saved run holds (a real run is trained elsewhere)
+    ws.annotations.save(0, "anomalous", np.ones((48, 48), np.uint8), "a note")
+    run = ws.runs.dir / "20250101-000000-abcdef"  # what a saved run holds (a real run is trained elsewhere)
     (run / "patchcore").mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"run_id": run.name, "created": 0, "config": {}}))
     (run / "patchcore" / "model.safetensors").write_bytes(os.urandom(64))
@@ -140,7 +140,7 @@ def test_export_reaches_its_session_from_outside_the_workspace(server):
 
     client = Client(server["url"], verbose=False, download_files=str(server["cache"].parent / "downloads"))
     client.predict(server["user"], api_name="/on_switch_workspace")
-    path = Path(client.predict(api_name="/on_export"))
+    path = Path(client.predict(api_name="/on_export")[0])
     with zipfile.ZipFile(path) as zf:
         assert any("/test/anomalous/" in n for n in zf.namelist())
     assert not (server["app"].W.workspace_root() / "users" / server["user"] / "exports").exists()

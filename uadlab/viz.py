@@ -70,6 +70,34 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray | None, colour: tuple[int, 
     return out.round().astype(np.uint8)
 
 
+# Outlines drawn as a bright line inside a dark halo stay visible on any image (light, dark, red defects):
+GT_OUTLINE = (255, 255, 255)  # ground truth: white
+CONTOUR = (0, 230, 255)  # the region at or above the threshold: cyan
+
+
+def outline_overlay(image: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int] = GT_OUTLINE) -> np.ndarray:
+    """Draw the outline of a binary mask as a coloured line with a dark halo (no tint: the image stays visible)."""
+    out = np.asarray(image, np.uint8).copy()
+    if mask is None:
+        return out
+    edge = _outline(np.asarray(mask) > 0)
+    halo = np.zeros_like(edge)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        halo |= np.roll(edge, (dy, dx), (0, 1))
+    out[halo & ~edge] = 0
+    out[edge] = colour
+    return out
+
+
+def with_colorbar(image: np.ndarray, vmin: float = VMIN, vmax: float = VMAX, title: str = "score") -> np.ndarray:
+    """``image`` with the calibrated colour bar on its right (same height), as one RGB array."""
+    img = np.asarray(image, np.uint8)
+    bar = np.asarray(colorbar(max(img.shape[0], 120), vmin, vmax, title=title))[: img.shape[0]] if img.shape[0] >= 120 \
+        else np.asarray(colorbar(120, vmin, vmax, title=title).resize((70, img.shape[0])))
+    pad = np.full((img.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([img, pad, bar], 1)
+
+
 def predicted_mask(heat: np.ndarray, threshold: float) -> np.ndarray:
     """The predicted defect mask of a calibrated heatmap at ``threshold`` (same units)."""
     return (np.asarray(heat) >= threshold).astype(np.uint8)

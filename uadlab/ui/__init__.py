@@ -1,0 +1,122 @@
+"""The uadlab app, one module per screen.
+
+    header.py       workspace id of the session, the run every screen works on
+    data_tab.py     1 · Data: demo, upload, server folder, Hugging Face dataset
+    train_tab.py    2 · Train: the data it uses, backbone, preset, methods, progress
+    compare_tab.py  3 · Compare: heatmaps side by side, curves, metrics
+    annotate_tab.py 4 · Annotate & review: labels, masks, verdicts, export
+    hub_tab.py      Hub: push a head, load one and score images
+    explain_tab.py  Explain: one method's explanation of one image
+    common.py       errors (kept in their panel), the session's workspace, progress, tables
+
+Callbacks are plain functions of a few typed inputs (the tests call them); they reach the package through
+``uadlab.workspace``. Per-session state holds ids, never models; the browser keeps a random workspace id so
+a reload finds the same uploads, runs and annotations. Nothing of the workspace is served: callbacks return
+images as arrays and exports as temp copies; messages carry no token and no server path.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import gradio as gr
+
+from .. import safety as S
+from ..workspace import browser_secret, default_selection, start_sweeper
+from . import annotate_tab, compare_tab, data_tab, explain_tab, header, hub_tab, train_tab
+from .common import open_workspace, ui_errors
+
+CSS = """
+#compare-grid img, #mask-grid img {max-height: none !important; height: auto !important; object-fit: contain;}
+#compare-grid, #mask-grid {height: auto !important;}
+.ui-error {border-left: 4px solid #d55e00; background: #fff3eb; padding: 6px 10px; color: #5a2500;}
+"""
+
+
+@ui_errors
+def on_run_change(user: str, run_id: str | None):
+    """A run was selected: fill the pickers of Compare, Hub and Explain, and describe the run."""
+    if not run_id:
+        empty = gr.update(choices=[], value=None)
+        return empty, empty, empty, empty, "No run yet: train one in the Train tab."
+    ws = open_workspace(user)
+    heads = list(ws.runs.get(run_id).heads)
+    test = ws.runs.dataset(run_id).test
+    names = [s.name for s in test]
+    pick = lambda options: gr.update(choices=options, value=options[0] if options else None)  # noqa: E731
+    return (gr.update(choices=names, value=default_selection(test)), pick(heads), pick(names), pick(heads),
+            header.run_summary(ws, run_id))
+
+
+def build_app() -> gr.Blocks:
+    # files handed to the browser (heatmaps, exports, uploads) expire from gradio's cache after an hour
+    with gr.Blocks(title="uadlab", delete_cache=(S.SERVED_FILES_TTL // 2, S.SERVED_FILES_TTL)) as demo:
+        browser_id = gr.BrowserState(None, storage_key="uadlab_workspace_id", secret=browser_secret())
+        user = gr.State(None)
+        gr.Markdown(header.INTRO)
+        with gr.Row():
+            run = gr.Dropdown(label="Run (used by Compare, Annotate, Hub, Explain)", choices=[], scale=5,
+                              elem_id="run-select")
+            refresh = gr.Button("↻ Runs", scale=1)
+        run_info = gr.Markdown(elem_id="run-info")
+        with gr.Tabs():
+            with gr.Tab("1 · Data", id="data"):
+                data = data_tab.build(user)
+            with gr.Tab("2 · Train", id="train"):
+                train = train_tab.build(user)
+            with gr.Tab("3 · Compare", id="compare"):
+                compare = compare_tab.build(user, run)
+            with gr.Tab("4 · Annotate & review", id="annotate"):
+                annotate = annotate_tab.build(user, run)
+            with gr.Tab("Hub", id="hub"):
+                hub = hub_tab.build(user, run)
+            with gr.Tab("Explain", id="explain"):
+                explain = explain_tab.build(user, run)
+        with gr.Accordion("Your workspace", open=False):
+            ws_id = gr.Textbox(label="Your workspace id (keep it private; paste another id to open a workspace "
+                                     "shared with you)", elem_id="ws-id")
+            switch = gr.Button("Open this workspace")
+
+        # -- across screens
+        runs = (header.on_refresh_runs, [user, run], run)
+        train_data = (train_tab.on_train_data, user, train.data_outputs)
+        images = (annotate_tab.on_images, user, annotate.idx)
+
+        def data_changed(event):
+            return event.then(*train_data).then(*images).then(*annotate.show)
+
+        data_changed(demo.load(header.on_start, browser_id, [browser_id, user, ws_id]).then(
+            data_tab.on_restore_data, user, data.outputs).then(*runs))
+        data_changed(switch.click(header.on_switch_workspace, ws_id, [browser_id, user]).then(
+            data_tab.on_restore_data, user, data.outputs).then(*runs))
+        for loaded in data.loaded:
+            data_changed(loaded)
+        train.trained.then(header.on_refresh_runs, [user, train.new_run], run)  # select the new run
+        refresh.click(*runs)
+        run.change(on_run_change, [user, run], [compare.names, hub.method, explain.name, explain.method, run_info]
+                   ).then(*compare.show).then(*annotate.show).then(*annotate.summary)
+    return demo
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, prevent_thread_lock: bool = False
+          ) -> gr.Blocks:
+    """Launch the app: nothing under the workspace served (no allowed_paths; it is in blocked_paths), uploads
+    capped, the expiry sweep running (at start, then hourly)."""
+    guard = S.launch_guard()
+    start_sweeper()
+    demo = build_app()
+    demo.queue(default_concurrency_limit=2, max_size=32)
+    demo.launch(server_name=host, server_port=port, share=share, show_error=True, theme=gr.themes.Soft(), css=CSS,
+                prevent_thread_lock=prevent_thread_lock, **guard)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="uadlab Gradio app")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    ap.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(a.host, a.port, a.share)

@@ -1,0 +1,165 @@
+"""Runs of a workspace: train on the current data, load saved runs (a process-wide LRU), score test images
+once per (run, images) and hand out what the screens show (view rows, explanations, evaluations)."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..data import DataError, Dataset, Sample
+from ..methods import get_method_class, list_methods
+from ..progress import Progress, ProgressFn, Stages, quiet, within
+from ..safety import TRAININGS, limits
+from ..viz import GridRow, compare_grid
+from .session import ID_RE, LRU
+from .sources import dataset_key, describe, source_label
+
+if TYPE_CHECKING:
+    from ..pipeline import Run, Scored
+    from . import Workspace
+
+_RUNS = LRU(4)  # (user, run id) -> Run (holds heads and a backbone: the expensive part)
+_SCORED = LRU(32)  # (user, run id, sample names) -> ({method: Scored}, views)
+
+
+class Runs:
+    """The saved runs of one workspace."""
+
+    def __init__(self, ws: "Workspace") -> None:
+        self.ws = ws
+        self.dir = ws.dir / "runs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def list(self) -> list[dict[str, Any]]:
+        from ..pipeline import list_runs
+
+        return list_runs(self.dir)
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, run id) of every run, newest first: named after data, methods, backbone and time."""
+        out = []
+        for m in self.list():
+            cfg = m.get("config", {})
+            when = time.strftime("%m-%d %H:%M", time.localtime(m.get("created", 0)))
+            data = source_label(m["data"]) if isinstance(m.get("data"), dict) else m.get("dataset_key", "?")
+            out.append((f"{data} · {'+'.join(cfg.get('methods', []))} · {cfg.get('backbone')} · {when}", m["run_id"]))
+        return out
+
+    def get(self, run_id: str) -> "Run":
+        """A saved run of this workspace, loaded once and kept in the process-wide LRU."""
+        from ..pipeline import Run
+
+        if not run_id or not ID_RE.match(str(run_id)):
+            raise ValueError("choose a run (train one in the Train tab)")
+        path = self.dir / run_id
+        if not (path / "run.json").exists():
+            raise ValueError(f"run {run_id} is not in this workspace")
+        return _RUNS.get((self.ws.user, run_id), lambda: Run.load(path))
+
+    def dataset(self, run_id: str) -> Dataset:
+        """The data the run was trained on (its test split is what the screens show)."""
+        choice = self.get(run_id).meta.get("data")
+        if not choice:
+            raise DataError(f"run {run_id} does not record its data source")
+        return self.ws.data.dataset(choice)
+
+    def train(self, methods: Sequence[str], backbone: str | None = None, preset: str = "quick",
+              image_size: int | None = None, aux_source: str = "other categories", token: str | None = None,
+              progress: ProgressFn | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
+        """Fit the chosen heads on the current data, evaluate on its labelled test images, save; return
+        (run id, evaluation)."""
+        from ..pipeline import Run, RunConfig
+
+        if not methods:
+            raise ValueError("select at least one method")
+        unknown = [m for m in methods if m not in list_methods()]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {list_methods()}")
+        choice = self.ws.data.choice()
+        ds = self.ws.data.dataset(choice, token)
+        if not ds.train and not all(get_method_class(m).zero_shot for m in methods):
+            raise DataError(f"{ds.name}: no normal training images")
+        aux = self.ws.data.auxiliary(choice, aux_source) if any(get_method_class(m).zero_shot for m in methods) else None
+        self.ws.check_disk()
+        lim = limits()
+        with TRAININGS.hold(self.ws.user, lim.trainings_per_workspace, lim.trainings):
+            run = Run(RunConfig.resolve(methods, preset, backbone or None, image_size or None), workdir=self.dir,
+                      token=token or None)
+            run.fit(ds.train, within(progress, 0.0, 0.85), aux=aux)
+            evaluation: dict[str, dict[str, Any]] = {}
+            labelled = [s for s in ds.test if s.label in (0, 1)]
+            if labelled:
+                step = Stages(within(progress, 0.85, 0.99), [1]).stage(f"evaluating on {len(labelled)} labelled test images")
+                evaluation = run.evaluate(labelled, progress=step)
+            run.save({"data": choice, "dataset_key": dataset_key(choice), "dataset": ds.summary(),
+                      "evaluation": evaluation})
+        run._token = None  # the token served this call only; the cached run must not keep it
+        _RUNS.put((self.ws.user, run.run_id), run)
+        (progress or quiet)(Progress(1, 1, stage="saved", overall=1.0))
+        return run.run_id, evaluation
+
+    def evaluation(self, run_id: str, labels: str = "dataset") -> dict[str, dict[str, Any]]:
+        """The run's metrics with the dataset's test labels (saved at training) or with the user's annotations."""
+        run = self.get(run_id)
+        if labels == "annotations":
+            key = run.meta.get("dataset_key") or dataset_key(run.meta.get("data", {}))
+            samples = self.ws.annotations.samples(key)
+            if not samples:
+                raise ValueError("no annotations with a normal/anomalous label for this run's dataset yet: "
+                                 "label some images in the Annotate tab, or use the dataset labels")
+            return run.evaluate(samples, record=False)
+        return run.meta.get("evaluation") or {}
+
+    # ---- scoring and pictures --------------------------------------------------------------------------------
+    def scored(self, run_id: str, samples: Sequence[Sample]) -> tuple[dict[str, "Scored"], list[np.ndarray]]:
+        """({method: Scored}, views) of ``samples`` under a run; cached per (user, run, images)."""
+        run = self.get(run_id)
+        key = (self.ws.user, run_id, tuple(s.name for s in samples), tuple(s.content_key()[:8] for s in samples))
+
+        def make():
+            views = [run.backbone.view(s.load()) for s in samples]
+            return run.score(list(samples)), views
+
+        return _SCORED.get(key, make)
+
+    def test_samples(self, run_id: str, names: Sequence[str]) -> list[Sample]:
+        by_name = {s.name: s for s in self.dataset(run_id).test}
+        samples = [by_name[n] for n in names if n in by_name]
+        if not samples:
+            raise ValueError("select at least one test image")
+        return samples
+
+    def grid_rows(self, run_id: str, names: Sequence[str]) -> tuple[list[GridRow], list[str]]:
+        """Grid rows of the named test images of the run's dataset and the run's method names."""
+        run = self.get(run_id)
+        samples = self.test_samples(run_id, names)
+        scored, views = self.scored(run_id, samples)
+        rows = []
+        for i, s in enumerate(samples):
+            m = s.load_mask()
+            rows.append(GridRow(s.name, views[i], None if m is None else run.backbone.mask_transform(m),
+                                {k: v.maps[i] for k, v in scored.items()},
+                                {k: float(v.scores[i]) for k, v in scored.items()}, describe(s)))
+        return rows, list(scored)
+
+    def example_heatmap(self, run_id: str, method: str) -> Image.Image:
+        """One anomalous test image with its ground truth and ``method``'s heatmap (for model cards)."""
+        test = self.dataset(run_id).test
+        pick = next((s for s in test if s.label == 1), test[0] if test else None)
+        if pick is None:
+            raise ValueError("the run's dataset has no test images for an example")
+        rows, _ = self.grid_rows(run_id, [pick.name])
+        return compare_grid(rows, [method], "heatmap", cell=200)
+
+    def explain(self, run_id: str, name: str, method: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(view, calibrated heatmap, the method's named explanation arrays) of one test image."""
+        run = self.get(run_id)
+        if method not in run.heads:
+            raise ValueError(f"this run has no {method} head")
+        sample = self.test_samples(run_id, [name])[0]
+        head = run.heads[method]
+        out = head.explain(run.features([sample]).select(head.layers_for(run.backbone.spec)))
+        scored, views = self.scored(run_id, [sample])
+        return views[0], scored[method].maps[0], dict(out or {})

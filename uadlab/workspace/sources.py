@@ -1,0 +1,269 @@
+"""Data sources of a workspace: the demo, uploads (zip or loose files), allowed server folders and Hugging
+Face datasets. A source is a JSON-able *choice* (``{"kind": "demo" | "upload" | "folder" | "hf", ...}``);
+the current one is kept in ``data.json`` (never a token) and its Dataset in a process-wide LRU."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from PIL import Image
+
+from ..data import IMAGE_EXTS, DataError, Dataset, Sample, is_mvtec, load_folder, load_hf, load_mvtec, safe_extract_zip, validate
+from ..safety import confine, hub_id, limits, resolve_local_folder
+from .session import ID_RE, LRU
+
+if TYPE_CHECKING:
+    from . import Workspace
+
+_DATASETS = LRU(16)  # (user, data choice json) -> Dataset (lazy samples: cheap)
+
+
+def demo_kwargs() -> dict[str, Any]:
+    """Arguments of ``make_demo`` for the app's demo data (env ``UADLAB_DEMO`` as JSON, e.g. smaller for tests)."""
+    raw = os.environ.get("UADLAB_DEMO", "")
+    return json.loads(raw) if raw.strip() else {}
+
+
+def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None) -> Dataset:
+    """A dataset from a data choice, category applied."""
+    kind = choice.get("kind")
+    if kind == "demo":
+        from ..demo import make_demo
+
+        ds = load_mvtec(make_demo(**demo_kwargs()), skip_bad=True)
+        ds.name = "demo"
+    elif kind == "folder":
+        p = resolve_local_folder(str(choice.get("path") or ""))
+        ds = _confined(load_mvtec(p, skip_bad=True) if is_mvtec(p) else load_folder(p, skip_bad=True), p)
+    elif kind == "upload":
+        uid = str(choice.get("id", ""))
+        if not ID_RE.match(uid) or not (uploads / uid).is_dir():
+            raise DataError(f"upload {uid!r} is no longer in this workspace: upload it again")
+        ds = _open_upload(uploads / uid)
+    elif kind == "hf":
+        repo = hub_id(choice.get("repo"), "dataset")
+        opt = lambda k: (str(choice.get(k) or "").strip() or None)  # noqa: E731
+        cap = limits().upload_images
+        ds = load_hf(repo, split=opt("split") or "train", test_split=opt("test_split"),
+                     image_column=opt("image_column") or "image", label_column=opt("label_column"),
+                     mask_column=opt("mask_column"), category_column=opt("category_column"), config=opt("config"),
+                     token=token or None, limit=min(int(choice.get("limit") or cap), cap), skip_bad=True)
+    else:
+        raise DataError(f"unknown data source {kind!r}")
+    cat = choice.get("category")
+    if cat and cat != "all" and len(ds.categories) > 1:
+        if cat not in ds.categories:
+            raise DataError(f"{ds.name}: no category {cat!r} (have {', '.join(ds.categories)})")
+        ds = ds.category(cat)
+    return ds
+
+
+def _confined(ds: Dataset, folder: Path) -> Dataset:
+    """``ds`` without the samples whose image or mask is a link to a file outside ``folder``."""
+    keep = lambda s: confine([s.path, s.mask_path], folder)  # noqa: E731
+    dropped = [s.name for s in ds.train + ds.test if not keep(s)]
+    return Dataset(ds.name, [s for s in ds.train if keep(s)], [s for s in ds.test if keep(s)],
+                   ds.warnings + [f"skipped {n}: a link to a file outside the folder" for n in dropped])
+
+
+def _open_upload(root: Path) -> Dataset:
+    manifest = root / "manifest.json"
+    if manifest.exists():  # loose files: train/, test/, masks/
+        info = json.loads(manifest.read_text())
+        warn: list[str] = []
+        files = lambda sub: sorted(p for p in (root / sub).glob("*") if p.is_file())  # noqa: E731
+        masks = {}
+        for p in files("masks"):
+            stem = p.stem[:-5] if p.stem.endswith("_mask") else p.stem
+            masks[stem] = str(p)
+        train = [Sample(p.name, str(p), label=0, category="upload") for p in files("train")]
+        test = []
+        for p in files("test"):
+            m = masks.get(p.stem)
+            label = 1 if m else (0 if info.get("unmasked_test_normal") else -1)
+            test.append(Sample(p.name, str(p), label=label, mask_path=m, category="upload",
+                               defect="defect" if m else ("good" if label == 0 else "")))
+        ds = Dataset("upload", validate(train, True, warn), validate(test, True, warn), warn)
+        if not ds.train and not ds.test:
+            raise DataError("the upload holds no usable images")
+        return ds
+    inner = [p for p in root.iterdir() if p.is_dir() and p.name != "__MACOSX"]
+    files = [p for p in root.iterdir() if p.is_file()]
+    if len(inner) == 1 and not files:
+        root = inner[0]  # zips usually wrap everything in one folder
+    return load_mvtec(root, skip_bad=True) if is_mvtec(root) else load_folder(root, skip_bad=True)
+
+
+def dataset_key(choice: dict[str, Any]) -> str:
+    """A stable name of a data choice, used to key annotations (e.g. ``demo/brick``)."""
+    kind = choice.get("kind", "?")
+    base = {"demo": "demo", "folder": f"folder:{choice.get('path', '')}", "upload": f"upload:{choice.get('id', '')}",
+            "hf": f"hf:{choice.get('repo', '')}"}.get(kind, kind)
+    return f"{base}/{choice.get('category') or 'all'}"
+
+
+def source_label(choice: dict[str, Any]) -> str:
+    """What a person calls a data choice: ``demo/brick``, ``bottle.zip/all``, ``owner/name/all``."""
+    kind = choice.get("kind")
+    base = {"demo": "demo", "folder": Path(str(choice.get("path") or "folder")).name, "hf": str(choice.get("repo")),
+            "upload": str(choice.get("label") or "upload")}.get(kind, str(kind))
+    return f"{base}/{choice.get('category') or 'all'}"
+
+
+def default_selection(samples: Sequence[Sample], n: int = 5) -> list[str]:
+    """A few test images worth looking at: one normal, then one per defect type (then any)."""
+    picked: list[str] = []
+    seen: set[str] = set()
+    for s in samples:
+        kind = "good" if s.label == 0 else (s.defect or "anomalous")
+        if kind not in seen:
+            seen.add(kind)
+            picked.append(s.name)
+    for s in samples:
+        if len(picked) >= n:
+            break
+        if s.name not in picked:
+            picked.append(s.name)
+    return picked[:n]
+
+
+def thumbnail(s: Sample, size: int = 160) -> Image.Image:
+    """A small RGB copy of a sample's image for previews."""
+    img = s.load().copy()
+    img.thumbnail((size, size))
+    return img
+
+
+def describe(s: Sample) -> str:
+    if s.label == 0:
+        return "normal"
+    if s.label == 1:
+        return f"anomalous ({s.defect})" if s.defect else "anomalous"
+    return "unlabelled"
+
+
+def _new_upload_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+class DataSources:
+    """The data of one workspace: the current choice, its dataset, new uploads."""
+
+    def __init__(self, ws: "Workspace") -> None:
+        self.ws = ws
+        self.uploads = ws.dir / "uploads"
+        self.uploads.mkdir(parents=True, exist_ok=True)
+
+    def choice(self) -> dict[str, Any] | None:
+        """The current data choice (None before the first load)."""
+        p = self.ws.dir / "data.json"
+        try:
+            return json.loads(p.read_text()) if p.exists() else None
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def dataset(self, choice: dict[str, Any] | None = None, token: str | None = None) -> Dataset:
+        """The dataset of ``choice`` (default: the current one), cached per user."""
+        choice = choice or self.choice()
+        if choice is None:
+            raise DataError("no data loaded yet: choose a data source in the Data tab")
+        key = (self.ws.user, json.dumps(choice, sort_keys=True))
+        return _DATASETS.get(key, lambda: open_source(choice, self.uploads, token))
+
+    def set(self, choice: dict[str, Any], token: str | None = None, new_upload: bool = False) -> Dataset:
+        """Open a data source, make it the current one (saved to disk, without any token) and return it.
+
+        Args:
+            new_upload: ``choice`` is an upload just added: when it does not open, its folder is removed at once
+                (nothing could choose it again).
+        """
+        choice = {k: v for k, v in choice.items() if k != "token"}
+        _DATASETS.drop(lambda k: k == (self.ws.user, json.dumps(choice, sort_keys=True)))
+        try:
+            ds = self.dataset(choice, token)
+            if not ds.train and not ds.test:
+                raise DataError(f"{ds.name}: no usable images")
+        except Exception:
+            if new_upload and choice.get("kind") == "upload" and ID_RE.match(str(choice.get("id", ""))):
+                shutil.rmtree(self.uploads / choice["id"], ignore_errors=True)
+            raise
+        tmp = self.ws.dir / "data.json.tmp"
+        tmp.write_text(json.dumps(choice))
+        os.replace(tmp, self.ws.dir / "data.json")
+        return ds
+
+    def categories(self, choice: dict[str, Any]) -> list[str]:
+        """Every category of the choice's source (the choice itself may be one of them)."""
+        return self.dataset({**choice, "category": "all"}).categories
+
+    def auxiliary(self, choice: dict[str, Any], source: str) -> list[Sample]:
+        """The auxiliary labelled set of zero-shot methods: other categories' test images, or annotations."""
+        if source == "annotations":
+            aux = self.ws.annotations.samples(dataset_key(choice), require_masks=True)
+            where = "your annotations of this dataset"
+        else:
+            cat = choice.get("category")
+            if not cat or cat == "all":
+                raise DataError("the auxiliary set 'other categories' needs one target category: choose a category "
+                                "in the Data tab (the others then serve as the labelled set), or use annotations")
+            from ..pipeline import auxiliary_set
+
+            aux = auxiliary_set(self.dataset({**choice, "category": "all"}), [cat])
+            where = "the other categories' test images"
+        if not any(s.label == 1 for s in aux) or not any(s.label == 0 for s in aux):
+            raise DataError(f"a zero-shot method needs an auxiliary labelled set with normal and anomalous "
+                            f"(masked) images; {where} gave {len(aux)} usable images")
+        return aux
+
+    # ---- uploads --------------------------------------------------------------------------------------------
+    def add_zip(self, zip_path: str | os.PathLike) -> dict[str, Any]:
+        """Unpack an uploaded zip (safely, within the limits) into a new upload folder; return its data choice."""
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DataError(f"{Path(zip_path).name}: not a valid zip file ({e})") from None
+        images = sum(Path(i.filename).suffix.lower() in IMAGE_EXTS for i in infos)
+        free = self.ws.check_upload(os.path.getsize(zip_path), images, sum(i.file_size for i in infos))
+        uid = _new_upload_id()
+        try:
+            safe_extract_zip(zip_path, self.uploads / uid, max_bytes=free)  # the sizes in a zip's header can lie
+        except BaseException:
+            shutil.rmtree(self.uploads / uid, ignore_errors=True)
+            raise
+        return {"kind": "upload", "id": uid, "label": Path(zip_path).name}
+
+    def add_files(self, train: Sequence[str], test: Sequence[str] = (), masks: Sequence[str] = (),
+                  unmasked_test_normal: bool = False) -> dict[str, Any]:
+        """Copy uploaded loose images into a new upload folder; return its data choice.
+
+        Masks pair with test images by file stem (``x.png`` <-> ``x.png`` or ``x_mask.png``); a test image with
+        a mask is anomalous, one without is normal when ``unmasked_test_normal`` else unlabelled.
+        """
+        if not train and not test:
+            raise DataError("upload some images: normal training images and/or test images")
+        groups = (("train", train), ("test", test), ("masks", masks))
+        missing = [Path(f).name for _, files in groups for f in files or () if not os.path.isfile(f)]
+        if missing:
+            raise DataError(f"{missing[0]}: the uploaded file is gone (uploads are kept for an hour): upload it again")
+        self.ws.check_upload(sum(os.path.getsize(f) for _, files in groups for f in files or ()),
+                             len(train) + len(test))
+        root = self.uploads / _new_upload_id()
+        try:
+            for sub, files in groups:
+                (root / sub).mkdir(parents=True, exist_ok=True)
+                for f in files or ():
+                    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(f).name) or "file"
+                    shutil.copyfile(f, root / sub / name)
+            (root / "manifest.json").write_text(json.dumps({"unmasked_test_normal": bool(unmasked_test_normal)}))
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        return {"kind": "upload", "id": root.name, "label": f"{len(train)} + {len(test)} uploaded images"}

@@ -53,8 +53,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=None, help="short name (dinov2_vits14, dinov3_vits16, efficientnet_lite0 "
                    "...) or any timm model name; default: efficientnet_lite0, or the paper's with --preset paper")
     p.add_argument("--weights", default="default", help="default | hub | packaged | random | PATH")
-    p.add_argument("--image-size", type=_side, default=None, help="center-crop side (default: the preset's: backbones.DEFAULT_IMAGE_SIZE, or the paper's "
-                   "with --preset paper)")
+    p.add_argument("--image-size", type=_side, default=None, help="center-crop side (default: the preset's geometry; the "
+                   "paper's with --preset paper)")
     p.add_argument("--resize", type=_side, default=None, help="resize side before the center crop")
     p.add_argument("--preset", default="quick", help="quick | paper | tiny")
     p.add_argument("--seed", type=int, default=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -70,7 +71,10 @@ class Calibration:
     """Affine map of raw heatmap values so that held-out normal images share one scale across methods.
 
     ``calibrated = (raw - lo) / (hi - lo)`` with lo = median and hi = the ``q`` quantile of normal pixels;
-    image scores get the same treatment from the normal image scores.
+    image scores get the same treatment from the normal image scores. A few held-out images (20% of a
+    small training set) cannot show their 99.9th percentile (their maximum would stand in for it, and the
+    spread of a handful of near-equal scores blows every test score up to hundreds): below
+    ``1 / (1 - q)`` images the quantile is the normal approximation median + z_q * std.
     """
 
     lo: float = 0.0
@@ -88,9 +92,14 @@ class Calibration:
         if px.numel() > 2_000_000:  # quantile of a random subset: same answer, bounded memory
             px = px[torch.randperm(px.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
         lo, hi = torch.quantile(px, torch.tensor([0.5, q])).tolist()
-        s = normal_scores.float()
+        s = normal_scores.double()
         slo = float(s.median())
-        shi = float(s.max()) if len(s) > 1 else slo + (hi - lo)
+        if len(s) * (1 - q) >= 1:  # enough images to see the quantile itself
+            shi = float(torch.quantile(s, q))
+        elif len(s) > 1:
+            shi = slo + NormalDist().inv_cdf(q) * float(s.std())
+        else:
+            shi = slo + (hi - lo)
         return cls(lo, hi if hi > lo else lo + 1e-6, slo, shi if shi > slo else slo + 1e-6, q)
 
     def maps(self, raw: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import os
 import gradio as gr
 
 from .. import safety as S
-from ..workspace import browser_secret, default_selection, start_sweeper
+from ..workspace import browser_secret, default_selection, examples, start_sweeper
 from . import annotate_tab, compare_tab, data_tab, explain_tab, header, hub_tab, train_tab
 from .common import open_workspace, ui_errors
 
@@ -60,6 +60,9 @@ def build_app() -> gr.Blocks:
                               elem_id="run-select")
             refresh = gr.Button("↻ Runs", scale=1)
         run_info = gr.Markdown(elem_id="run-info")
+        example_md = gr.Markdown(elem_id="example-status")
+        example_stage = gr.State("none")
+        ticker = gr.Timer(2.0, active=True)
         with gr.Tabs():
             with gr.Tab("1 · Data", id="data"):
                 data = data_tab.build(user)
@@ -93,6 +96,8 @@ def build_app() -> gr.Blocks:
         for loaded in data.loaded:
             data_changed(loaded)
         train.trained.then(header.on_refresh_runs, [user, train.new_run], run)  # select the new run
+        ticker.tick(header.on_example_tick, [user, run], [example_md, run, example_stage, ticker], show_progress="hidden")
+        example_stage.change(*compare.show)  # the example's curves and metrics arrive after its heatmaps
         refresh.click(*runs)
         run.change(on_run_change, [user, run], [compare.names, hub.method, explain.name, explain.method, run_info]
                    ).then(*compare.show).then(*annotate.show).then(*annotate.summary)
@@ -104,6 +109,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, preven
     """Launch the app: nothing under the workspace served (no allowed_paths; it is in blocked_paths), uploads
     capped, the expiry sweep running (at start, then hourly)."""
     guard = S.launch_guard()
+    examples.start()  # first, so that the example run is ready as early as possible
     start_sweeper()
     demo = build_app()
     demo.queue(default_concurrency_limit=2, max_size=32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from .. import safety as S
-from ..workspace import Workspace, new_user_id, source_label, valid_user_id
+from ..workspace import Workspace, examples, new_user_id, source_label, valid_user_id
 from .common import open_workspace, ui_errors
 
 INTRO = """# uadlab: unsupervised anomaly detection lab
@@ -46,3 +46,16 @@ def run_summary(ws: Workspace, run_id: str) -> str:
     data = run.meta.get("data")
     return (f"**{S.public_text(source_label(data)) if data else '?'}** · backbone `{run.config.backbone}` · "
             f"preset {run.config.preset} · image {run.config.image_size} px · methods {', '.join(run.heads)}")
+
+
+@ui_errors
+def on_example_tick(user: str | None, current: str | None):
+    """(status line, run picker, example stage, timer) while the example run is prepared: the run is selected
+    as soon as it is saved when no run is chosen yet; the stage says when its evaluation has landed."""
+    saved = examples.saved_example()
+    building = examples.building()
+    status = (f"Preparing an example run ({', '.join(examples.METHODS)} on demo/{examples.CATEGORY}, quick preset) "
+              f"while you look around: {examples.BUILDER.state}" if building else "")
+    pick = on_refresh_runs(user, saved) if saved and not current and valid_user_id(user) else gr.skip()
+    stage = "building" if building else ("ready" if saved else "none")
+    return status, pick, stage, gr.Timer(active=building)

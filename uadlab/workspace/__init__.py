@@ -26,12 +26,13 @@ from typing import Any
 
 from ..safety import QuotaError, disk_usage, limits, megabytes, workspace_root
 from ..store import AnnotationStore
+from . import examples
 from .annotations import Annotations
 from .runs import Runs
 from .session import browser_secret, expire_workspaces, new_user_id, start_sweeper, sweep, valid_user_id
 from .sources import DataSources, dataset_key, default_selection, describe, source_label, thumbnail
 
-__all__ = ["Workspace", "browser_secret", "dataset_key", "default_selection", "describe", "expire_workspaces",
+__all__ = ["Workspace", "browser_secret", "dataset_key", "default_selection", "describe", "examples", "expire_workspaces",
            "new_user_id", "source_label", "start_sweeper", "sweep", "thumbnail", "valid_user_id", "workspace_root"]
 
 

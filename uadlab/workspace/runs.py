@@ -13,6 +13,7 @@ from ..methods import get_method_class, list_methods
 from ..progress import Progress, ProgressFn, Stages, quiet, within
 from ..safety import TRAININGS, limits
 from ..viz import GridRow, compare_grid
+from .examples import examples_dir
 from .session import ID_RE, LRU
 from .sources import dataset_key, describe, source_label
 
@@ -33,30 +34,34 @@ class Runs:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def list(self) -> list[dict[str, Any]]:
+        """This workspace's runs, newest first, then the shared example runs."""
         from ..pipeline import list_runs
 
-        return list_runs(self.dir)
+        return list_runs(self.dir) + list_runs(examples_dir())
 
     def choices(self) -> list[tuple[str, str]]:
-        """(label, run id) of every run, newest first: named after data, methods, backbone and time."""
+        """(label, run id) of every run: named after data, methods, backbone and time."""
         out = []
         for m in self.list():
             cfg = m.get("config", {})
-            when = time.strftime("%m-%d %H:%M", time.localtime(m.get("created", 0)))
+            when = "example" if m.get("example") else time.strftime("%m-%d %H:%M", time.localtime(m.get("created", 0)))
             data = source_label(m["data"]) if isinstance(m.get("data"), dict) else m.get("dataset_key", "?")
             out.append((f"{data} · {'+'.join(cfg.get('methods', []))} · {cfg.get('backbone')} · {when}", m["run_id"]))
         return out
 
     def get(self, run_id: str) -> "Run":
-        """A saved run of this workspace, loaded once and kept in the process-wide LRU."""
+        """A run of this workspace (or a shared example run), loaded once and kept in a process-wide LRU."""
         from ..pipeline import Run
 
         if not run_id or not ID_RE.match(str(run_id)):
             raise ValueError("choose a run (train one in the Train tab)")
         path = self.dir / run_id
-        if not (path / "run.json").exists():
-            raise ValueError(f"run {run_id} is not in this workspace")
-        return _RUNS.get((self.ws.user, run_id), lambda: Run.load(path))
+        if (path / "run.json").exists():
+            return _RUNS.get((self.ws.user, run_id), lambda: Run.load(path))
+        shared = examples_dir() / run_id
+        if (shared / "run.json").exists():  # saved again when its evaluation is ready: keyed by the file's time
+            return _RUNS.get(("", run_id, (shared / "run.json").stat().st_mtime_ns), lambda: Run.load(shared))
+        raise ValueError(f"run {run_id} is not in this workspace")
 
     def dataset(self, run_id: str) -> Dataset:
         """The data the run was trained on (its test split is what the screens show)."""
@@ -116,7 +121,7 @@ class Runs:
     def scored(self, run_id: str, samples: Sequence[Sample]) -> tuple[dict[str, "Scored"], list[np.ndarray]]:
         """({method: Scored}, views) of ``samples`` under a run; cached per (user, run, images)."""
         run = self.get(run_id)
-        key = (self.ws.user, run_id, tuple(s.name for s in samples), tuple(s.content_key()[:8] for s in samples))
+        key = (self.ws.user, run_id, id(run), tuple(s.name for s in samples), tuple(s.content_key()[:8] for s in samples))
 
         def make():
             views = [run.backbone.view(s.load()) for s in samples]

@@ -2,7 +2,7 @@
  *
  * The server renders <div class="uadv-root" data-payload="{json}">; this script turns every such element into
  * a viewer when it enters the page (a MutationObserver, because gradio inserts HTML with innerHTML, which runs
- * no <script>, and replaces or patches it when the value changes). Everything after that is client-side:
+ * no script tags, and replaces or patches it when the value changes). Everything after that is client-side:
  * zoom, pan, threshold, overlays and stepping through the images never call the server.
  *
  * Payload (see viewer.py): {vmax, threshold, items: [{name, label, w, h, img, full, gt, panels: [{method,
@@ -99,24 +99,35 @@
   }
 
   // ---- iso-lines (marching squares) ----------------------------------------------------------------------
-  /** The line where the map crosses level t, as a Path2D in map pixel units (pixel centres at x + 0.5), and
-   * the number of segments. Outside the map counts as below the level, so regions at the border are closed
-   * along the border. Saddle cells are resolved by the mean of their four corners. */
+  /** The line where the map crosses level t, as a Path2D of closed polylines in map pixel units (pixel centres
+   * at x + 0.5), and its number of segments. Outside the map counts as below the level, so regions at the
+   * border close along the border. Saddle cells are resolved by the mean of their four corners. Segments are
+   * chained into polylines (so dashes run along the line instead of restarting at every cell). */
   function isoPath(v, w, h, t) {
-    const path = new Path2D();
+    const pts = new Map(), nb = new Map(); // crossing id -> [x, y]; crossing id -> neighbouring crossing ids
     let n = 0;
     const at = (x, y) => (x < 0 || y < 0 || x >= w || y >= h ? -Infinity : v[y * w + x]);
     // crossing position (0..1) between corner values p and q; halfway when one lies outside the map
     const f = (p, q) => (isFinite(p) && isFinite(q) ? (t - p) / (q - p) : 0.5);
+    const link = (k1, p1, k2, p2) => {
+      pts.set(k1, p1);
+      pts.set(k2, p2);
+      (nb.get(k1) || nb.set(k1, []).get(k1)).push(k2);
+      (nb.get(k2) || nb.set(k2, []).get(k2)).push(k1);
+      n++;
+    };
+    const row = (w + 2) * 2;
     for (let y = -1; y < h; y++) {
       for (let x = -1; x < w; x++) {
         const a = at(x, y), b = at(x + 1, y), c = at(x + 1, y + 1), d = at(x, y + 1); // clockwise from top-left
         const code = (a >= t ? 8 : 0) | (b >= t ? 4 : 0) | (c >= t ? 2 : 0) | (d >= t ? 1 : 0);
         if (code === 0 || code === 15) continue;
+        // each cell edge has one id, shared with the neighbouring cell: even ids horizontal, odd vertical
+        const id = ((y + 1) * (w + 2) + (x + 1)) * 2;
         const x0 = x + 0.5, y0 = y + 0.5;
-        const T = () => [x0 + f(a, b), y0], R = () => [x0 + 1, y0 + f(b, c)];
-        const B = () => [x0 + f(d, c), y0 + 1], L = () => [x0, y0 + f(a, d)];
-        const seg = (p, q) => { path.moveTo(p[0], p[1]); path.lineTo(q[0], q[1]); n++; };
+        const T = () => [id, [x0 + f(a, b), y0]], B = () => [id + row, [x0 + f(d, c), y0 + 1]];
+        const L = () => [id + 1, [x0, y0 + f(a, d)]], R = () => [id + 3, [x0 + 1, y0 + f(b, c)]];
+        const seg = (p, q) => link(p[0], p[1], q[0], q[1]);
         const centreAbove = (a + b + c + d) / 4 >= t;
         switch (code) {
           case 1: case 14: seg(L(), B()); break;
@@ -132,6 +143,25 @@
             if (centreAbove) { seg(T(), R()); seg(L(), B()); } else { seg(T(), L()); seg(R(), B()); }
             break;
         }
+      }
+    }
+    // walk the chains: every crossing has two neighbours (the lines are closed), so each walk is a loop
+    const path = new Path2D(), seen = new Set();
+    for (const start of nb.keys()) {
+      if (seen.has(start)) continue;
+      let prev = -1, cur = start;
+      seen.add(start);
+      path.moveTo(...pts.get(start));
+      for (;;) {
+        const next = nb.get(cur).find((k) => k !== prev && !seen.has(k));
+        if (next === undefined) {
+          if (cur !== start && nb.get(cur).includes(start)) path.closePath();
+          break;
+        }
+        path.lineTo(...pts.get(next));
+        seen.add(next);
+        prev = cur;
+        cur = next;
       }
     }
     return { path, n };

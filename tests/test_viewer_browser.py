@@ -4,7 +4,7 @@
 At 1280 px: heatmap panels >= 512 px wide; wheel zoom and drag pan move ALL panels identically; a click
 enlarges a panel to the image's own size and Esc closes it; a typed and a dragged threshold re-draw at once
 (the share of pixels above it equals numpy's on the same map); → steps to the next image; the table sorts
-numbers as numbers; a new value re-starts the viewer. At 400 px: no horizontal overflow, full-width panels.
+numbers as numbers; a new value re-starts the viewer; a second viewer on the page stays apart. At 400 px: no horizontal overflow, full-width panels.
 Screenshots at 1280 and 400 px go to a temp folder (printed).
 """
 from __future__ import annotations
@@ -60,6 +60,7 @@ def served():
         view = viewer_component(items, elem_id="viewer")
         swap = gr.Button("swap", elem_id="swap")
         gr.Dataframe(metrics_frame(results), elem_id="metrics")
+        viewer_component(items[1:], elem_id="second")  # a second viewer on the page stays independent
         swap.click(lambda: viewer_html(items[::-1]), outputs=view)
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -124,6 +125,7 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     page.wait_for_timeout(100)
     zoomed = _transforms(page)
     assert len(set(zoomed)) == 1 and zoomed != before and float(zoomed[0].split()[0]) > 1.5, zoomed
+    assert page.eval_on_selector("#second", "e => e.dataset.state + ' ' + e.dataset.zoom") == "ready 1.0000"
 
     # linked pan: dragging another panel moves all of them, and a drag does not enlarge
     panels.nth(1).locator(".uadv-stage").scroll_into_view_if_needed()

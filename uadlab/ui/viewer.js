@@ -95,39 +95,47 @@
     const px = await pixelsOf(url);
     const v = new Float32Array(px.width * px.height);
     for (let i = 0; i < v.length; i++) v[i] = px.data[i * 4] > 127 ? 1 : 0;
-    return { w: px.width, h: px.height, path: isoPath(v, px.width, px.height, 0.5).path };
+    return { w: px.width, h: px.height, path: isoPath({ w: px.width, h: px.height, v }, 0.5).path };
   }
 
   // ---- iso-lines (marching squares) ----------------------------------------------------------------------
+  /** The map with a one-pixel frame of -Infinity (outside counts as below every level); made once per map. */
+  function padded(heat) {
+    if (!heat.pad) {
+      const w = heat.w, h = heat.h, W2 = w + 2;
+      heat.pad = new Float32Array(W2 * (h + 2)).fill(-Infinity);
+      for (let y = 0; y < h; y++) heat.pad.set(heat.v.subarray(y * w, (y + 1) * w), (y + 1) * W2 + 1);
+    }
+    return heat.pad;
+  }
+
   /** The line where the map crosses level t, as a Path2D of closed polylines in map pixel units (pixel centres
    * at x + 0.5), and its number of segments. Outside the map counts as below the level, so regions at the
    * border close along the border. Saddle cells are resolved by the mean of their four corners. Segments are
    * chained into polylines (so dashes run along the line instead of restarting at every cell). */
-  function isoPath(v, w, h, t) {
+  function isoPath(heat, t) {
+    const w = heat.w, h = heat.h, W2 = w + 2, P = padded(heat);
     const pts = new Map(), nb = new Map(); // crossing id -> [x, y]; crossing id -> neighbouring crossing ids
     let n = 0;
-    const at = (x, y) => (x < 0 || y < 0 || x >= w || y >= h ? -Infinity : v[y * w + x]);
     // crossing position (0..1) between corner values p and q; halfway when one lies outside the map
     const f = (p, q) => (isFinite(p) && isFinite(q) ? (t - p) / (q - p) : 0.5);
-    const link = (k1, p1, k2, p2) => {
-      pts.set(k1, p1);
-      pts.set(k2, p2);
-      (nb.get(k1) || nb.set(k1, []).get(k1)).push(k2);
-      (nb.get(k2) || nb.set(k2, []).get(k2)).push(k1);
+    const seg = (p, q) => {
+      pts.set(p[0], p[1]);
+      pts.set(q[0], q[1]);
+      (nb.get(p[0]) || nb.set(p[0], []).get(p[0])).push(q[0]);
+      (nb.get(q[0]) || nb.set(q[0], []).get(q[0])).push(p[0]);
       n++;
     };
-    const row = (w + 2) * 2;
-    for (let y = -1; y < h; y++) {
-      for (let x = -1; x < w; x++) {
-        const a = at(x, y), b = at(x + 1, y), c = at(x + 1, y + 1), d = at(x, y + 1); // clockwise from top-left
+    // cell i of the padded grid has corners a = P[i] (top-left), b (top-right), c (bottom-right), d (bottom-left)
+    for (let py = 0; py <= h; py++) {
+      for (let px = 0, i = py * W2; px <= w; px++, i++) {
+        const a = P[i], b = P[i + 1], c = P[i + W2 + 1], d = P[i + W2];
         const code = (a >= t ? 8 : 0) | (b >= t ? 4 : 0) | (c >= t ? 2 : 0) | (d >= t ? 1 : 0);
         if (code === 0 || code === 15) continue;
         // each cell edge has one id, shared with the neighbouring cell: even ids horizontal, odd vertical
-        const id = ((y + 1) * (w + 2) + (x + 1)) * 2;
-        const x0 = x + 0.5, y0 = y + 0.5;
-        const T = () => [id, [x0 + f(a, b), y0]], B = () => [id + row, [x0 + f(d, c), y0 + 1]];
+        const id = i * 2, x0 = px - 0.5, y0 = py - 0.5; // (x0, y0): centre of map pixel (px - 1, py - 1)
+        const T = () => [id, [x0 + f(a, b), y0]], B = () => [id + 2 * W2, [x0 + f(d, c), y0 + 1]];
         const L = () => [id + 1, [x0, y0 + f(a, d)]], R = () => [id + 3, [x0 + 1, y0 + f(b, c)]];
-        const seg = (p, q) => link(p[0], p[1], q[0], q[1]);
         const centreAbove = (a + b + c + d) / 4 >= t;
         switch (code) {
           case 1: case 14: seg(L(), B()); break;
@@ -334,6 +342,10 @@
         return;
       }
       if (this.index !== i || !this.root.isConnected) return;
+      // keep the neighbours decoded (instant ← / →), forget the rest (decoded maps are large)
+      const near = new Set([i, (i + 1) % n, (i + n - 1) % n]);
+      for (const k of [...this.cache.keys()]) if (!near.has(k)) this.cache.delete(k);
+      for (const k of near) this.assets(k).catch(() => {});
       this.status.textContent = "";
       this.assetsNow = a;
       this.closeModal();
@@ -359,6 +371,8 @@
         const stage = el("div", "uadv-stage");
         stage.style.aspectRatio = `${it.w} / ${it.h}`;
         const canvas = el("canvas");
+        canvas.setAttribute("role", "img");
+        canvas.setAttribute("aria-label", heat ? `${title}: heatmap over ${it.name}` : it.name);
         stage.append(canvas);
         fig.append(cap, stage);
         const p = { el: fig, stage, canvas, ctx: canvas.getContext("2d"), heat, method, title, score };
@@ -406,7 +420,7 @@
       this.root.dataset.threshold = String(t);
       for (const p of this.panels) {
         if (!p.heat) continue;
-        const iso = isoPath(p.heat.v, p.heat.w, p.heat.h, t);
+        const iso = isoPath(p.heat, t);
         p.contour = iso.path;
         const share = shareAbove(p.heat.v, t);
         p.share.textContent = `${(share * 100).toFixed(2)} % of pixels ≥ ${fmt(t)}`;

@@ -84,12 +84,12 @@ HEAD: str = _head()  # <style> + <script> for gr.HTML(head=...) or launch(head=.
 
 
 # ---- encoding ------------------------------------------------------------------------------------------------
-def _data_url(img: Image.Image, fmt: str = "PNG") -> str:
+def _data_url(img: Image.Image, fmt: str = "PNG", compress_level: int = 6) -> str:
     buf = io.BytesIO()
     if fmt == "JPEG":
         img.convert("RGB").save(buf, "JPEG", quality=90)
     else:
-        img.save(buf, "PNG", compress_level=6)
+        img.save(buf, "PNG", compress_level=compress_level)
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -120,7 +120,8 @@ def encode_heat(heat: np.ndarray, cap: int = HEAT_MAX) -> dict[str, Any]:
     span = hi - lo if hi > lo else 1.0
     q = np.clip(np.round((a - lo) / span * 65535), 0, 65535).astype(np.uint16)
     rgb = np.stack([q >> 8, q & 255, np.zeros_like(q)], -1).astype(np.uint8)
-    return {"heat": _data_url(Image.fromarray(rgb)), "lo": lo, "hi": lo + span}
+    # the low byte is close to noise: zlib gains ~5% at level 6 for 4x the time, so level 1
+    return {"heat": _data_url(Image.fromarray(rgb), compress_level=1), "lo": lo, "hi": lo + span}
 
 
 def decode_heat(url: str, lo: float, hi: float) -> np.ndarray:

@@ -4,7 +4,8 @@
 At 1280 px: heatmap panels >= 512 px wide; wheel zoom and drag pan move ALL panels identically; a click
 enlarges a panel to the image's own size and Esc closes it; a typed and a dragged threshold re-draw at once
 (the share of pixels above it equals numpy's on the same map); → steps to the next image; the table sorts
-numbers as numbers; a new value re-starts the viewer; a second viewer on the page stays apart. At 400 px: no horizontal overflow, full-width panels.
+numbers as numbers; the curves have four subplots with a legend each; a new value re-starts the viewer; a
+second viewer on the page stays apart. At 400 px: no horizontal overflow, full-width panels.
 Screenshots at 1280 and 400 px go to a temp folder (printed).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from uadlab.ui.viewer import Panel, ViewItem, viewer_component, viewer_html
-from uadlab.viz import metrics_frame
+from uadlab.viz import curves_figure, metrics_frame
 
 CHROMIUM = "/usr/bin/chromium"
 METHODS = ("patchcore", "anomalydino", "dinomaly")
@@ -43,6 +44,20 @@ def _items() -> list[ViewItem]:
     return out
 
 
+def _results() -> dict:
+    """Curves of three methods; the third without masks (no pixel curves)."""
+    x = np.linspace(0, 1, 21)
+    out = {}
+    for i, m in enumerate(METHODS):
+        k = 0.2 + 0.2 * i
+        c = {"fpr": x.tolist(), "tpr": (x ** k).tolist(), "recall": x.tolist(),
+             "precision": (1 - 0.5 * x ** (1 / k)).tolist()}
+        out[m] = {"curves": c, "image_auroc": 1 / (1 + k), "image_ap": 0.9 - 0.1 * i}
+        if i < 2:
+            out[m].update(pixel_curves=c, pixel_auroc=1 / (1 + k), pixel_ap=0.5 - 0.1 * i)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,6 +76,7 @@ def served():
         swap = gr.Button("swap", elem_id="swap")
         gr.Dataframe(metrics_frame(results), elem_id="metrics")
         viewer_component(items[1:], elem_id="second")  # a second viewer on the page stays independent
+        gr.Plot(curves_figure(_results()), elem_id="curves")
         swap.click(lambda: viewer_html(items[::-1]), outputs=view)
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -146,7 +162,7 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     panels.nth(2).locator(".uadv-stage").click()
     page.wait_for_selector("#viewer-modal canvas")
     big = page.locator("#viewer-modal canvas").bounding_box()
-    assert (round(big["width"]), round(big["height"])) == (200, 150) == (items[0].image.shape[1], items[0].image.shape[0])
+    assert (round(big["width"]), round(big["height"])) == (200, 150) == items[0].image.shape[1::-1]
     page.keyboard.press("Escape")
     page.wait_for_selector("#viewer-modal", state="detached")
 
@@ -190,6 +206,13 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     rows = page.eval_on_selector_all("#metrics [role=row], #metrics tbody:not(.sizing-body) tr",
                                      "rs => rs.map(r => r.innerText.replace(/\\s+/g, ' ').trim()).filter(t => t)")
     assert rows[1:] == ["c 0.951 0.8", "a 0.9", "b 0.85"], rows  # NaN cells are blank
+
+    # the curves: four subplots, a legend in each, 3 + 3 + 2 + 2 method lines and two chance lines
+    page.wait_for_selector("#curves .js-plotly-plot .scatterlayer .trace", state="attached")
+    page.locator("#curves").scroll_into_view_if_needed()
+    page.locator("#curves").screenshot(path=str(shots / "curves-1280.png"))
+    assert page.locator("#curves .legend, #curves .legend2, #curves .legend3, #curves .legend4").count() == 4
+    assert page.locator("#curves .scatterlayer .trace").count() == 12
 
     # a new value (a callback's output) re-starts the viewer with the new items
     page.click("#swap")

@@ -211,7 +211,7 @@ def curves_figure(results: dict[str, dict[str, Any]], title: str = "ROC and prec
 
     fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.1, vertical_spacing=0.14,
                         subplot_titles=("image ROC", "image precision-recall", "pixel ROC", "pixel precision-recall"))
-    legend_no = 0
+    subplot = 0  # 1..4 row by row: the axes and the legend of subplot k are named xaxis{k}, legend{k} (k > 1)
     for row, (level, key) in enumerate([("image", "curves"), ("pixel", "pixel_curves")], start=1):
         have = {name: r[key] for name, r in results.items() if (r.get(key) or {}).get("fpr")}
         if have:
@@ -219,8 +219,9 @@ def curves_figure(results: dict[str, dict[str, Any]], title: str = "ROC and prec
                                      name="chance", hoverinfo="skip", showlegend=False), row=row, col=1)
         for col, (x, y, metric, short) in enumerate([("fpr", "tpr", "auroc", "AUROC"),
                                                      ("recall", "precision", "ap", "AP")], start=1):
-            legend_no += 1
-            legend = "legend" if legend_no == 1 else f"legend{legend_no}"
+            subplot += 1
+            suffix = "" if subplot == 1 else str(subplot)
+            legend = f"legend{suffix}"
             for i, name in enumerate(results):
                 if name not in have:
                     continue
@@ -231,13 +232,13 @@ def curves_figure(results: dict[str, dict[str, Any]], title: str = "ROC and prec
                     line=dict(color=colour, dash=dash, width=2.5),
                     hovertemplate=f"{name}<br>{x} %{{x:.3f}}<br>{y} %{{y:.3f}}<extra></extra>"),
                     row=row, col=col)
-            # the legend sits in the subplot's empty corner: bottom right of a ROC, bottom left of a PR
-            dom_x = fig.layout[f"xaxis{'' if legend_no == 1 else legend_no}"].domain
-            dom_y = fig.layout[f"yaxis{'' if legend_no == 1 else legend_no}"].domain
-            fig.update_layout({legend: dict(x=dom_x[1] - 0.01 if col == 1 else dom_x[0] + 0.01,
-                                            xanchor="right" if col == 1 else "left", y=dom_y[0] + 0.02,
-                                            yanchor="bottom", bgcolor="rgba(255,255,255,0.75)",
-                                            bordercolor="#bbb", borderwidth=1, font=dict(size=11))})
+            # the legend goes inside the subplot, in the corner its curves leave emptiest
+            xanchor, yanchor = _emptiest_corner([(have[n][x], have[n][y]) for n in have])
+            dom_x, dom_y = fig.layout[f"xaxis{suffix}"].domain, fig.layout[f"yaxis{suffix}"].domain
+            fig.update_layout({legend: dict(
+                x=dom_x[1] - 0.01 if xanchor == "right" else dom_x[0] + 0.01, xanchor=xanchor,
+                y=dom_y[1] - 0.02 if yanchor == "top" else dom_y[0] + 0.02, yanchor=yanchor,
+                bgcolor="rgba(255,255,255,0.75)", bordercolor="#bbb", borderwidth=1, font=dict(size=11))})
     for row in (1, 2):
         fig.update_xaxes(title_text="false positive rate", range=[0, 1], row=row, col=1)
         fig.update_yaxes(title_text="true positive rate", range=[0, 1.02], row=row, col=1)
@@ -245,6 +246,17 @@ def curves_figure(results: dict[str, dict[str, Any]], title: str = "ROC and prec
         fig.update_yaxes(title_text="precision", range=[0, 1.02], row=row, col=2)
     fig.update_layout(title=title, height=720, margin=dict(l=55, r=20, t=70, b=50), template="plotly_white")
     return fig
+
+
+def _emptiest_corner(lines: Sequence[tuple[Sequence[float], Sequence[float]]]) -> tuple[str, str]:
+    """(xanchor, yanchor) of the corner of the unit square that the fewest curve points fall in (a ROC leaves
+    the bottom right empty; a PR curve the bottom left when precision stays high, the top right when not)."""
+    xs = np.concatenate([np.asarray(a, float) for a, _ in lines]) if lines else np.zeros(0)
+    ys = np.concatenate([np.asarray(b, float) for _, b in lines]) if lines else np.zeros(0)
+    corners = [("right", "bottom"), ("left", "bottom"), ("right", "top"), ("left", "top")]  # ties: first wins
+    count = [int(np.sum(((xs > 0.45) if h == "right" else (xs < 0.55)) &
+                        ((ys < 0.45) if v == "bottom" else (ys > 0.55)))) for h, v in corners]
+    return corners[int(np.argmin(count))]
 
 
 METRIC_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"), ("image_f1max", "image F1-max"),

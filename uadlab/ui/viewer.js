@@ -226,6 +226,7 @@
     }
 
     destroy() {
+      this.dead = true; // pending decodes and frames of this viewer must not touch a re-used root
       this.closeModal();
       this.resizer.disconnect();
       viewers.delete(this);
@@ -282,7 +283,10 @@
       Object.assign(this.opacityIn, { type: "range", id: `${id}-opacity`, min: "0", max: "1", step: "0.05",
                                       value: String(this.opacity) });
       this.opacityIn.setAttribute("aria-label", "heatmap opacity");
-      this.opacityIn.addEventListener("input", () => { this.opacity = parseFloat(this.opacityIn.value); this.redrawAll(); });
+      this.opacityIn.addEventListener("input", () => {
+        this.opacity = parseFloat(this.opacityIn.value);
+        this.redrawAll();
+      });
       layers.append(check("heat", "heatmap"), this.opacityIn, check("contour", "region ≥ threshold", true),
                     check("gt", "ground truth", true));
 
@@ -336,12 +340,12 @@
       try {
         a = await this.assets(i);
       } catch (err) {
-        if (this.index !== i) return;
+        if (this.dead || this.index !== i) return;
         this.root.dataset.state = "error";
         this.status.textContent = `This image could not be shown (${err && err.message ? err.message : err}).`;
         return;
       }
-      if (this.index !== i || !this.root.isConnected) return;
+      if (this.dead || this.index !== i) return;
       // keep the neighbours decoded (instant ← / →), forget the rest (decoded maps are large)
       const near = new Set([i, (i + 1) % n, (i + n - 1) % n]);
       for (const k of [...this.cache.keys()]) if (!near.has(k)) this.cache.delete(k);
@@ -440,6 +444,7 @@
       if (this.modal) this.paintModal();
     }
     drawAll() {
+      if (this.dead) return;
       const z = this.zoom;
       this.root.dataset.zoom = z.s.toFixed(4);
       for (const p of this.panels) this.drawPanel(p);
@@ -474,7 +479,9 @@
         ctx.drawImage(p.heat.layer, 0, 0, it.w, it.h);
         ctx.globalAlpha = 1;
       }
-      if (p.heat && this.show.contour && p.contour) this.stroke(ctx, p.contour, it.w / p.heat.w, it.h / p.heat.h, k, dpr, STYLES.contour);
+      if (p.heat && this.show.contour && p.contour) {
+        this.stroke(ctx, p.contour, it.w / p.heat.w, it.h / p.heat.h, k, dpr, STYLES.contour);
+      }
       if (a.gt && this.show.gt) this.stroke(ctx, a.gt.path, it.w / a.gt.w, it.h / a.gt.h, k, dpr, STYLES.gt);
     }
 
@@ -531,6 +538,7 @@
         return { u: (e.clientX - r.left) / r.width, v: (e.clientY - r.top) / r.width, w: r.width };
       };
       stage.addEventListener("wheel", (e) => {
+        if (e.deltaY > 0 && this.zoom.s <= ZOOM_MIN) return; // nothing to zoom out: let the page scroll
         e.preventDefault();
         const q = rel(e);
         this.zoomAt(q.u, q.v, Math.exp(-e.deltaY * 0.0015));

@@ -16,7 +16,8 @@ What is sent: each image as a data URL at most ``PANEL_MAX`` px on its long side
 at its own resolution (at most ``FULL_MAX``) for the enlarged view when that is larger; each heat map as a
 16-bit PNG (R = high byte, G = low byte over the map's own [min, max]) at most ``HEAT_MAX`` px on its long
 side (maps are smooth, upsampled from a patch grid, so this loses nothing visible); masks as 1-bit PNGs at
-most ``PANEL_MAX`` px. No file of the workspace is served: data URLs only.
+most ``PANEL_MAX`` px. No file of the workspace is served: data URLs only. A 224 px map costs ~100 KB; the
+browser decodes the current image and its two neighbours only.
 
 Mount it in gradio (6.x)::
 

@@ -45,10 +45,14 @@ def test_evaluate_save_and_list(fitted):
     assert set(res) == {"patchcore", "anomalydino"}
     for r in res.values():
         assert r["image_auroc"] > 0.7 and r["pixel_auroc"] > 0.8 and len(r["curves"]["fpr"]) > 2
+        pc = r["pixel_curves"]  # pixel ROC points: from (0, 0) to (1, 1), their area near the pixel AUROC
+        assert pc["fpr"][0] == 0 and pc["tpr"][-1] == 1
+        assert abs(np.trapezoid(pc["tpr"], pc["fpr"]) - r["pixel_auroc"]) < 0.02
     run.save({"dataset": ds.summary()})
     runs = list_runs(work)
     assert runs[0]["run_id"] == run.run_id and runs[0]["dataset"]["train"] == len(ds.train)
     assert "image_auroc" in runs[0]["info"]["metrics"]["patchcore"]
+    assert not {"curves", "pixel_curves"} & set(runs[0]["info"]["metrics"]["patchcore"])  # points are not metrics
     (work / "broken").mkdir()
     (work / "broken" / "run.json").write_text("{half")
     assert len(list_runs(work)) == 1  # a damaged run is skipped, not a crash

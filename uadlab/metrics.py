@@ -89,14 +89,20 @@ def pixel_metrics(masks: np.ndarray | None, maps: np.ndarray, max_pixels: int = 
         return {"pixel_auroc": nan, "pixel_ap": nan, "pixel_f1max": nan, "aupro": nan}
     masks = np.asarray(masks).astype(np.uint8)
     maps = np.asarray(maps, dtype=np.float32)
+    m = binary_metrics(*_pixels(masks, maps, max_pixels))
+    return {"pixel_auroc": m["auroc"], "pixel_ap": m["ap"], "pixel_f1max": m["f1max"], "aupro": aupro(masks, maps)}
+
+
+def _pixels(masks: np.ndarray, maps: np.ndarray, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores) of all pixels, or of a fixed random subset of ``max_pixels`` of them (keeps AUROC/AP
+    exact in expectation and memory bounded)."""
     if masks.shape != maps.shape:
         raise ValueError(f"masks {masks.shape} and maps {maps.shape} differ in shape")
     lab, sc = masks.ravel(), maps.ravel()
-    if lab.size > max_pixels:  # a fixed random subset keeps AUROC/AP exact in expectation and memory bounded
+    if lab.size > max_pixels:
         idx = np.random.default_rng(0).choice(lab.size, max_pixels, replace=False)
         lab, sc = lab[idx], sc[idx]
-    m = binary_metrics(lab, sc)
-    return {"pixel_auroc": m["auroc"], "pixel_ap": m["ap"], "pixel_f1max": m["f1max"], "aupro": aupro(masks, maps)}
+    return lab, sc
 
 
 def curves(labels, scores, max_points: int = 200) -> dict[str, list[float]]:
@@ -115,3 +121,13 @@ def curves(labels, scores, max_points: int = 200) -> dict[str, list[float]]:
     fpr, tpr = thin(fpr, tpr)
     p, r = thin(p, r)
     return {"fpr": fpr, "tpr": tpr, "precision": p, "recall": r}
+
+
+def pixel_curves(masks: np.ndarray | None, maps: np.ndarray, max_points: int = 200,
+                 max_pixels: int = 4_000_000) -> dict[str, list[float]]:
+    """Pixel-level ROC and PR curve points (the pixels subsampled as in :func:`pixel_metrics`); empty lists
+    when there are no masks."""
+    if masks is None:
+        return curves([], [], max_points)
+    lab, sc = _pixels(np.asarray(masks).astype(np.uint8), np.asarray(maps, dtype=np.float32), max_pixels)
+    return curves(lab, sc, max_points)

@@ -99,6 +99,7 @@ def seed_everything(seed: int) -> None:
 
 
 CALIBRATION_MODES = ("refit", "holdout")
+CURVES = ("curves", "pixel_curves")  # curve points in Run.evaluate's results: plotted, never recorded as metrics
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -352,7 +353,8 @@ class Run:
         for name, sc in scored.items():
             normal = labels == 0
             r = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(masks, sc.maps),
-                 "curves": M.curves(labels, sc.scores), "head_ms": float(np.median(sc.head_ms)),
+                 "curves": M.curves(labels, sc.scores), "pixel_curves": M.pixel_curves(masks, sc.maps),
+                 "head_ms": float(np.median(sc.head_ms)),
                  "head_mb": head_megabytes(self.heads[name]), "fit_s": self.info["fit_s"].get(name),
                  # how the label-free calibration holds on unseen normal images: the share above 1.0
                  # should be near 1 - q (pixels; q = 0.999 by default)
@@ -361,8 +363,8 @@ class Run:
             results[name] = r
         if record:
             for name, r in results.items():
-                self.heads[name].fit_info["metrics"] = {k: v for k, v in r.items() if k != "curves" and v is not None}
-            self.info["metrics"] = {k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in results.items()}
+                self.heads[name].fit_info["metrics"] = {k: v for k, v in r.items() if k not in CURVES and v is not None}
+            self.info["metrics"] = {k: {kk: vv for kk, vv in v.items() if kk not in CURVES} for k, v in results.items()}
         return results
 
     # ---- persistence -----------------------------------------------------------------------------------------------

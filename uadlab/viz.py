@@ -22,7 +22,9 @@ SCALE_NOTE = "calibrated score: 1 = 99.9th percentile of held-out normal pixels"
 _STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 _COLOURS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
 _LUT = np.stack([np.interp(np.linspace(0, 1, 256), _STOPS, _COLOURS[:, c]) for c in range(3)], 1).astype(np.uint8)
-METHOD_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+# Okabe-Ito (colour-blind safe; yellow last, it is faint on white) and a dash per method as a second cue
+METHOD_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
+METHOD_DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 
 
 def font(size: int = 13) -> ImageFont.ImageFont:
@@ -225,31 +227,64 @@ def explanation_image(arr: Any, size: int = 224) -> np.ndarray:
 
 
 # ---- curves and tables ------------------------------------------------------------------------------
-def curves_figure(results: dict[str, dict[str, Any]], title: str = "Image-level ROC and precision-recall"):
-    """One plotly figure with two subplots: ROC and PR curves of every method (same colour per method)."""
+def curves_figure(results: dict[str, dict[str, Any]], title: str = "ROC and precision-recall curves"):
+    """ROC and PR curves of every method at image level (top row) and pixel level (bottom row).
+
+    Each method has one colour (Okabe-Ito) AND one dash style in all four subplots; each subplot has its own
+    legend, whose labels carry the AUROC (ROC) or AP (PR) of that level. Pixel curves come from
+    ``results[m]["pixel_curves"]``; a level without curves (no masks, one class only) stays empty.
+    """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("ROC", "Precision-recall"), horizontal_spacing=0.12)
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey", width=1),
-                             name="chance", hoverinfo="skip", showlegend=False), row=1, col=1)
-    for i, (name, r) in enumerate(results.items()):
-        c = r.get("curves") or {}
-        colour = METHOD_COLOURS[i % len(METHOD_COLOURS)]
-        if not c.get("fpr"):
-            continue
-        auroc, ap = r.get("image_auroc"), r.get("image_ap")
-        fig.add_trace(go.Scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=f"{name} (AUROC {_f(auroc)})",
-                                 legendgroup=name, line=dict(color=colour, width=2)), row=1, col=1)
-        fig.add_trace(go.Scatter(x=c["recall"], y=c["precision"], mode="lines", name=f"{name} (AP {_f(ap)})",
-                                 legendgroup=name, line=dict(color=colour, width=2, dash="dash")), row=1, col=2)
-    fig.update_xaxes(title_text="false positive rate", range=[0, 1], row=1, col=1)
-    fig.update_yaxes(title_text="true positive rate", range=[0, 1.02], row=1, col=1)
-    fig.update_xaxes(title_text="recall", range=[0, 1], row=1, col=2)
-    fig.update_yaxes(title_text="precision", range=[0, 1.02], row=1, col=2)
-    fig.update_layout(title=title, height=380, margin=dict(l=50, r=20, t=60, b=50), template="plotly_white",
-                      legend=dict(orientation="h", y=-0.25))
+    fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.1, vertical_spacing=0.14,
+                        subplot_titles=("image ROC", "image precision-recall", "pixel ROC", "pixel precision-recall"))
+    subplot = 0  # 1..4 row by row: the axes and the legend of subplot k are named xaxis{k}, legend{k} (k > 1)
+    for row, (level, key) in enumerate([("image", "curves"), ("pixel", "pixel_curves")], start=1):
+        have = {name: r[key] for name, r in results.items() if (r.get(key) or {}).get("fpr")}
+        if have:
+            fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey", width=1),
+                                     name="chance", hoverinfo="skip", showlegend=False), row=row, col=1)
+        for col, (x, y, metric, short) in enumerate([("fpr", "tpr", "auroc", "AUROC"),
+                                                     ("recall", "precision", "ap", "AP")], start=1):
+            subplot += 1
+            suffix = "" if subplot == 1 else str(subplot)
+            legend = f"legend{suffix}"
+            for i, name in enumerate(results):
+                if name not in have:
+                    continue
+                c, value = have[name], results[name].get(f"{level}_{metric}")
+                colour, dash = METHOD_COLOURS[i % len(METHOD_COLOURS)], METHOD_DASHES[i % len(METHOD_DASHES)]
+                fig.add_trace(go.Scatter(
+                    x=c[x], y=c[y], mode="lines", name=f"{name} ({short} {_f(value)})", legend=legend,
+                    line=dict(color=colour, dash=dash, width=2.5),
+                    hovertemplate=f"{name}<br>{x} %{{x:.3f}}<br>{y} %{{y:.3f}}<extra></extra>"),
+                    row=row, col=col)
+            # the legend goes inside the subplot, in the corner its curves leave emptiest
+            xanchor, yanchor = _emptiest_corner([(have[n][x], have[n][y]) for n in have])
+            dom_x, dom_y = fig.layout[f"xaxis{suffix}"].domain, fig.layout[f"yaxis{suffix}"].domain
+            fig.update_layout({legend: dict(
+                x=dom_x[1] - 0.01 if xanchor == "right" else dom_x[0] + 0.01, xanchor=xanchor,
+                y=dom_y[1] - 0.02 if yanchor == "top" else dom_y[0] + 0.02, yanchor=yanchor,
+                bgcolor="rgba(255,255,255,0.75)", bordercolor="#bbb", borderwidth=1, font=dict(size=11))})
+    for row in (1, 2):
+        fig.update_xaxes(title_text="false positive rate", range=[0, 1], row=row, col=1)
+        fig.update_yaxes(title_text="true positive rate", range=[0, 1.02], row=row, col=1)
+        fig.update_xaxes(title_text="recall", range=[0, 1], row=row, col=2)
+        fig.update_yaxes(title_text="precision", range=[0, 1.02], row=row, col=2)
+    fig.update_layout(title=title, height=720, margin=dict(l=55, r=20, t=70, b=50), template="plotly_white")
     return fig
+
+
+def _emptiest_corner(lines: Sequence[tuple[Sequence[float], Sequence[float]]]) -> tuple[str, str]:
+    """(xanchor, yanchor) of the corner of the unit square that the fewest curve points fall in (a ROC leaves
+    the bottom right empty; a PR curve the bottom left when precision stays high, the top right when not)."""
+    xs = np.concatenate([np.asarray(a, float) for a, _ in lines]) if lines else np.zeros(0)
+    ys = np.concatenate([np.asarray(b, float) for _, b in lines]) if lines else np.zeros(0)
+    corners = [("right", "bottom"), ("left", "bottom"), ("right", "top"), ("left", "top")]  # ties: first wins
+    count = [int(np.sum(((xs > 0.45) if h == "right" else (xs < 0.55)) &
+                        ((ys < 0.45) if v == "bottom" else (ys > 0.55)))) for h, v in corners]
+    return corners[int(np.argmin(count))]
 
 
 METRIC_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"), ("image_f1max", "image F1-max"),
@@ -263,14 +298,28 @@ def _f(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)
 
 
+def _digits(key: str) -> int:
+    return 1 if key in ("fit_s", "head_ms") else 2 if key == "head_mb" else 3
+
+
 def metrics_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """(headers, rows) of the metrics table, one row per method; missing values show as "–"."""
+    """(headers, rows) of the metrics table as text, one row per method; missing values show as "–"."""
     headers = ["method"] + [label for _, label in METRIC_COLUMNS]
-    rows = []
-    for name, r in results.items():
-        row = [name]
-        for key, _ in METRIC_COLUMNS:
-            digits = 1 if key in ("fit_s", "head_ms") else 2 if key == "head_mb" else 3
-            row.append(_f(r.get(key), digits))
-        rows.append(row)
+    rows = [[name] + [_f(r.get(key), _digits(key)) for key, _ in METRIC_COLUMNS] for name, r in results.items()]
     return headers, rows
+
+
+def metrics_frame(results: dict[str, dict[str, Any]]):
+    """The metrics table as a pandas DataFrame: "method" plus NUMERIC (float) columns, rounded for display,
+    NaN where a value is missing, so a gr.Dataframe sorts them as numbers."""
+    import pandas as pd
+
+    def num(v: Any, digits: int) -> float:
+        try:
+            return round(float(v), digits)
+        except (TypeError, ValueError):
+            return math.nan
+
+    rows = [[name] + [num(r.get(key), _digits(key)) for key, _ in METRIC_COLUMNS] for name, r in results.items()]
+    frame = pd.DataFrame(rows, columns=["method"] + [label for _, label in METRIC_COLUMNS])
+    return frame.astype({label: "float64" for _, label in METRIC_COLUMNS})

@@ -1,0 +1,704 @@
+/* uadlab heatmap viewer (the client side of uadlab/ui/viewer.py).
+ *
+ * The server renders <div class="uadv-root" data-payload="{json}">; this script turns every such element into
+ * a viewer when it enters the page (a MutationObserver, because gradio inserts HTML with innerHTML, which runs
+ * no script tags, and replaces or patches it when the value changes). Everything after that is client-side:
+ * zoom, pan, threshold, overlays and stepping through the images never call the server.
+ *
+ * Payload (see viewer.py): {vmax, threshold, items: [{name, label, w, h, img, full, gt, panels: [{method,
+ * score, heat, lo, hi}]}]}. `heat` is a PNG whose R,G channels hold a 16-bit code q of the calibrated map:
+ * value = lo + q * (hi - lo) / 65535. `gt` is a PNG mask (white = defect). (w, h) is the image's own size
+ * (capped on the server); every layer is stretched onto that extent.
+ */
+(function () {
+  "use strict";
+  if (window.uadlabViewer) return; // HEAD may be injected twice (page head and a component's head)
+
+  // ---- colour map: viridis (colour-blind safe, perceptually uniform), 256 entries interpolated between
+  // ten reference colours of the viridis scale ------------------------------------------------------------------
+  const VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e",
+                   "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"];
+  const LUT = (function buildLut(stops) {
+    const rgb = stops.map((s) => [1, 3, 5].map((i) => parseInt(s.slice(i, i + 2), 16)));
+    const lut = new Uint8ClampedArray(256 * 3);
+    for (let i = 0; i < 256; i++) {
+      const f = (i / 255) * (rgb.length - 1), j = Math.min(Math.floor(f), rgb.length - 2), t = f - j;
+      for (let c = 0; c < 3; c++) lut[i * 3 + c] = Math.round(rgb[j][c] * (1 - t) + rgb[j + 1][c] * t);
+    }
+    return lut;
+  })(VIRIDIS);
+  const CSS_RAMP = "linear-gradient(to right, " + Array.from({ length: 17 }, (_, k) => {
+    const i = Math.min(k * 16, 255);
+    return `rgb(${LUT[i * 3]},${LUT[i * 3 + 1]},${LUT[i * 3 + 2]}) ${((i / 255) * 100).toFixed(1)}%`;
+  }).join(", ") + ")";
+
+  // Outline styles: a bright line on a dark halo stays visible on any image and on the viridis overlay;
+  // the two differ in colour AND in dash, so they stay apart without colour vision.
+  const STYLES = {
+    contour: { colour: "#ffffff", halo: "rgba(0,0,0,0.85)", dash: [] },        // map >= threshold
+    gt: { colour: "#ff40ff", halo: "rgba(0,0,0,0.85)", dash: [6, 4] },          // ground truth
+  };
+  const LINE_PX = 1.75, HALO_PX = 4; // CSS pixels, whatever the zoom
+  const ZOOM_MIN = 1, ZOOM_MAX = 40, ZOOM_STEP = 1.25;
+
+  // ---- decoding ----------------------------------------------------------------------------------------------
+  function bytesOf(dataUrl) {
+    const s = atob(dataUrl.slice(dataUrl.indexOf(",") + 1));
+    const a = new Uint8Array(s.length);
+    for (let i = 0; i < s.length; i++) a[i] = s.charCodeAt(i);
+    return a;
+  }
+
+  /** RGBA pixels of a PNG data URL, with no colour management (the channels carry numbers, not colours). */
+  async function pixelsOf(dataUrl) {
+    const blob = new Blob([bytesOf(dataUrl)], { type: "image/png" });
+    const bmp = await createImageBitmap(blob, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+    const c = document.createElement("canvas");
+    c.width = bmp.width;
+    c.height = bmp.height;
+    const ctx = c.getContext("2d", { willReadFrequently: true });
+    ctx.drawImage(bmp, 0, 0);
+    bmp.close();
+    return ctx.getImageData(0, 0, c.width, c.height);
+  }
+
+  async function loadImage(url) {
+    const img = new Image();
+    img.src = url;
+    await img.decode();
+    return img;
+  }
+
+  /** A calibrated map: values (Float32Array, row-major) and its viridis layer on the fixed scale [0, vmax]. */
+  async function decodeHeat(panel, vmax) {
+    const px = await pixelsOf(panel.heat);
+    const w = px.width, h = px.height, d = px.data, n = w * h;
+    const v = new Float32Array(n), step = (panel.hi - panel.lo) / 65535;
+    const layer = document.createElement("canvas");
+    layer.width = w;
+    layer.height = h;
+    const lctx = layer.getContext("2d");
+    const out = lctx.createImageData(w, h);
+    for (let i = 0; i < n; i++) {
+      v[i] = panel.lo + (d[i * 4] * 256 + d[i * 4 + 1]) * step;
+      const k = Math.round(Math.min(Math.max(v[i] / vmax, 0), 1) * 255) * 3;
+      out.data[i * 4] = LUT[k];
+      out.data[i * 4 + 1] = LUT[k + 1];
+      out.data[i * 4 + 2] = LUT[k + 2];
+      out.data[i * 4 + 3] = 255;
+    }
+    lctx.putImageData(out, 0, 0);
+    return { w, h, v, layer };
+  }
+
+  async function decodeMask(url) {
+    const px = await pixelsOf(url);
+    const v = new Float32Array(px.width * px.height);
+    for (let i = 0; i < v.length; i++) v[i] = px.data[i * 4] > 127 ? 1 : 0;
+    return { w: px.width, h: px.height, path: isoPath({ w: px.width, h: px.height, v }, 0.5).path };
+  }
+
+  // ---- iso-lines (marching squares) ----------------------------------------------------------------------
+  /** The map with a one-pixel frame of -Infinity (outside counts as below every level); made once per map. */
+  function padded(heat) {
+    if (!heat.pad) {
+      const w = heat.w, h = heat.h, W2 = w + 2;
+      heat.pad = new Float32Array(W2 * (h + 2)).fill(-Infinity);
+      for (let y = 0; y < h; y++) heat.pad.set(heat.v.subarray(y * w, (y + 1) * w), (y + 1) * W2 + 1);
+    }
+    return heat.pad;
+  }
+
+  /** The line where the map crosses level t, as a Path2D of closed polylines in map pixel units (pixel centres
+   * at x + 0.5), and its number of segments. Outside the map counts as below the level, so regions at the
+   * border close along the border. Saddle cells are resolved by the mean of their four corners. Segments are
+   * chained into polylines (so dashes run along the line instead of restarting at every cell). */
+  function isoPath(heat, t) {
+    const w = heat.w, h = heat.h, W2 = w + 2, P = padded(heat);
+    const pts = new Map(), nb = new Map(); // crossing id -> [x, y]; crossing id -> neighbouring crossing ids
+    let n = 0;
+    // crossing position (0..1) between corner values p and q; halfway when one lies outside the map
+    const f = (p, q) => (isFinite(p) && isFinite(q) ? (t - p) / (q - p) : 0.5);
+    const seg = (p, q) => {
+      pts.set(p[0], p[1]);
+      pts.set(q[0], q[1]);
+      (nb.get(p[0]) || nb.set(p[0], []).get(p[0])).push(q[0]);
+      (nb.get(q[0]) || nb.set(q[0], []).get(q[0])).push(p[0]);
+      n++;
+    };
+    // cell i of the padded grid has corners a = P[i] (top-left), b (top-right), c (bottom-right), d (bottom-left)
+    for (let py = 0; py <= h; py++) {
+      for (let px = 0, i = py * W2; px <= w; px++, i++) {
+        const a = P[i], b = P[i + 1], c = P[i + W2 + 1], d = P[i + W2];
+        const code = (a >= t ? 8 : 0) | (b >= t ? 4 : 0) | (c >= t ? 2 : 0) | (d >= t ? 1 : 0);
+        if (code === 0 || code === 15) continue;
+        // each cell edge has one id, shared with the neighbouring cell: even ids horizontal, odd vertical
+        const id = i * 2, x0 = px - 0.5, y0 = py - 0.5; // (x0, y0): centre of map pixel (px - 1, py - 1)
+        const T = () => [id, [x0 + f(a, b), y0]], B = () => [id + 2 * W2, [x0 + f(d, c), y0 + 1]];
+        const L = () => [id + 1, [x0, y0 + f(a, d)]], R = () => [id + 3, [x0 + 1, y0 + f(b, c)]];
+        const centreAbove = (a + b + c + d) / 4 >= t;
+        switch (code) {
+          case 1: case 14: seg(L(), B()); break;
+          case 2: case 13: seg(B(), R()); break;
+          case 3: case 12: seg(L(), R()); break;
+          case 4: case 11: seg(T(), R()); break;
+          case 6: case 9: seg(T(), B()); break;
+          case 7: case 8: seg(T(), L()); break;
+          case 5: // b and d above
+            if (centreAbove) { seg(T(), L()); seg(R(), B()); } else { seg(T(), R()); seg(L(), B()); }
+            break;
+          case 10: // a and c above
+            if (centreAbove) { seg(T(), R()); seg(L(), B()); } else { seg(T(), L()); seg(R(), B()); }
+            break;
+        }
+      }
+    }
+    // walk the chains: every crossing has two neighbours (the lines are closed), so each walk is a loop
+    const path = new Path2D(), seen = new Set();
+    for (const start of nb.keys()) {
+      if (seen.has(start)) continue;
+      let prev = -1, cur = start;
+      seen.add(start);
+      path.moveTo(...pts.get(start));
+      for (;;) {
+        const next = nb.get(cur).find((k) => k !== prev && !seen.has(k));
+        if (next === undefined) {
+          if (cur !== start && nb.get(cur).includes(start)) path.closePath();
+          break;
+        }
+        path.lineTo(...pts.get(next));
+        seen.add(next);
+        prev = cur;
+        cur = next;
+      }
+    }
+    return { path, n };
+  }
+
+  function shareAbove(v, t) {
+    let k = 0;
+    for (let i = 0; i < v.length; i++) if (v[i] >= t) k++;
+    return k / v.length;
+  }
+
+  // ---- small DOM helpers (text always goes through textContent: names come from users' files) ---------------
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function button(text, title, onClick) {
+    const b = el("button", "uadv-btn", text);
+    b.type = "button";
+    b.title = title;
+    b.setAttribute("aria-label", title);
+    b.addEventListener("click", onClick);
+    return b;
+  }
+  const fmt = (x, d = 2) => (x === null || x === undefined || !isFinite(x) ? "–" : Number(x).toFixed(d));
+
+  // ---- the viewer ------------------------------------------------------------------------------------------
+  const viewers = new Set();
+  let activeViewer = null; // the one the keyboard talks to when the focus is outside every viewer
+
+  class Viewer {
+    constructor(root) {
+      this.root = root;
+      this.uid = root.dataset.uid;
+      this.data = JSON.parse(root.dataset.payload);
+      this.vmax = this.data.vmax;
+      this.id = root.id || "uadv";
+      this.index = 0;
+      this.zoom = { s: 1, x: 0, y: 0 }; // shared by all panels: image x/w -> s * x/w + x (units of panel width)
+      this.threshold = this.data.threshold;
+      this.opacity = 0.5;
+      this.show = { heat: true, contour: true, gt: true };
+      this.cache = new Map(); // item index -> Promise of its decoded images and maps
+      this.panels = [];
+      this.modal = null;
+      this.frame = 0;
+      this.build();
+      this.resizer = new ResizeObserver(() => this.schedule());
+      this.resizer.observe(this.grid);
+      viewers.add(this);
+      this.go(0);
+    }
+
+    destroy() {
+      this.dead = true; // pending decodes and frames of this viewer must not touch a re-used root
+      this.closeModal();
+      this.resizer.disconnect();
+      viewers.delete(this);
+      if (activeViewer === this) activeViewer = null;
+    }
+
+    // -- layout ---------------------------------------------------------------------------------------------
+    build() {
+      const id = this.id, root = this.root;
+      root.replaceChildren();
+      const app = el("section", "uadv-app"); // not a div: gradio's DOM patching then replaces it, never reuses it
+      const bar = el("div", "uadv-bar");
+      this.pos = el("span", "uadv-pos");
+      this.pos.setAttribute("aria-live", "polite");
+      const nav = el("span", "uadv-group");
+      nav.append(button("◀", "previous image (←)", () => this.step(-1)), this.pos,
+                 button("▶", "next image (→)", () => this.step(1)));
+
+      const thr = el("label", "uadv-group");
+      thr.append(el("span", "", "threshold"));
+      this.thrNum = el("input", "uadv-thr-num");
+      Object.assign(this.thrNum, { type: "number", id: `${id}-thr-num`, step: "0.01", min: "0",
+                                   value: String(this.threshold) });
+      this.thrNum.setAttribute("aria-label", "threshold (calibrated, 1 = normal limit)");
+      this.thrRange = el("input", "uadv-thr-range");
+      Object.assign(this.thrRange, { type: "range", id: `${id}-thr-range`, min: "0", max: String(this.vmax),
+                                     step: "0.01", value: String(this.threshold) });
+      this.thrRange.setAttribute("aria-label", "threshold slider");
+      // "input" (not "change"): every keystroke and every slider move re-draws at once
+      this.thrNum.addEventListener("input", () => {
+        const t = parseFloat(this.thrNum.value);
+        if (!isFinite(t)) return;
+        this.thrRange.value = String(t);
+        this.setThreshold(t);
+      });
+      this.thrRange.addEventListener("input", () => {
+        this.thrNum.value = this.thrRange.value;
+        this.setThreshold(parseFloat(this.thrRange.value));
+      });
+      thr.append(this.thrNum, this.thrRange);
+
+      const layers = el("span", "uadv-group");
+      const check = (key, label, swatch) => {
+        const l = el("label", "uadv-check");
+        const c = el("input");
+        Object.assign(c, { type: "checkbox", checked: this.show[key], id: `${id}-show-${key}` });
+        c.addEventListener("change", () => { this.show[key] = c.checked; this.redrawAll(); });
+        l.append(c);
+        if (swatch) l.append(el("span", `uadv-swatch uadv-swatch-${key}`));
+        l.append(el("span", "", label));
+        return l;
+      };
+      this.opacityIn = el("input", "uadv-opacity");
+      Object.assign(this.opacityIn, { type: "range", id: `${id}-opacity`, min: "0", max: "1", step: "0.05",
+                                      value: String(this.opacity) });
+      this.opacityIn.setAttribute("aria-label", "heatmap opacity");
+      this.opacityIn.addEventListener("input", () => {
+        this.opacity = parseFloat(this.opacityIn.value);
+        this.redrawAll();
+      });
+      layers.append(check("heat", "heatmap"), this.opacityIn, check("contour", "region ≥ threshold", true),
+                    check("gt", "ground truth", true));
+
+      const view = el("span", "uadv-group");
+      view.append(button("+", "zoom in (+)", () => this.zoomBy(ZOOM_STEP)),
+                  button("−", "zoom out (−)", () => this.zoomBy(1 / ZOOM_STEP)),
+                  button("reset", "reset zoom and pan (0)", () => this.resetZoom()));
+      bar.append(nav, thr, layers, view);
+
+      const note = el("div", "uadv-note", "Maps and image scores are calibrated on held-out normal images: " +
+        "0 = median normal pixel, 1.0 = normal limit. Wheel or pinch to zoom, drag to pan (all panels " +
+        "together), click a panel to enlarge; keys ← → + − 0 Esc.");
+      this.status = el("div", "uadv-status");
+      this.grid = el("div", "uadv-grid");
+      app.append(bar, note, this.status, this.grid);
+      root.append(app);
+      this.app = app;
+      root.tabIndex = 0;
+      root.addEventListener("pointerdown", () => { activeViewer = this; });
+      root.addEventListener("focusin", () => { activeViewer = this; });
+    }
+
+    get item() { return this.data.items[this.index]; }
+
+    /** Decoded assets of item i (decoded once, then cached). */
+    assets(i) {
+      if (!this.cache.has(i)) {
+        const it = this.data.items[i];
+        this.cache.set(i, Promise.all([
+          loadImage(it.img),
+          it.full ? loadImage(it.full) : null,
+          it.gt ? decodeMask(it.gt) : null,
+          Promise.all(it.panels.map((p) => decodeHeat(p, this.vmax))),
+        ]).then(([img, full, gt, heats]) => ({ img, full: full || img, gt, heats })));
+      }
+      return this.cache.get(i);
+    }
+
+    step(d) {
+      const n = this.data.items.length;
+      this.go((this.index + d + n) % n);
+    }
+
+    async go(i) {
+      this.index = i;
+      const it = this.item, n = this.data.items.length;
+      this.pos.textContent = `${i + 1} / ${n}  ${it.name}  ${it.label}`;
+      this.root.dataset.index = String(i);
+      this.root.dataset.state = "loading";
+      let a;
+      try {
+        a = await this.assets(i);
+      } catch (err) {
+        if (this.dead || this.index !== i) return;
+        this.root.dataset.state = "error";
+        this.status.textContent = `This image could not be shown (${err && err.message ? err.message : err}).`;
+        return;
+      }
+      if (this.dead || this.index !== i) return;
+      // keep the neighbours decoded (instant ← / →), forget the rest (decoded maps are large)
+      const near = new Set([i, (i + 1) % n, (i + n - 1) % n]);
+      for (const k of [...this.cache.keys()]) if (!near.has(k)) this.cache.delete(k);
+      for (const k of near) this.assets(k).catch(() => {});
+      this.status.textContent = "";
+      this.assetsNow = a;
+      this.closeModal();
+      this.buildPanels(it, a);
+      this.setThreshold(this.threshold);
+      this.root.dataset.state = "ready";
+    }
+
+    buildPanels(it, a) {
+      this.panels = [];
+      this.grid.replaceChildren();
+      const make = (method, title, score, heat) => {
+        const fig = el("figure", "uadv-panel");
+        fig.dataset.method = method;
+        fig.dataset.kind = heat ? "heat" : "image";
+        const cap = el("figcaption", "uadv-cap");
+        cap.append(el("span", "uadv-title", title));
+        if (heat) {
+          const s = el("span", "uadv-score", `score ${fmt(score)}`);
+          s.title = "calibrated image score: 1.0 = normal limit";
+          cap.append(s);
+        }
+        const stage = el("div", "uadv-stage");
+        stage.style.aspectRatio = `${it.w} / ${it.h}`;
+        const canvas = el("canvas");
+        canvas.setAttribute("role", "img");
+        canvas.setAttribute("aria-label", heat ? `${title}: heatmap over ${it.name}` : it.name);
+        stage.append(canvas);
+        fig.append(cap, stage);
+        const p = { el: fig, stage, canvas, ctx: canvas.getContext("2d"), heat, method, title, score };
+        if (heat) {
+          fig.append(this.colourBar(p));
+          p.share = el("div", "uadv-share");
+          fig.append(p.share);
+        }
+        cap.append(button("⤢", `enlarge ${title} to the image's own size`, () => this.enlarge(p)));
+        this.bindPointer(p);
+        this.grid.append(fig);
+        this.panels.push(p);
+        return p;
+      };
+      make("", `image · ${it.label}`, null, null);
+      it.panels.forEach((pp, k) => make(pp.method, pp.method, pp.score, a.heats[k]));
+    }
+
+    /** A colour bar on the fixed calibrated scale with ticks 0, 1 (= normal limit), ..., vmax. */
+    colourBar(p) {
+      const box = el("div", "uadv-cbar");
+      const ramp = el("div", "uadv-ramp");
+      ramp.style.background = CSS_RAMP;
+      p.mark = el("div", "uadv-mark");
+      p.mark.title = "threshold";
+      ramp.append(p.mark);
+      const ticks = el("div", "uadv-ticks");
+      const vmax = this.vmax, step = vmax <= 6 ? 1 : Math.ceil(vmax / 6);
+      const values = [];
+      for (let v = 0; v <= vmax + 1e-9; v += step) values.push(v);
+      if (vmax - values[values.length - 1] > 0.3 * step) values.push(vmax);
+      for (const v of values) {
+        const t = el("span", "uadv-tick", v === 1 ? "1 = normal limit" : fmt(v, v % 1 ? 1 : 0));
+        t.style.left = `${(v / vmax) * 100}%`;
+        if (v === 0) t.classList.add("uadv-tick-first");
+        if (v === vmax) t.classList.add("uadv-tick-last");
+        ticks.append(t);
+      }
+      box.append(ramp, ticks);
+      return box;
+    }
+
+    setThreshold(t) {
+      this.threshold = t;
+      this.root.dataset.threshold = String(t);
+      for (const p of this.panels) {
+        if (!p.heat) continue;
+        const iso = isoPath(p.heat, t);
+        p.contour = iso.path;
+        const share = shareAbove(p.heat.v, t);
+        p.share.textContent = `${(share * 100).toFixed(2)} % of pixels ≥ ${fmt(t)}`;
+        p.share.dataset.share = String(share);
+        p.share.dataset.segments = String(iso.n);
+        p.mark.style.left = `${Math.min(Math.max(t / this.vmax, 0), 1) * 100}%`;
+      }
+      this.redrawAll();
+    }
+
+    // -- drawing ------------------------------------------------------------------------------------------
+    schedule() {
+      if (!this.frame) this.frame = requestAnimationFrame(() => { this.frame = 0; this.drawAll(); });
+    }
+    redrawAll() {
+      this.schedule();
+      if (this.modal) this.paintModal();
+    }
+    drawAll() {
+      if (this.dead) return;
+      const z = this.zoom;
+      this.root.dataset.zoom = z.s.toFixed(4);
+      for (const p of this.panels) this.drawPanel(p);
+    }
+
+    drawPanel(p) {
+      const it = this.item, z = this.zoom;
+      const cssW = p.stage.clientWidth, cssH = p.stage.clientHeight;
+      if (!cssW || !cssH || !this.assetsNow) return;
+      const dpr = window.devicePixelRatio || 1;
+      const W = Math.round(cssW * dpr), H = Math.round(cssH * dpr);
+      if (p.canvas.width !== W || p.canvas.height !== H) { p.canvas.width = W; p.canvas.height = H; }
+      const ctx = p.ctx;
+      ctx.setTransform(1, 0, 0, 1, 0, 0);
+      ctx.fillStyle = "#111";
+      ctx.fillRect(0, 0, W, H);
+      const k = (z.s * cssW * dpr) / it.w; // device pixels per image pixel
+      ctx.setTransform(k, 0, 0, k, z.x * cssW * dpr, z.y * cssW * dpr);
+      this.paint(ctx, p, k, dpr, k * it.w > 1.5 * this.assetsNow.img.naturalWidth ? this.assetsNow.full
+                                                                                    : this.assetsNow.img);
+      p.el.dataset.transform = `${z.s.toFixed(4)} ${z.x.toFixed(4)} ${z.y.toFixed(4)}`;
+    }
+
+    /** Draw image and overlays; ctx maps image pixels (own size w x h); k = device pixels per image pixel. */
+    paint(ctx, p, k, dpr, img) {
+      const it = this.item, a = this.assetsNow;
+      ctx.imageSmoothingEnabled = k < 3; // past 3x show the image's pixels as they are
+      ctx.drawImage(img, 0, 0, it.w, it.h);
+      if (p.heat && this.show.heat && this.opacity > 0) {
+        ctx.imageSmoothingEnabled = true;
+        ctx.globalAlpha = this.opacity;
+        ctx.drawImage(p.heat.layer, 0, 0, it.w, it.h);
+        ctx.globalAlpha = 1;
+      }
+      if (p.heat && this.show.contour && p.contour) {
+        this.stroke(ctx, p.contour, it.w / p.heat.w, it.h / p.heat.h, k, dpr, STYLES.contour);
+      }
+      if (a.gt && this.show.gt) this.stroke(ctx, a.gt.path, it.w / a.gt.w, it.h / a.gt.h, k, dpr, STYLES.gt);
+    }
+
+    stroke(ctx, path, sx, sy, k, dpr, style) {
+      ctx.save();
+      ctx.scale(sx, sy);
+      const unit = dpr / (k * Math.min(sx, sy)); // one CSS pixel in path units
+      ctx.lineJoin = "round";
+      ctx.lineCap = "round";
+      ctx.setLineDash(style.dash.map((d) => d * unit));
+      ctx.strokeStyle = style.halo;
+      ctx.lineWidth = HALO_PX * unit;
+      ctx.stroke(path);
+      ctx.strokeStyle = style.colour;
+      ctx.lineWidth = LINE_PX * unit;
+      ctx.stroke(path);
+      ctx.restore();
+    }
+
+    // -- linked zoom and pan --------------------------------------------------------------------------------
+    /** Keep the image covering the panel: no empty margins when zoomed, no zoom below 1. */
+    clamp() {
+      const z = this.zoom, aspect = this.item.h / this.item.w;
+      z.s = Math.min(Math.max(z.s, ZOOM_MIN), ZOOM_MAX);
+      z.x = Math.min(0, Math.max(1 - z.s, z.x));
+      z.y = Math.min(0, Math.max(aspect * (1 - z.s), z.y));
+      for (const p of this.panels) p.stage.classList.toggle("uadv-zoomed", z.s > 1);
+    }
+    /** Zoom by factor f about the point (u, v) of the panel (units of panel width). */
+    zoomAt(u, v, f) {
+      const z = this.zoom, s = Math.min(Math.max(z.s * f, ZOOM_MIN), ZOOM_MAX);
+      z.x = u - ((u - z.x) * s) / z.s;
+      z.y = v - ((v - z.y) * s) / z.s;
+      z.s = s;
+      this.clamp();
+      this.schedule();
+    }
+    zoomBy(f) {
+      this.zoomAt(0.5, (0.5 * this.item.h) / this.item.w, f);
+    }
+    resetZoom() {
+      this.zoom = { s: 1, x: 0, y: 0 };
+      this.clamp();
+      this.schedule();
+    }
+
+    bindPointer(p) {
+      const stage = p.stage, pointers = new Map();
+      let start = null; // {x, y, zx, zy} of a one-finger drag
+      let pinch = null; // {d, u, v} of a two-finger pinch
+      let moved = false;
+      const rel = (e) => {
+        const r = stage.getBoundingClientRect();
+        return { u: (e.clientX - r.left) / r.width, v: (e.clientY - r.top) / r.width, w: r.width };
+      };
+      stage.addEventListener("wheel", (e) => {
+        if (e.deltaY > 0 && this.zoom.s <= ZOOM_MIN) return; // nothing to zoom out: let the page scroll
+        e.preventDefault();
+        const q = rel(e);
+        this.zoomAt(q.u, q.v, Math.exp(-e.deltaY * 0.0015));
+      }, { passive: false });
+      stage.addEventListener("pointerdown", (e) => {
+        if (e.pointerType === "mouse" && e.button !== 0) return;
+        stage.setPointerCapture(e.pointerId);
+        pointers.set(e.pointerId, e);
+        moved = false;
+        if (pointers.size === 1) {
+          start = { x: e.clientX, y: e.clientY, zx: this.zoom.x, zy: this.zoom.y };
+        } else if (pointers.size === 2) {
+          const [a, b] = [...pointers.values()];
+          pinch = { d: Math.hypot(a.clientX - b.clientX, a.clientY - b.clientY) };
+          start = null;
+          moved = true;
+        }
+      });
+      stage.addEventListener("pointermove", (e) => {
+        if (!pointers.has(e.pointerId)) return;
+        pointers.set(e.pointerId, e);
+        if (pinch && pointers.size === 2) {
+          const [a, b] = [...pointers.values()];
+          const d = Math.hypot(a.clientX - b.clientX, a.clientY - b.clientY);
+          const mid = rel({ clientX: (a.clientX + b.clientX) / 2, clientY: (a.clientY + b.clientY) / 2 });
+          if (pinch.d > 0) this.zoomAt(mid.u, mid.v, d / pinch.d);
+          pinch.d = d;
+        } else if (start) {
+          const dx = e.clientX - start.x, dy = e.clientY - start.y;
+          if (Math.hypot(dx, dy) > 4) moved = true;
+          if (!moved) return;
+          const w = stage.clientWidth;
+          this.zoom.x = start.zx + dx / w;
+          this.zoom.y = start.zy + dy / w;
+          this.clamp();
+          this.schedule();
+        }
+      });
+      const end = (e) => {
+        if (!pointers.has(e.pointerId)) return;
+        pointers.delete(e.pointerId);
+        const click = e.type === "pointerup" && start && !moved && pointers.size === 0;
+        if (pointers.size < 2) pinch = null;
+        if (pointers.size === 0) start = null;
+        if (click) this.enlarge(p);
+      };
+      stage.addEventListener("pointerup", end);
+      stage.addEventListener("pointercancel", end);
+    }
+
+    // -- enlarged view: one panel at the image's own resolution -------------------------------------------
+    enlarge(p) {
+      this.closeModal();
+      const it = this.item;
+      const modal = el("div", "uadv-modal");
+      modal.setAttribute("role", "dialog");
+      modal.setAttribute("aria-modal", "true");
+      modal.id = `${this.id}-modal`;
+      modal.tabIndex = -1;
+      const head = el("div", "uadv-modal-head");
+      const what = p.heat ? `${p.method} · score ${fmt(p.score)}` : "image";
+      head.append(el("span", "uadv-modal-title", `${it.name} (${it.label}) · ${what} · ${it.w} × ${it.h} px`),
+                  button("✕", "close (Esc)", () => this.closeModal()));
+      const canvas = el("canvas", "uadv-modal-canvas");
+      canvas.dataset.naturalWidth = String(it.w);
+      canvas.dataset.naturalHeight = String(it.h);
+      canvas.style.width = `${it.w}px`;
+      canvas.style.height = `${it.h}px`;
+      const body = el("div", "uadv-modal-body");
+      body.append(canvas);
+      modal.append(head, body);
+      modal.addEventListener("click", (e) => { if (e.target === modal || e.target === body) this.closeModal(); });
+      document.body.append(modal); // outside gradio's containers, so `position: fixed` means the viewport
+      this.modal = { el: modal, canvas, panel: p, returnFocus: document.activeElement };
+      this.root.dataset.enlarged = p.method || "image";
+      this.paintModal();
+      modal.focus();
+    }
+
+    paintModal() {
+      const m = this.modal, it = this.item, dpr = window.devicePixelRatio || 1;
+      m.canvas.width = Math.round(it.w * dpr);
+      m.canvas.height = Math.round(it.h * dpr);
+      const ctx = m.canvas.getContext("2d");
+      ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+      this.paint(ctx, m.panel, dpr, dpr, this.assetsNow.full);
+    }
+
+    closeModal() {
+      if (!this.modal) return;
+      const back = this.modal.returnFocus;
+      this.modal.el.remove();
+      this.modal = null;
+      delete this.root.dataset.enlarged;
+      if (back && back.isConnected && back.focus) back.focus();
+      else if (this.root.isConnected) this.root.focus();
+    }
+
+    // -- keyboard -------------------------------------------------------------------------------------------
+    key(e) {
+      if (e.key === "Escape") { if (this.modal) { this.closeModal(); return true; } return false; }
+      if (this.modal) return false;
+      switch (e.key) {
+        case "ArrowRight": this.step(1); return true;
+        case "ArrowLeft": this.step(-1); return true;
+        case "+": case "=": this.zoomBy(ZOOM_STEP); return true;
+        case "-": case "_": this.zoomBy(1 / ZOOM_STEP); return true;
+        case "0": this.resetZoom(); return true;
+      }
+      return false;
+    }
+  }
+
+  const TYPING = new Set(["text", "number", "range", "search", "email", "url", "password", "tel"]);
+  function typingIn(t) {
+    if (!t || !t.tagName) return false;
+    if (t.isContentEditable || t.tagName === "TEXTAREA" || t.tagName === "SELECT") return true;
+    return t.tagName === "INPUT" && TYPING.has(t.type);
+  }
+
+  document.addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    const open = [...viewers].find((v) => v.modal);
+    let v = open;
+    if (!v) {
+      const root = e.target && e.target.closest ? e.target.closest(".uadv-root") : null;
+      v = root ? root.uadlabViewer : null;
+      // with the focus on the page itself, the last viewer used answers
+      if (!v && (e.target === document.body || e.target === document.documentElement)) v = activeViewer;
+    }
+    if (!v || !v.root.isConnected || (!open && typingIn(e.target))) return;
+    if (v.key(e)) e.preventDefault();
+  });
+
+  // ---- start every viewer that enters the page, and restart it when gradio replaces or patches its HTML ------
+  function needsStart(root) {
+    const v = root.uadlabViewer;
+    return !v || v.uid !== root.dataset.uid || v.app.parentNode !== root || v.app.className !== "uadv-app";
+  }
+  function scan() {
+    for (const v of [...viewers]) if (!v.root.isConnected) v.destroy();
+    for (const root of document.querySelectorAll(".uadv-root[data-payload]")) {
+      if (!needsStart(root)) continue;
+      if (root.uadlabViewer) root.uadlabViewer.destroy();
+      try {
+        root.uadlabViewer = new Viewer(root);
+      } catch (err) {
+        root.textContent = `The heatmap viewer could not start: ${err && err.message ? err.message : err}`;
+        console.error(err);
+      }
+    }
+  }
+  let queued = false;
+  new MutationObserver(() => {
+    if (queued) return;
+    queued = true;
+    queueMicrotask(() => { queued = false; scan(); });
+  }).observe(document.documentElement, { childList: true, subtree: true, attributes: true,
+                                          attributeFilter: ["data-uid", "data-payload"] });
+  window.uadlabViewer = { scan, viewers, LUT };
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", scan);
+  else scan();
+})();

@@ -1,0 +1,212 @@
+"""The heatmap viewer: one test image at a time, the original and one panel per method, side by side.
+
+Plain python in, one HTML string out; everything interactive happens in the browser (``viewer.js``), so
+zooming, panning, the threshold and stepping through images never wait for the server:
+
+- panels >= 512 px wide where the page allows (a grid that wraps), full width on a phone;
+- linked zoom and pan (wheel or pinch, drag; buttons; keys + - 0), click a panel to enlarge it to the
+  image's own resolution (Esc closes);
+- overlays: the calibrated heatmap in viridis on the FIXED scale [0, vmax] with an opacity slider, the
+  contour of the region >= threshold (white on a dark halo) and the ground-truth outline (dashed magenta on
+  a dark halo), each switchable; a colour bar with ticks 0, 1 = normal limit, ..., vmax on every heatmap;
+- a threshold as a number AND a slider, linked, applied on every keystroke; the share of pixels above it;
+- ← / → step through the items; all of them are embedded in the HTML.
+
+What is sent: each image as a data URL at most ``PANEL_MAX`` px on its long side for the panels, plus a copy
+at its own resolution (at most ``FULL_MAX``) for the enlarged view when that is larger; each heat map as a
+16-bit PNG (R = high byte, G = low byte over the map's own [min, max]) at most ``HEAT_MAX`` px on its long
+side (maps are smooth, upsampled from a patch grid, so this loses nothing visible); masks as 1-bit PNGs at
+most ``PANEL_MAX`` px. No file of the workspace is served: data URLs only. A 224 px map costs ~100 KB; the
+browser decodes the current image and its two neighbours only.
+
+Mount it in gradio (6.x)::
+
+    view = gr.HTML(viewer_html(items), head=HEAD, js_on_load=None)   # or viewer_component(items)
+    ...  # a callback returns viewer_html(new_items) as the new value
+
+``HEAD`` may also go to ``demo.launch(head=HEAD)`` instead; it is idempotent. Do not give the gr.HTML the
+same ``elem_id`` as the viewer (the viewer's root element carries that id).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+PANEL_MAX = 1024  # long side of the image in the panels
+FULL_MAX = 2048  # long side of the enlarged view (the image's own resolution up to this cap)
+HEAT_MAX = 512  # long side of a heat map sent to the browser
+LABELS = ("normal", "anomalous", "unlabelled")
+_ELEM_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+@dataclass
+class Panel:
+    """One method's view of an image: a CALIBRATED map (0 = median normal, 1 = normal limit) and score."""
+
+    method: str
+    heat: np.ndarray  # (H, W) float; any size, it is stretched onto the image
+    image_score: float  # same scale
+
+
+@dataclass
+class ViewItem:
+    """A test image with one panel per method and its ground truth, if any."""
+
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8 at the image's own resolution ((H, W) grayscale is accepted)
+    panels: list[Panel] = field(default_factory=list)
+    mask: np.ndarray | None = None  # (H, W) bool ground truth
+    label: str = "unlabelled"  # "normal" / "anomalous" / "unlabelled"
+
+
+def _asset(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def _head() -> str:
+    js, css = _asset("viewer.js"), _asset("viewer.css")
+    if "</script" in js.lower() or "</style" in css.lower():  # would end the tag early
+        raise ValueError("viewer.js / viewer.css must not contain a closing tag")
+    return f'<style id="uadlab-viewer-css">\n{css}</style>\n<script>\n{js}</script>\n'
+
+
+HEAD: str = _head()  # <style> + <script> for gr.HTML(head=...) or launch(head=...)
+
+
+# ---- encoding ------------------------------------------------------------------------------------------------
+def _data_url(img: Image.Image, fmt: str = "PNG", compress_level: int = 6) -> str:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.convert("RGB").save(buf, "JPEG", quality=90)
+    else:
+        img.save(buf, "PNG", compress_level=compress_level)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _fit(w: int, h: int, cap: int) -> tuple[int, int]:
+    """(w, h) scaled down so the long side is at most ``cap``."""
+    f = min(1.0, cap / max(w, h))
+    return max(1, round(w * f)), max(1, round(h * f))
+
+
+def _image_url(img: Image.Image, cap: int) -> str:
+    """The image at most ``cap`` px on its long side: PNG (lossless) when small, JPEG otherwise."""
+    size = _fit(*img.size, cap)
+    if size != img.size:
+        img = img.resize(size, Image.LANCZOS)
+    return _data_url(img, "PNG" if size[0] * size[1] <= 512 * 512 else "JPEG")
+
+
+def encode_heat(heat: np.ndarray, cap: int = HEAT_MAX) -> dict[str, Any]:
+    """A map as {"heat": 16-bit PNG data URL, "lo", "hi"}: code q in R (high byte) and G (low byte),
+    value = lo + q * (hi - lo) / 65535; at most ``cap`` px on its long side (bilinear)."""
+    a = np.asarray(heat, np.float32)
+    finite = a[np.isfinite(a)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+    size = _fit(a.shape[1], a.shape[0], cap)
+    if size != (a.shape[1], a.shape[0]):
+        a = np.asarray(Image.fromarray(a, mode="F").resize(size, Image.BILINEAR))
+    span = hi - lo if hi > lo else 1.0
+    q = np.clip(np.round((a - lo) / span * 65535), 0, 65535).astype(np.uint16)
+    rgb = np.stack([q >> 8, q & 255, np.zeros_like(q)], -1).astype(np.uint8)
+    # the low byte is close to noise: zlib gains ~5% at level 6 for 4x the time, so level 1
+    return {"heat": _data_url(Image.fromarray(rgb), compress_level=1), "lo": lo, "hi": lo + span}
+
+
+def decode_heat(url: str, lo: float, hi: float) -> np.ndarray:
+    """The inverse of :func:`encode_heat` (what the browser does), as float32."""
+    rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"), np.float64)
+    return (lo + (rgb[..., 0] * 256 + rgb[..., 1]) * (hi - lo) / 65535).astype(np.float32)
+
+
+def _rgb(image: np.ndarray, name: str) -> np.ndarray:
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ValueError(f"viewer item {name!r}: the image must be uint8, not {a.dtype}")
+    if a.ndim == 3 and a.shape[2] in (1, 3, 4):
+        a = a[..., :3] if a.shape[2] != 1 else a[..., 0]
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, 2)
+    if a.ndim != 3 or a.shape[2] != 3 or min(a.shape[:2]) < 1:
+        raise ValueError(f"viewer item {name!r}: the image must be (H, W, 3) uint8, not {np.asarray(image).shape}")
+    return np.ascontiguousarray(a)
+
+
+def _score(x: Any) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None  # JSON has no NaN
+
+
+def _item_payload(it: ViewItem) -> dict[str, Any]:
+    rgb = _rgb(it.image, it.name)
+    img = Image.fromarray(rgb)
+    w, h = _fit(img.width, img.height, FULL_MAX)  # the enlarged view's size
+    panel_url = _image_url(img, PANEL_MAX)
+    full_url = _image_url(img, FULL_MAX) if max(img.size) > PANEL_MAX else None
+    gt = None
+    if it.mask is not None:
+        m = np.asarray(it.mask)
+        if m.ndim != 2:
+            raise ValueError(f"viewer item {it.name!r}: the mask must be (H, W), not {m.shape}")
+        mimg = Image.fromarray((m > 0).astype(np.uint8) * 255)
+        size = _fit(mimg.width, mimg.height, PANEL_MAX)
+        gt = _data_url(mimg.resize(size, Image.NEAREST).convert("1"))
+    panels = []
+    for p in it.panels:
+        heat = np.asarray(p.heat)
+        if heat.ndim != 2 or heat.size == 0:
+            raise ValueError(f"viewer item {it.name!r}: the map of {p.method} must be (H, W), not {heat.shape}")
+        panels.append({"method": str(p.method), "score": _score(p.image_score), **encode_heat(heat)})
+    label = it.label if it.label in LABELS else "unlabelled"
+    return {"name": str(it.name), "label": label, "w": w, "h": h, "img": panel_url, "full": full_url,
+            "gt": gt, "panels": panels}
+
+
+def viewer_html(items: Sequence[ViewItem], threshold: float = 1.0, vmax: float = 3.0, elem_id: str = "viewer") -> str:
+    """The viewer of ``items`` as an HTML string for a gr.HTML whose page has :data:`HEAD`.
+
+    Args:
+        items: the test images to step through (all are embedded in the HTML).
+        threshold: the initial calibrated threshold of the contours.
+        vmax: top of the fixed colour scale (calibrated units; the scale is [0, vmax] for every map).
+        elem_id: id of the viewer's root element; its controls get ids ``{elem_id}-thr-num``,
+            ``{elem_id}-thr-range``, ``{elem_id}-opacity``, ``{elem_id}-show-heat|contour|gt`` and the
+            enlarged view ``{elem_id}-modal``.
+
+    Raises:
+        ValueError: a bad image, map or mask (naming the item), or a bad threshold, vmax or elem_id.
+    """
+    if not _ELEM_ID.fullmatch(elem_id):
+        raise ValueError(f"elem_id must be letters, digits, - or _ (starting with a letter), not {elem_id!r}")
+    if not (math.isfinite(vmax) and vmax > 0):
+        raise ValueError(f"vmax must be a positive number, not {vmax}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a number, not {threshold}")
+    if not items:
+        return (f'<div class="uadv-root uadv-empty" id="{elem_id}"><p>No images to show: choose test images '
+                "and a trained run.</p></div>")
+    payload = json.dumps({"vmax": float(vmax), "threshold": float(threshold),
+                          "items": [_item_payload(it) for it in items]}, separators=(",", ":"))
+    uid = hashlib.sha1(payload.encode()).hexdigest()[:16]
+    # html.escape quotes & < > " ': user-chosen names cannot leave the attribute
+    return (f'<div class="uadv-root" id="{elem_id}" data-uid="{uid}" data-payload="{html.escape(payload)}">'
+            '<div class="uadv-fallback">Loading the heatmap viewer (it needs JavaScript)…</div></div>')
+
+
+def viewer_component(items: Sequence[ViewItem] = (), threshold: float = 1.0, vmax: float = 3.0,
+                     elem_id: str = "viewer", **kwargs: Any):
+    """A gr.HTML showing the viewer of ``items`` that brings :data:`HEAD` itself (kwargs go to gr.HTML)."""
+    import gradio as gr
+
+    return gr.HTML(viewer_html(items, threshold, vmax, elem_id), head=HEAD, js_on_load=None, **kwargs)

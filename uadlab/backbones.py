@@ -188,6 +188,17 @@ class Backbone(torch.nn.Module):
         img = Image.fromarray((mask > 0).astype(np.uint8) * 255)
         return (np.array(_resize_crop(img, self.resize, self.image_size, Image.NEAREST)) > 127).astype(np.uint8)
 
+    def view_box(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """The part of an image of ``size`` (W, H) that the network sees (see ``view``), as a crop box
+        (left, top, right, bottom) in the image's own pixels: heatmaps cover exactly this box."""
+        w, h = size
+        s = self.resize / min(w, h)
+        rw, rh = max(self.image_size, round(w * s)), max(self.image_size, round(h * s))
+        left, top = (rw - self.image_size) // 2, (rh - self.image_size) // 2
+        sx, sy = w / rw, h / rh
+        return (round(left * sx), round(top * sy), round((left + self.image_size) * sx),
+                round((top + self.image_size) * sy))
+
     def view(self, image: Image.Image) -> np.ndarray:
         """The RGB image as the network sees it (for overlays), uint8 (S, S, 3)."""
         return np.array(_resize_crop(image.convert("RGB"), self.resize, self.image_size, Image.BICUBIC))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 CATEGORIES = ("brick", "grass", "gravel")
 DEFECTS = ("scratch", "hole", "patch", "color")
+_LOCK = threading.Lock()
 _TINT = {"brick": (1.0, 0.78, 0.62), "grass": (0.72, 1.0, 0.62), "gravel": (0.9, 0.9, 1.0)}
 
 
@@ -114,10 +118,30 @@ def make_demo(
         tag = "-".join(str(v) if not isinstance(v, list) else "+".join(v) for v in params.values())
         root = Path(os.environ.get("UADLAB_CACHE", Path.home() / ".cache" / "uadlab")) / "demo" / tag
     root = Path(root)
+    with _LOCK:  # one writer per process; the folder appears complete or not at all (a rename)
+        if _complete(root, params):
+            return root
+        tmp = root.with_name(f".{root.name}.{uuid.uuid4().hex[:8]}")
+        _write(tmp, params)
+        shutil.rmtree(root, ignore_errors=True)  # an incomplete copy of an older version
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _complete(root: Path, params: dict) -> bool:
     stamp = root / "demo.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == params:
-        return root
-    for ci, cat in enumerate(categories):
+    try:
+        return json.loads(stamp.read_text()) == params
+    except (OSError, ValueError):
+        return False
+
+
+def _write(root: Path, params: dict) -> None:
+    seed, size = params["seed"], params["size"]
+    for cat in params["categories"]:
         rng = np.random.default_rng([seed, CATEGORIES.index(cat)])
         tex = _texture(cat)
 
@@ -125,14 +149,13 @@ def make_demo(
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8)).save(path)
 
-        for i in range(n_train):
+        for i in range(params["n_train"]):
             save(_rgb(_crop(tex, size, rng), cat), root / cat / "train" / "good" / f"{i:03d}.png")
-        for i in range(n_test_good):
+        for i in range(params["n_test_good"]):
             save(_rgb(_crop(tex, size, rng), cat), root / cat / "test" / "good" / f"{i:03d}.png")
         for kind in DEFECTS:
-            for i in range(n_test_per_defect):
+            for i in range(params["n_test_per_defect"]):
                 img, mask = _defect(_rgb(_crop(tex, size, rng), cat), kind, cat, size, rng)
                 save(img, root / cat / "test" / kind / f"{i:03d}.png")
                 save(mask.astype(np.float32), root / cat / "ground_truth" / kind / f"{i:03d}_mask.png")
-    stamp.write_text(json.dumps(params))
-    return root
+    (root / "demo.json").write_text(json.dumps(params))

@@ -8,7 +8,7 @@
     hub_tab.py      Hub: push a head, load one and score images
     explain_tab.py  Explain: one method's explanation of one image
     viewer.py       the heatmap viewer (viewer.js, viewer.css): linked zoom, overlays, threshold, keyboard
-    common.py       errors (kept in their panel), the session's workspace, progress, tables
+    common.py       errors (kept in their panel), the session's workspace, progress
 
 Callbacks are plain functions of a few typed inputs (the tests call them); they reach the package through
 ``uadlab.workspace``. Per-session state holds ids, never models; the browser keeps a random workspace id so

@@ -1,14 +1,13 @@
-"""What every screen of the app shares: error handling, the workspace of a session, progress, tables."""
+"""What every screen of the app shares: error handling, the workspace of a session, progress."""
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
 import traceback
-from typing import Any, Callable
+from typing import Callable
 
 import gradio as gr
-import pandas as pd
 
 from .. import safety as S
 from ..errors import UadlabError
@@ -72,10 +71,3 @@ def open_workspace(user: str | None) -> Workspace:
 def reporter(progress: gr.Progress) -> ProgressFn:
     """A ProgressFn that moves gradio's progress bar (the job's share, the stage with counts and ETA)."""
     return lambda p: progress(p.overall if p.overall is not None else p.fraction, desc=p.text)
-
-
-def metrics_frame(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    from .. import viz
-
-    headers, rows = viz.metrics_table(results)
-    return pd.DataFrame(rows, columns=headers)

@@ -1,55 +1,71 @@
-"""3 · Compare: heatmaps of every method side by side on one calibrated scale, curves and metrics."""
+"""3 · Compare: every method's heatmap of a test image side by side in the viewer (one calibrated scale,
+linked zoom, overlays, a threshold applied at once), ROC and PR curves, the metrics table."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import gradio as gr
+import numpy as np
 
 from .. import viz
-from .common import in_panel, metrics_frame, open_workspace, ui_errors
+from ..workspace import Workspace
+from .common import in_panel, open_workspace, ui_errors
+from .viewer import HEAD, Panel, ViewItem, viewer_html
+
+LABELS = {0: "normal", 1: "anomalous"}
+VMAX = 3.0  # the viewer's colour scale: [0, 3] calibrated units (1 = the normal limit)
+
+
+def view_items(ws: Workspace, run_id: str, names: list[str]) -> list[ViewItem]:
+    """The chosen test images at their own resolution (the part the network sees), every method's map and
+    image score, and the ground truth."""
+    run = ws.runs.get(run_id)
+    samples = ws.runs.test_samples(run_id, names)
+    scored, _ = ws.runs.scored(run_id, samples)
+    items = []
+    for i, s in enumerate(samples):
+        image = s.load()
+        left, top, right, bottom = run.backbone.view_box(image.size)
+        mask = s.load_mask()
+        items.append(ViewItem(s.name, np.asarray(image.crop((left, top, right, bottom))),
+                              [Panel(m, sc.maps[i], float(sc.scores[i])) for m, sc in scored.items()],
+                              None if mask is None else mask[top:bottom, left:right] > 0,
+                              LABELS.get(s.label, "unlabelled")))
+    return items
 
 
 @ui_errors
-def on_compare(user: str, run_id: str | None, names: list[str], threshold: float, labels: str):
-    """(heatmap grid, predicted-mask grid, curves, metrics) of the chosen test images."""
+def on_compare(user: str, run_id: str | None, names: list[str], labels: str):
+    """(viewer, curves, metrics table) of the chosen test images."""
     if not run_id:
-        return None, None, None, None
+        return viewer_html([]), None, None
     ws = open_workspace(user)
-    rows, methods = ws.runs.grid_rows(run_id, names or [])
+    viewer = viewer_html(view_items(ws, run_id, names or []), vmax=VMAX, elem_id="viewer")
     results = ws.runs.evaluation(run_id, "annotations" if labels == "my annotations" else "dataset")
-    return (viz.compare_grid(rows, methods, "heatmap"), viz.compare_grid(rows, methods, "mask", float(threshold)),
-            viz.curves_figure(results) if results else None, metrics_frame(results))
-
-
-@ui_errors
-def on_threshold(user: str, run_id: str, names: list[str], threshold: float):
-    rows, methods = open_workspace(user).runs.grid_rows(run_id, names or [])
-    return viz.compare_grid(rows, methods, "mask", float(threshold))
+    return viewer, viz.curves_figure(results) if results else None, viz.metrics_frame(results)
 
 
 def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     with gr.Row():
-        names = gr.Dropdown([], multiselect=True, label="Test images", scale=4)
+        names = gr.Dropdown([], multiselect=True, label="Test images (step through them with ← →)", scale=4,
+                            min_width=240)
         labels = gr.Radio(["dataset labels", "my annotations"], value="dataset labels", label="Labels for metrics",
-                          scale=2)
-    show_btn = gr.Button("Show", variant="primary")
+                          scale=2, min_width=200)
+    show_btn = gr.Button("Show", variant="primary", elem_id="compare-show")
     status = gr.Markdown(elem_id="compare-status")
-    gr.Markdown(f"**Heatmaps** on one shared scale [{viz.VMIN:g}, {viz.VMAX:g}] for every method and image "
-                f"({viz.SCALE_NOTE}).")
-    grid = gr.Image(show_label=False, type="pil", elem_id="compare-grid", buttons=["download", "fullscreen"])
-    with gr.Row():
-        gr.Markdown("**Predicted masks**: pixels at or above the threshold (calibrated units).")
-        threshold = gr.Slider(0, 3, value=1.0, step=0.05, elem_id="threshold", label="Threshold (1 = the normal limit)")
-    mask_grid = gr.Image(show_label=False, type="pil", elem_id="mask-grid", buttons=["download", "fullscreen"])
-    curves = gr.Plot(label="ROC and precision-recall", elem_id="curves")
-    table = gr.Dataframe(label="Metrics", interactive=False, elem_id="metrics")
+    gr.Markdown(f"Heatmaps and image scores of every method on one calibrated scale: 0 = the median normal "
+                f"pixel, **1 = the normal limit** (the 99.9th percentile of held-out normal pixels; for image "
+                f"scores, of held-out normal images). Colour scale [0, {VMAX:g}]; the threshold draws the region "
+                f"at or above it. Wheel or +/− to zoom (all panels together), drag to pan, click a panel to "
+                f"see it at the image's own resolution.")
+    viewer = gr.HTML(viewer_html([]), head=HEAD, js_on_load=None, elem_id="compare-viewer")
+    curves = gr.Plot(label="ROC and precision-recall, image and pixel level", elem_id="curves")
+    table = gr.Dataframe(label="Metrics (sort by a column from its ⋮ menu)", interactive=False, elem_id="metrics")
 
-    def compare(user, run_id, names, threshold, labels):
-        return (*on_compare(user, run_id, names, threshold, labels), "")
+    def compare(user, run_id, names, labels):
+        return (*on_compare(user, run_id, names, labels), "")
 
-    io = ([user, run, names, threshold, labels], [grid, mask_grid, curves, table, status])
-    shown = in_panel(compare, status=4, n_outputs=5)
-    show_btn.click(shown, *io)
-    labels.change(shown, *io)
-    threshold.release(in_panel(on_threshold, status=0, n_outputs=1), [user, run, names, threshold], mask_grid)
-    return SimpleNamespace(names=names, show=(shown, *io))
+    show = (in_panel(compare, status=3, n_outputs=4), [user, run, names, labels], [viewer, curves, table, status])
+    show_btn.click(*show)
+    labels.change(*show)
+    return SimpleNamespace(names=names, show=show)

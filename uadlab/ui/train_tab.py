@@ -9,7 +9,8 @@ from .. import safety as S
 from ..backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, SHORT_NAMES
 from ..methods import get_method_class, list_methods
 from ..workspace import source_label, thumbnail
-from .common import in_panel, metrics_frame, open_workspace, reporter, ui_errors
+from ..viz import metrics_frame
+from .common import in_panel, open_workspace, reporter, ui_errors
 
 DEFAULT_METHODS = [m for m in ("patchcore", "anomalydino") if m in list_methods()]
 

@@ -78,3 +78,32 @@ def load_data(app, user, source, category="all", **kw):
     fields = {{"image": "image_column", "label": "label_column", "mask": "mask_column",
                "category": "category_column"}.get(k, k): v for k, v in fields.items()}
     return d.on_load_hf(user, category, d.HfSource(**fields), kw.get("hf_token"))
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A real headless Chromium (Debian's, driven by playwright); FAILS when it is missing (.ci/run installs it)."""
+    import shutil
+
+    exe = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    if not exe:
+        pytest.fail(f"Chromium is not installed ({CHROMIUM} missing): run `apt-get install -y chromium` "
+                    "(.ci/run does this) -- the browser tests need a real Chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()

@@ -10,17 +10,13 @@ Screenshots at 1280 and 400 px go to a temp folder (printed).
 """
 from __future__ import annotations
 
-import shutil
-import socket
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from conftest import free_port
 from uadlab.ui.viewer import Panel, ViewItem, viewer_component, viewer_html
 from uadlab.viz import curves_figure, metrics_frame
 
-CHROMIUM = "/usr/bin/chromium"
 METHODS = ("patchcore", "anomalydino", "dinomaly")
 pytestmark = pytest.mark.browser
 
@@ -58,12 +54,6 @@ def _results() -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served():
     import gradio as gr
@@ -78,23 +68,10 @@ def served():
         viewer_component(items[1:], elem_id="second")  # a second viewer on the page stays independent
         gr.Plot(curves_figure(_results()), elem_id="curves")
         swap.click(lambda: viewer_html(items[::-1]), outputs=view)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", items
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
-        pytest.fail(f"Chromium is not installed ({CHROMIUM} missing): run `apt-get install -y chromium`")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
-                              headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield b
-        b.close()
 
 
 def _transforms(page) -> list[str]:

@@ -64,7 +64,7 @@ def build_app() -> gr.Blocks:
         example_md = gr.Markdown(elem_id="example-status")
         example_stage = gr.State("none")
         ticker = gr.Timer(2.0, active=True)
-        with gr.Tabs():
+        with gr.Tabs(overflow_behavior="wrap"):  # every screen stays one tap away on a phone
             with gr.Tab("1 · Data", id="data"):
                 data = data_tab.build(user)
             with gr.Tab("2 · Train", id="train"):

@@ -50,7 +50,7 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
         names = gr.Dropdown([], multiselect=True, label="Test images (step through them with ← →)", scale=4,
                             min_width=240)
         labels = gr.Radio(["dataset labels", "my annotations"], value="dataset labels", label="Labels for metrics",
-                          scale=2, min_width=200)
+                          scale=2, min_width=200, elem_id="compare-labels")
     show_btn = gr.Button("Show", variant="primary", elem_id="compare-show")
     status = gr.Markdown(elem_id="compare-status")
     gr.Markdown(f"Heatmaps and image scores of every method on one calibrated scale: 0 = the median normal "

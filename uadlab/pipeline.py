@@ -29,6 +29,7 @@ from .backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, Backbone, shared_bac
 from .data import Dataset, Sample
 from .errors import DataError
 from .features import FeatureCache, PatchFeatures
+from .medical import Window
 from .methods import Method, get_method_class
 from .postprocess import Calibration
 
@@ -54,6 +55,8 @@ class RunConfig:
 
     Zero-shot heads never see the target's normal images, so they calibrate on all of them. ``sigma`` and
     ``score_mode`` override every method's own post-processing (None: each method's paper choice).
+    ``window`` is the intensity window of DICOM, NIfTI and 16-bit images (``medical.Window.parse``), fitted on
+    the normal training images and applied alike to every image the run sees.
     """
 
     backbone: str = OFFLINE_DEFAULT
@@ -68,6 +71,7 @@ class RunConfig:
     sigma: float | None = None
     score_mode: str | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    window: str = "auto"
 
 
     @classmethod
@@ -177,6 +181,7 @@ class Run:
         self.meta: dict[str, Any] = {}  # what the caller records with the run (data source, evaluation, ...)
         self._token = token  # used for this process only; never saved
         self._backbone: Backbone | None = None
+        self.window = Window.parse(config.window)  # fitted by fit; restored by load / from_head
         if heads is None:
             self.build_heads()
         else:  # trained heads (a saved run, a head from the Hub)
@@ -221,7 +226,7 @@ class Run:
 
     def features(self, samples: Sequence[Sample], progress: Progress | None = None, what: str = "images") -> PatchFeatures:
         cb = None if progress is None else (lambda d, t, m: progress(d / max(t, 1), f"{m}: {what} {d}/{t}"))
-        return self.cache.extract(self.backbone, samples, progress=cb)
+        return self.cache.extract(self.backbone, self.window.bind(samples), progress=cb)
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, train: Sequence[Sample], progress: Progress | None = None,
@@ -237,6 +242,8 @@ class Run:
         fit_i, val_i = split_indices(len(train), self.config.val_fraction, self.config.seed)
         cats = {s.category for s in train}
         category = cats.pop() if len(cats) == 1 else None  # for per-category choices (AnomalyDINO's masking table)
+        self.window = Window.parse(self.config.window).fit(train)  # on the normal training images only
+        self.info["window"] = self.window.to_dict()
         report(0.0, "extracting features")
         f_all = self.features(train, lambda f, m: report(0.3 * f, m), "normal") if train else None
         f_fit = f_all[fit_i] if f_all is not None else None
@@ -276,6 +283,8 @@ class Run:
                 self.info["fit_s"][name] = time.perf_counter() - t0
                 head.fit_info["calibration"] = self.heads[name].fit_info.get("calibration")
                 self.heads[name] = head
+        for head in self.heads.values():  # a head scores right only through the window it was fitted with
+            head.fit_info["window"] = self.info["window"]
         report(1.0, "done")
         return self
 
@@ -412,6 +421,7 @@ class Run:
         run.info = meta.get("info", run.info)
         run.calibration = {k: Calibration(**v) for k, v in meta.get("calibration", {}).items()}
         run.meta = {k: v for k, v in meta.items() if k not in ("run_id", "config", "info", "calibration")}
+        run.window = Window.from_dict(run.info.get("window")) if run.info.get("window") else run.window
         return run
 
     @classmethod
@@ -422,8 +432,9 @@ class Run:
         config = RunConfig(backbone=head.backbone, methods=[head.name],
                            image_size=int(info.get("image_size") or DEFAULT_IMAGE_SIZE), resize=info.get("resize"),
                            weights=info.get("weights") or "default", sigma=info.get("sigma"),
-                           score_mode=info.get("score_mode"))
+                           score_mode=info.get("score_mode"), window=(info.get("window") or {}).get("spec", "auto"))
         run = cls(config, cache=cache, token=token, heads={head.name: head})
+        run.window = Window.from_dict(info.get("window"))
         if info.get("calibration"):
             run.calibration[head.name] = Calibration(**info["calibration"])
         return run

@@ -493,8 +493,9 @@ def _functional_item(ds, frame: int, sequence: str):
     if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
         groups.append(ds.SharedFunctionalGroupsSequence[0])
     for g in groups:
-        if sequence in g and len(g[sequence]):
-            return g[sequence][0]
+        items = g.get(sequence)
+        if items:
+            return items[0]
     return None
 
 

@@ -6,10 +6,7 @@ installed here); nibabel's anatomical.nii (T1 brain, LAS) and example4d.nii.gz (
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -186,7 +183,7 @@ def test_window_parsing_and_presets():
 def test_percentile_window_fitted_on_train_only_and_keys_the_cache(tmp_path):
     ds = load_mvtec(make_brain_set(tmp_path / "d", n_train=1, n_good=1, n_lesion=1))
     run = Run(RunConfig(methods=["intensity"], preset="tiny", image_size=64, window="percentile:1,99"),
-              cache=FeatureCache(tmp_path / "cache"))
+              workdir=tmp_path / "runs", cache=FeatureCache(tmp_path / "cache"))
     run.fit(ds.train)
     allv = np.concatenate([s.pixels().values.ravel() for s in ds.train])  # 33*41 px a slice: all sampled
     np.testing.assert_allclose([run.window.lo, run.window.hi], np.percentile(allv, [1, 99]), rtol=1e-5)
@@ -197,13 +194,7 @@ def test_percentile_window_fitted_on_train_only_and_keys_the_cache(tmp_path):
     assert a.content_key() != b.content_key() != s.content_key()
     fa, fb = run.features([s]).maps["pixels"], run.cache.extract(run.backbone, [b]).maps["pixels"]
     assert not np.allclose(fa.numpy(), fb.numpy())
-    saved = Run.load(run.save() if run.dir else _save(run, tmp_path), cache=run.cache)
-    assert saved.window == run.window  # the fitted window comes back with the run
-
-
-def _save(run: Run, tmp_path: Path) -> Path:
-    run.dir = tmp_path / "runs" / run.run_id
-    return run.save()
+    assert Run.load(run.save(), cache=run.cache).window == run.window  # the fitted window comes back with the run
 
 
 def test_sixteen_bit_png_window(tmp_path):

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import medical
-from .errors import DataError
+from .errors import DataError, short_reason as _reason
 from .safety import clean_token, scrub
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -64,13 +64,6 @@ def is_normal_name(name: Any) -> bool:
 def display_name(path: str | os.PathLike) -> str:
     """A (relative) path as printable text: bytes that are not UTF-8 become ``\\xNN`` escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _reason(e: Exception) -> str:
-    """An exception as a short reason, without the absolute path that OSErrors carry."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _read(src: str | os.PathLike | bytes | Image.Image, name: str) -> Image.Image:

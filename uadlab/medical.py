@@ -41,14 +41,14 @@ import logging
 import os
 import secrets
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
+from .errors import DataError, short_reason as _reason
 from .safety import scrub
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -269,11 +269,9 @@ class Window:
 
     def bind(self, samples: Sequence[Any]) -> list[Any]:
         """Copies of ``samples`` that render through this window (``auto`` leaves them as they are)."""
-        import dataclasses
-
         if self.spec == "auto":
             return list(samples)
-        return [dataclasses.replace(s, window=self) for s in samples]
+        return [replace(s, window=self) for s in samples]
 
 
 # ---- volume and file caches -----------------------------------------------------------------------------
@@ -294,12 +292,6 @@ def _digest_cached(path: str, mtime: int, size: int) -> str:
 def file_digest(path: str) -> str:
     """The file's content hash (cached while the file is unchanged)."""
     return _digest_cached(*_stat_key(path))
-
-
-def _reason(e: Exception) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 # ---- NIfTI ------------------------------------------------------------------------------------------------
@@ -478,7 +470,10 @@ def _dcmread(path: str, name: str, header_only: bool):
     _check_size(path, name)
     try:
         with _Quiet():
-            return pydicom.dcmread(path, stop_before_pixels=header_only)
+            ds = pydicom.dcmread(path, stop_before_pixels=header_only)
+            for _ in ds.iterall():  # convert every value now: a validation warning may quote it
+                pass
+            return ds
     except FileNotFoundError:
         raise DataError(f"{name}: file not found") from None
     except Exception as e:  # noqa: BLE001 - InvalidDicomError and decoder errors of damaged files

@@ -421,7 +421,7 @@ class Run:
         run.info = meta.get("info", run.info)
         run.calibration = {k: Calibration(**v) for k, v in meta.get("calibration", {}).items()}
         run.meta = {k: v for k, v in meta.items() if k not in ("run_id", "config", "info", "calibration")}
-        run.window = Window.from_dict(run.info.get("window")) if run.info.get("window") else run.window
+        run.window = Window.from_dict(run.info.get("window"))
         return run
 
     @classmethod

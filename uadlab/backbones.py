@@ -4,8 +4,9 @@ ViTs (DINOv2, DINOv3) go through timm's ``forward_intermediates``; CNNs through 
 Layer names: ``block{i}`` is the raw output of ViT block i (0-based, no final norm), ``norm`` is the
 last block after the final LayerNorm (what AnomalyDINO, Spatial AR and SPG use), ``stage{i}`` is CNN
 feature stage i, and ``pixels`` (any backbone) is the network input itself as (B, 1, S, S) grey values in
-[0, 1] (the mean of the un-normalised RGB), for methods that model intensities. Weight sources: the Hugging Face Hub (safetensors only), a local file, the packaged
-ImageNet EfficientNet-Lite0 (the offline default), or random weights (timing only).
+[0, 1] (the mean of the un-normalised RGB) for methods that model intensities. Weight sources: the Hugging
+Face Hub (safetensors only), a local file, the packaged ImageNet EfficientNet-Lite0 (the offline default),
+or random weights (timing only).
 """
 from __future__ import annotations
 

@@ -164,6 +164,13 @@ def open_mask(src: str | os.PathLike | np.ndarray | Image.Image, name: str | Non
     return binarize_mask(a)
 
 
+def _intensities(img: Image.Image) -> "medical.Pixels | None":
+    """The grey values of a 16-bit, 32-bit or float image as float32; None for 8-bit and colour modes."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return medical.Pixels(np.asarray(img, dtype=np.float32))
+    return None
+
+
 @dataclass
 class Sample:
     """One image, loaded lazily.
@@ -197,18 +204,16 @@ class Sample:
         None for 8-bit and colour images (their values already are display values)."""
         if self.source is not None:
             return self.source.pixels()
-        img = _read(self.image if self.image is not None else self.path, self.name)
-        if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-            return medical.Pixels(np.asarray(img, dtype=np.float32))
-        return None
+        return _intensities(_read(self.image if self.image is not None else self.path, self.name))
 
     def load(self) -> Image.Image:
-        if self.source is None and self.window is None:
-            return open_image(self.image if self.image is not None else self.path, self.name)
-        px = self.pixels()
-        if px is None:  # 8-bit or colour: no window applies
-            return open_image(self.image if self.image is not None else self.path, self.name)
-        return to_rgb((self.window or medical.Window()).render(px), self.name)
+        """8-bit RGB: a DICOM/NIfTI slice or a 16-bit/float grey image through the window (``auto`` without
+        one), any other image by the rules of the module docstring."""
+        if self.source is not None:
+            return to_rgb((self.window or medical.Window()).render(self.source.pixels()), self.name)
+        img = _read(self.image if self.image is not None else self.path, self.name)
+        px = _intensities(img) if self.window is not None else None
+        return to_rgb(img if px is None else self.window.render(px), self.name)
 
     def load_mask(self) -> np.ndarray | None:
         """(H, W) uint8 mask, or None. An anomalous image without a mask file is None."""
@@ -307,11 +312,6 @@ def validate(samples: Iterable[Sample], skip_bad: bool = False, warn: list[str] 
     return good
 
 
-def _is_readable(p: Path) -> bool:
-    """An image file by its extension, or a DICOM / NIfTI file."""
-    return p.suffix.lower() in IMAGE_EXTS or (p.is_file() and medical.medical_kind(p) is not None)
-
-
 def _image_files(folder: Path, base: Path, skip_bad: bool, warn: list[str]) -> list[Path]:
     """Image, DICOM and NIfTI files under ``folder``, recursively; hidden files and ``__MACOSX`` are ignored.
 
@@ -321,7 +321,8 @@ def _image_files(folder: Path, base: Path, skip_bad: bool, warn: list[str]) -> l
     out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).parts
-        if any(x.startswith(".") or x == "__MACOSX" for x in rel) or not p.is_file() or not _is_readable(p):
+        if any(x.startswith(".") or x == "__MACOSX" for x in rel) or not p.is_file() \
+                or (p.suffix.lower() not in IMAGE_EXTS and medical.medical_kind(p) is None):
             continue
         if p.is_symlink() and not p.resolve().is_relative_to(real):
             _bad(DataError(f"{display_name(p.relative_to(base))}: a link to a file outside the dataset "
@@ -383,7 +384,7 @@ def load_folder(path: str | os.PathLike, label: int = 0, category: str | None = 
     if not files and not warn:
         empty = not any(root.iterdir())
         raise DataError(f"{name}: the folder is empty" if empty else
-                        f"{name}: no image files ({' '.join(sorted(IMAGE_EXTS))}) in the folder")
+                        f"{name}: no image files ({' '.join(sorted(IMAGE_EXTS))}, DICOM, NIfTI) in the folder")
     cat = category or name
     empty: dict[str, int] = {}
     samples = _samples(files, lambda p: display_name(p.relative_to(root)), "", cat, label, skip_bad, warn, empty,
@@ -418,8 +419,8 @@ def _mvtec_category(cat_dir: Path, skip_bad: bool, warn: list[str], empty: dict[
             def mask_for(p: Path, d: Path = d) -> str | None:
                 if normal:
                     return None
-                stem = medical.nifti_stem(p) if medical.medical_kind(p) == "nifti" else p.stem
-                sufs = medical.NIFTI_SUFFIXES[::-1] if medical.medical_kind(p) == "nifti" else (".png",)
+                nifti = medical.medical_kind(p) == "nifti"
+                stem, sufs = (medical.nifti_stem(p), medical.NIFTI_SUFFIXES[::-1]) if nifti else (p.stem, (".png",))
                 found = [m for m in (cat_dir / "ground_truth" / d.name / f"{stem}_mask{s}" for s in sufs) if m.is_file()]
                 return str(found[0]) if found else None
 

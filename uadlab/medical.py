@@ -237,7 +237,7 @@ class Window:
     def render(self, px: Pixels) -> Image.Image:
         """8-bit RGB of one image (grey replicated; colour images unchanged)."""
         if px.colour:
-            return Image.fromarray(px.values.astype(np.uint8), "RGB")
+            return Image.fromarray(px.values.astype(np.uint8))
         return Image.fromarray((self.display(px) * 255).round().astype(np.uint8)).convert("RGB")
 
     def key(self) -> str:
@@ -722,7 +722,7 @@ def to_input_geometry(a: np.ndarray, shape: tuple[int, int], resize: int, crop: 
     full = np.zeros((rh, rw), np.float32)
     top, left = (rh - crop) // 2, (rw - crop) // 2
     full[top:top + crop, left:left + crop] = a
-    return np.asarray(Image.fromarray(full, "F").resize((w, h), Image.BILINEAR), dtype=np.float32)
+    return np.asarray(Image.fromarray(full).resize((w, h), Image.BILINEAR), dtype=np.float32)
 
 
 def export_nifti(slices: dict[int, np.ndarray], reference: str | os.PathLike, axis: str = "z",
@@ -775,7 +775,7 @@ def export_png(a: np.ndarray, vmax: float | None = None, path: str | os.PathLike
         top = float(vmax if vmax is not None else max(float(a.max()), 1e-12))
         g = (np.clip(a.astype(np.float64) / top, 0, 1) * 255).round().astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(g, "L").save(buf, format="PNG")
+    Image.fromarray(g).save(buf, format="PNG")
     if path is not None:
         Path(path).write_bytes(buf.getvalue())
         return Path(path)

@@ -209,12 +209,13 @@ def test_sixteen_bit_png_window(tmp_path):
 
 # ---- patients -----------------------------------------------------------------------------------------------
 def _dicom_set(root: Path, train_id: str, test_id: str) -> Path:
+    """Three series (one per folder) of two patients."""
+    uids = [pydicom.uid.generate_uid() for _ in range(3)]
     for i in range(4):
-        write_dicom(root / "c/train/good", "Doe^Jane", train_id, i + 1, 5.0 * i, series_number=3, seed=i)
+        write_dicom(root / "c/train/good", "Doe^Jane", train_id, i + 1, 5.0 * i, uids[0], 3, seed=i)
     for i in range(2):
-        write_dicom(root / "c/test/good", "Roe^Rich", test_id, i + 1, 5.0 * i, series_number=4, seed=10 + i)
-        write_dicom(root / "c/test/bad", "Roe^Rich", test_id, i + 1, 5.0 * i, series_number=5, seed=20 + i,
-                    lesion=True)
+        write_dicom(root / "c/test/good", "Roe^Rich", test_id, i + 1, 5.0 * i, uids[1], 4, seed=10 + i)
+        write_dicom(root / "c/test/bad", "Roe^Rich", test_id, i + 1, 5.0 * i, uids[2], 5, seed=20 + i, lesion=True)
     return root
 
 

@@ -280,6 +280,24 @@ def test_export_nifti_aligned_with_the_input(tmp_path):
     assert m.shape == (41, 33) and m[20, 16] == 1 and m[0, 16] < 0.5
 
 
+def test_export_nifti_of_a_dicom_series(tmp_path):
+    uid = pydicom.uid.generate_uid()
+    for inst, z in ((1, 0.0), (2, 5.0), (3, 10.0), (4, 15.0)):
+        write_dicom(tmp_path / "s", "A^B", "1", inst, z, uid, seed=inst, lesion=inst == 3, PixelSpacing=[0.5, 0.8])
+    samples = load_folder(tmp_path / "s").train
+    kept = [s for s in samples if s.name != "series3/instance0002"]  # as if the reader had skipped it as empty
+    vol = nib.load(medical.export_nifti({k: s.pixels().values for k, s in enumerate(kept)}, [s.source for s in kept],
+                                        path=tmp_path / "series.nii.gz"))
+    assert vol.shape == (64, 64, 4) and nib.aff2axcodes(vol.affine) == ("L", "P", "S")  # DICOM LPS axes
+    data = np.asarray(vol.dataobj)
+    np.testing.assert_array_equal(data[:, :, 2].T, kept[1].pixels().values)  # the lesion slice, row-major back
+    assert not data[:, :, 1].any()  # the skipped slice lies where it was, empty
+    # voxel (i, j, k) -> RAS: DICOM's LPS position of the slice, row and column steps by Pixel Spacing
+    d_row, d_col = 0.5, 0.8  # anisotropic: rows and columns cannot be swapped unnoticed
+    lps = np.array([-83.9063 + 2 * d_col, -91.2 + 3 * d_row, 10.0])  # write_dicom's x, y; slice 2 at z = 10
+    np.testing.assert_allclose(vol.affine @ [2, 3, 2, 1], [-lps[0], -lps[1], lps[2], 1], atol=1e-4)
+
+
 def test_medical_bench_cli(tmp_path, capsys):
     """``uadlab bench`` on NIfTI volumes with a synthetic hyperintense lesion: the intensity baseline finds it."""
     from uadlab.cli import main

@@ -151,6 +151,17 @@ def test_mvtec_volumes_masks_and_labels(tmp_path):
     assert any("patient ids unknown" in w for w in ds.warnings) and ds.summary()["skipped"] == 0
 
 
+def test_zip_of_volumes(tmp_path):
+    import zipfile
+
+    root = make_brain_set(tmp_path / "set", n_train=1, n_good=1, n_lesion=1)
+    with zipfile.ZipFile(tmp_path / "vols.zip", "w") as z:
+        for p in sorted(root.rglob("*.nii.gz")):
+            z.write(p, p.relative_to(root))
+    ds = load_data(str(tmp_path / "vols.zip"))  # .nii.gz members are volumes, not nested archives
+    assert ds.has_masks and len(ds.train) == 25 and ds.train[0].name == "brain/train/good/subject00.nii.gz#z000"
+
+
 def test_empty_slices_are_skipped_and_counted(tmp_path):
     img = nib.load(anatomical_path())
     v = np.zeros(img.shape[:2] + (31,), np.float32)

@@ -27,7 +27,7 @@ images' intensities), a named preset (``WINDOW_PRESETS``, CT Hounsfield units) o
 Patient safety: identifying DICOM attributes (``PHI_KEYWORDS`` and every PN, DA, DT, TM and UI value, the
 DICOM PS3.15 basic profile's people, dates, times and UIDs) are never copied out of the reader: samples are
 named ``series<N>/instance<NNNN>`` (never by the file name, often a UID), errors name a file by its position
-in its folder, pydicom's own warnings and log lines (which may quote values) are silenced while reading, and
+in its folder, pydicom's own warnings and log lines (which may quote values) are silenced, and
 the Patient ID is kept only as a salted hash (the salt lives in this process's memory) for the split guard
 ``check_patients``.
 """
@@ -447,31 +447,26 @@ def phi_values(ds) -> list[str]:
     return out
 
 
-class _Quiet:
-    """Silence pydicom's warnings and log lines while reading: they can quote attribute values."""
+@functools.lru_cache(maxsize=1)
+def _pydicom():
+    """pydicom, set once so that it never quotes an attribute value (which may identify a patient): its
+    logger is silenced, reading does not validate values (a validation warning quotes the value), and its
+    warnings are ignored. Process-wide on purpose: the reader must not depend on a caller's log setup."""
+    import pydicom
 
-    def __enter__(self):
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore")
-        self._log = logging.getLogger("pydicom")
-        self._level = self._log.level
-        self._log.setLevel(logging.CRITICAL + 1)
-        return self
-
-    def __exit__(self, *exc):
-        self._log.setLevel(self._level)
-        return self._w.__exit__(*exc)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    return pydicom
 
 
 def _dcmread(path: str, name: str, header_only: bool):
-    import pydicom
-
     _check_size(path, name)
     try:
-        with _Quiet():
-            ds = pydicom.dcmread(path, stop_before_pixels=header_only)
-            for _ in ds.iterall():  # convert every value now: a validation warning may quote it
+        with warnings.catch_warnings():  # warnings raised from outside pydicom's modules, too
+            warnings.simplefilter("ignore")
+            ds = _pydicom().dcmread(path, stop_before_pixels=header_only)
+            for _ in ds.iterall():  # convert every value now, quietly
                 pass
             return ds
     except FileNotFoundError:
@@ -551,7 +546,8 @@ def _frame_array(ds, frame: int, name: str) -> np.ndarray:
 
     _decoder_check(ds, name)
     try:
-        with _Quiet():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return pixel_array(ds, index=frame if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None)
     except Exception as e:  # noqa: BLE001 - decoder errors
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)

@@ -226,7 +226,8 @@ def _dicom_set(root: Path, train_id: str, test_id: str) -> Path:
         write_dicom(root / "c/train/good", "Doe^Jane", train_id, i + 1, 5.0 * i, uids[0], 3, seed=i)
     for i in range(2):
         write_dicom(root / "c/test/good", "Roe^Rich", test_id, i + 1, 5.0 * i, uids[1], 4, seed=10 + i)
-        write_dicom(root / "c/test/bad", "Roe^Rich", test_id, i + 1, 5.0 * i, uids[2], 5, seed=20 + i, lesion=True)
+        write_dicom(root / "c/test/bad", "Roe^Rich", test_id, i + 1, 5.0 * i, uids[2], 5, seed=20 + i, lesion=True,
+                    StudyInstanceUID="1.2.826.0.1.3680043.8.498.4242.x")  # invalid: pydicom's validation quotes it
     return root
 
 
@@ -250,8 +251,10 @@ def test_phi_never_leaves_the_reader(tmp_path, capsys, caplog):
     phi = set()
     for p in data.rglob("*.dcm"):
         phi |= {v for v in medical.phi_values(pydicom.dcmread(p)) if len(v) >= 4}
-    assert {"Doe^Jane", "PID-8675309", "19700101", "St Example Hospital"} <= phi
+    assert {"Doe^Jane", "PID-8675309", "19700101", "1.2.826.0.1.3680043.8.498.4242.x", "St Example Hospital"} <= phi
     out = tmp_path / "out"
+    capsys.readouterr()  # what writing the files printed is not the reader's
+    caplog.clear()
     caplog.set_level(logging.DEBUG)
     assert main(["fit", "--data", str(data), "--methods", "intensity,patchcore", "--preset", "tiny",
                  "--image-size", "64", "--window", "percentile", "--out", str(out)]) == 0

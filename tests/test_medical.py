@@ -134,6 +134,10 @@ def test_nifti_slices_canonical_orientation(tmp_path):
     assert sag[0].name.startswith("anatomical.nii#x") and sag[0].pixels().values.shape == (25, 41)
     with pytest.raises(DataError, match="4-D file of 2 volumes"):
         load_data(str(Path(nib.testing.data_path) / "example4d.nii.gz"))
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a volume")
+    with pytest.raises(DataError, match=r"^bad.nii.gz: not a readable NIfTI file") as e:
+        load_data(str(tmp_path / "bad.nii.gz"))
+    assert str(tmp_path) not in str(e.value)  # never a server path
 
 
 def test_mvtec_volumes_masks_and_labels(tmp_path):

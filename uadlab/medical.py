@@ -199,10 +199,6 @@ class Window:
         raise ValueError(f"window {spec!r}: use auto, minmax, percentile[:LOW,HIGH], one of "
                          f"{', '.join(WINDOW_PRESETS)}, or CENTRE/WIDTH such as 40/400")
 
-    @property
-    def fitted(self) -> bool:
-        return self.percentiles is None or self.lo is not None
-
     def fit(self, samples: Sequence[Any]) -> "Window":
         """This window fitted on the training ``samples`` (objects with ``pixels()``): a percentile window
         takes the percentiles of up to ``PIXELS_PER_IMAGE`` intensities of each; other windows are fixed.
@@ -316,10 +312,10 @@ def _load_nifti(path: str, name: str):
     except FileNotFoundError:
         raise DataError(f"{name}: file not found") from None
     except Exception as e:  # noqa: BLE001 - nibabel raises many kinds of errors for damaged files
-        raise DataError(f"{name}: not a readable NIfTI file ({_reason(e)})") from None
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1 or len(shape) == 2:
-        img = nib.funcs.squeeze_image(img) if len(shape) == 4 else img
+        reason = _reason(e).replace(str(Path(path).parent) + os.sep, "")  # nibabel quotes the path: no server paths
+        raise DataError(f"{name}: not a readable NIfTI file ({reason})") from None
+    if len(img.shape) == 4 and img.shape[3] == 1:
+        img = nib.funcs.squeeze_image(img)
     if len(img.shape) == 4:
         raise DataError(f"{name}: a 4-D file of {img.shape[3]} volumes; give one 3-D volume per file")
     if len(img.shape) not in (2, 3):
@@ -340,12 +336,13 @@ def _canonical(img):
 
 
 @functools.lru_cache(maxsize=4)
-def _volume_cached(path: str, mtime: int, size: int, name: str) -> np.ndarray:
-    img = _canonical(_load_nifti(path, name))
+def _volume_cached(path: str, mtime: int, size: int) -> np.ndarray:
+    """The volume of one file version (messages start with ": ", the caller puts the name in front)."""
+    img = _canonical(_load_nifti(path, ""))
     try:
         vol = np.asarray(img.dataobj, dtype=np.float32)  # scl_slope / scl_inter applied: modality units
     except Exception as e:  # noqa: BLE001 - truncated data
-        raise DataError(f"{name}: corrupt or truncated NIfTI data ({_reason(e)})") from None
+        raise DataError(f": corrupt or truncated NIfTI data ({_reason(e)})") from None
     if not np.isfinite(vol).all():
         vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
     vol.setflags(write=False)
@@ -353,9 +350,14 @@ def _volume_cached(path: str, mtime: int, size: int, name: str) -> np.ndarray:
 
 
 def nifti_volume(path: str | os.PathLike, name: str | None = None) -> np.ndarray:
-    """The canonical (RAS+) float32 volume of a NIfTI file, read-only (the last few stay cached)."""
+    """The canonical (RAS+) float32 volume of a NIfTI file, read-only (the last few files stay cached)."""
     path = str(path)
-    return _volume_cached(*_stat_key(path), name or Path(path).name)
+    try:
+        return _volume_cached(*_stat_key(path))
+    except FileNotFoundError:
+        raise DataError(f"{name or Path(path).name}: file not found") from None
+    except DataError as e:
+        raise DataError(f"{name or Path(path).name}{e}") from None
 
 
 def take_slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -373,11 +375,10 @@ def put_slice(vol: np.ndarray, axis: int, index: int, image: np.ndarray) -> None
 
 def foreground_fractions(slices: Sequence[np.ndarray]) -> np.ndarray:
     """Per slice, the share of pixels above ``p1 + FOREGROUND_TOLERANCE (p99 - p1)`` of all slices together."""
-    allv = np.concatenate([s.ravel() for s in slices])
-    p1, p99 = np.percentile(allv, [1, 99])
-    thr = p1 + FOREGROUND_TOLERANCE * (p99 - p1)
+    p1, p99 = np.percentile(np.concatenate([s.ravel() for s in slices]), [1, 99])
     if p99 <= p1:  # a constant volume: nothing stands out
         return np.zeros(len(slices))
+    thr = p1 + FOREGROUND_TOLERANCE * (p99 - p1)
     return np.array([float((s > thr).mean()) for s in slices])
 
 
@@ -428,9 +429,8 @@ def nifti_slices(path: str, name: str, mask_path: str | None = None, axis: str =
     frac = foreground_fractions(slices) if n > 1 else np.ones(1)
     keep = [k for k in range(n) if frac[k] >= MIN_FOREGROUND or lesion[k]]
     width = max(3, len(str(n - 1)))
-    out = [(f"{name}#{axis}{k:0{width}d}", NiftiSlice(path, ax, k, mask_path, f"{name}#{axis}{k:0{width}d}"), lesion[k])
-           for k in keep]
-    return out, n - len(keep)
+    names = {k: f"{name}#{axis}{k:0{width}d}" for k in keep}
+    return [(names[k], NiftiSlice(path, ax, k, mask_path, names[k]), lesion[k]) for k in keep], n - len(keep)
 
 
 # ---- DICOM ------------------------------------------------------------------------------------------------

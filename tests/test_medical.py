@@ -7,6 +7,7 @@ installed here); nibabel's anatomical.nii (T1 brain, LAS) and example4d.nii.gz (
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -112,6 +113,20 @@ def test_series_sorted_along_the_normal_and_named_without_file_names(tmp_path):
     ds = load_folder(tmp_path / "good")
     assert [s.name for s in ds.train] == ["series3/instance0002", "series3/instance0003", "series3/instance0001"]
     assert not any(p.stem in s.name for p in paths for s in ds.train)  # the UID file names never show
+
+
+def test_bad_dicom_files_are_named_by_position(tmp_path):
+    shutil.copy(pydicom_file("MR_truncated.dcm"), tmp_path / "1.2.840.99.1.dcm")  # real truncated file
+    (tmp_path / "1.2.840.99.2.dcm").write_text("not dicom")
+    shutil.copy(pydicom_file("rtplan.dcm"), tmp_path / "1.2.840.99.3.dcm")  # a DICOM without an image
+    write_dicom(tmp_path, "A^B", "1", 1, 0.0)
+    with pytest.warns(UserWarning):
+        ds = load_folder(tmp_path, skip_bad=True)
+    assert len(ds.train) == 1 and ds.summary()["skipped"] == 3
+    text = " ".join(ds.warnings)
+    assert "DICOM file 3 of 4 (in file-name order): not a readable DICOM file" in text  # 1.2.826... sorts first
+    assert "holds no image (a RTPLAN object)" in text and "cannot decode the pixel data" in text
+    assert "1.2.840.99" not in text  # UID file names never show
 
 
 # ---- NIfTI -------------------------------------------------------------------------------------------------

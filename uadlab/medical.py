@@ -349,15 +349,19 @@ def _volume_cached(path: str, mtime: int, size: int) -> np.ndarray:
     return vol
 
 
+def _cached(read: Callable[[str, int, int], Any], path: str, name: str) -> Any:
+    """``read(path, mtime, size)`` (an lru_cache of one file version), its errors (": reason") named ``name``."""
+    try:
+        return read(*_stat_key(path))
+    except FileNotFoundError:
+        raise DataError(f"{name}: file not found") from None
+    except DataError as e:
+        raise DataError(f"{name}{e}") from None
+
+
 def nifti_volume(path: str | os.PathLike, name: str | None = None) -> np.ndarray:
     """The canonical (RAS+) float32 volume of a NIfTI file, read-only (the last few files stay cached)."""
-    path = str(path)
-    try:
-        return _volume_cached(*_stat_key(path))
-    except FileNotFoundError:
-        raise DataError(f"{name or Path(path).name}: file not found") from None
-    except DataError as e:
-        raise DataError(f"{name or Path(path).name}{e}") from None
+    return _cached(_volume_cached, str(path), name or Path(path).name)
 
 
 def take_slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -475,6 +479,27 @@ def _dcmread(path: str, name: str, header_only: bool):
         raise DataError(f"{name}: not a readable DICOM file ({type(e).__name__})") from None
 
 
+def strip_phi(ds) -> None:
+    """Delete every identifying element of a pydicom dataset in place (``PHI_KEYWORDS`` and every PN, DA, DT,
+    TM and UI value, in sequences too; the file meta keeps only what decoding needs)."""
+    def drop(d, elem) -> None:
+        if elem.keyword in PHI_KEYWORDS or elem.VR in PHI_VRS:
+            del d[elem.tag]
+
+    ds.walk(drop)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+        del meta.MediaStorageSOPInstanceUID
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset_cached(path: str, mtime: int, size: int):
+    """A whole DICOM file without its identifying elements (frames of one file decode from one read)."""
+    ds = _dcmread(path, "", header_only=False)
+    strip_phi(ds)
+    return ds
+
+
 def _functional_item(ds, frame: int, sequence: str):
     """The item of ``sequence`` for ``frame`` in an enhanced multi-frame file: per-frame first, then shared."""
     groups = []
@@ -579,7 +604,7 @@ class DicomFrame:
     name: str = ""
 
     def pixels(self) -> Pixels:
-        return dicom_pixels(_dcmread(self.path, self.name, header_only=False), self.frame, self.name)
+        return dicom_pixels(_cached(_dataset_cached, self.path, self.name), self.frame, self.name)
 
     def load_mask(self) -> None:
         return None

@@ -27,9 +27,9 @@ images' intensities), a named preset (``WINDOW_PRESETS``, CT Hounsfield units) o
 Patient safety: identifying DICOM attributes (``PHI_KEYWORDS`` and every PN, DA, DT, TM and UI value, the
 DICOM PS3.15 basic profile's people, dates, times and UIDs) are never copied out of the reader: samples are
 named ``series<N>/instance<NNNN>`` (never by the file name, often a UID), errors name a file by its position
-in its folder, pydicom's own warnings and log lines (which may quote values) are silenced, and
-the Patient ID is kept only as a salted hash (the salt lives in this process's memory) for the split guard
-``check_patients``.
+in its folder, pydicom's own warnings and log lines (which may quote values) are silenced, files kept in
+memory for decoding are stripped of those attributes (``strip_phi``), and the Patient ID is kept only as a
+salted hash (the salt lives in this process's memory) for the split guard ``check_patients``.
 """
 from __future__ import annotations
 

@@ -203,7 +203,7 @@ def test_empty_slices_are_skipped_and_counted(tmp_path):
 def test_window_parsing_and_presets():
     w = medical.Window.parse("lung")
     assert (w.lo, w.hi) == (-1350.0, 150.0)
-    assert medical.Window.parse("40/400") .lo == -160.0
+    assert medical.Window.parse("40/400").lo == -160.0
     assert medical.Window.parse("percentile").percentiles == (0.5, 99.5)
     for bad in ("nope", "percentile:90,10", "40/-1"):
         with pytest.raises(ValueError, match="window"):

@@ -3,8 +3,10 @@
 ViTs (DINOv2, DINOv3) go through timm's ``forward_intermediates``; CNNs through ``features_only``.
 Layer names: ``block{i}`` is the raw output of ViT block i (0-based, no final norm), ``norm`` is the
 last block after the final LayerNorm (what AnomalyDINO, Spatial AR and SPG use), ``stage{i}`` is CNN
-feature stage i. Weight sources: the Hugging Face Hub (safetensors only), a local file, the packaged
-ImageNet EfficientNet-Lite0 (the offline default), or random weights (timing only).
+feature stage i, and ``pixels`` (any backbone) is the network input itself as (B, 1, S, S) grey values in
+[0, 1] (the mean of the un-normalised RGB) for methods that model intensities. Weight sources: the Hugging
+Face Hub (safetensors only), a local file, the packaged ImageNet EfficientNet-Lite0 (the offline default),
+or random weights (timing only).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ SHORT_NAMES: dict[str, str] = {
     "wide_resnet50_2": "wide_resnet50_2.tv_in1k",  # torchvision's ImageNet weights, as in PatchCore; stage2/3 = layer2/3
 }
 OFFLINE_DEFAULT = "efficientnet_lite0"
+PIXELS = "pixels"  # the pseudo-layer of input intensities
 DEFAULT_IMAGE_SIZE = 224  # the network input side (centre crop) unless a preset or the user says otherwise
 
 
@@ -141,7 +144,7 @@ class Backbone(torch.nn.Module):
         self.spec = backbone_spec(name, self.image_size)
         self.layers = list(layers) if layers else self.spec.default_layers()
         self._check_layers()
-        cnn_idx = sorted(int(l[5:]) for l in self.layers) if not is_vit else None
+        cnn_idx = sorted(int(l[5:]) for l in self.layers if l != PIXELS) if not is_vit else None
         self.model, self.is_vit = self._load(weights, token, cnn_idx)
         self.model.eval().requires_grad_(False)
         cfg = timm.data.resolve_model_data_config(self.model)
@@ -155,6 +158,7 @@ class Backbone(torch.nn.Module):
     def _check_layers(self) -> None:
         ok = {"norm", *(f"block{i}" for i in range(self.spec.depth))} if self.spec.kind == "vit" \
             else {f"stage{i}" for i in range(self.spec.depth)}
+        ok.add(PIXELS)
         bad = [l for l in self.layers if l not in ok]
         if bad:
             raise ValueError(f"{self.name}: unknown layers {bad}; this backbone has {sorted(ok)}")
@@ -208,12 +212,15 @@ class Backbone(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> PatchFeatures:
         """(B, 3, S, S) normalised -> PatchFeatures with one (B, C, h, w) map per requested layer."""
         cls = None
-        if self.is_vit:
+        net = [l for l in self.layers if l != PIXELS]
+        maps = {}
+        if not net:
+            pass  # intensities only: the network need not run
+        elif self.is_vit:
             blocks = sorted({int(l[5:]) for l in self.layers if l.startswith("block")}
                             | ({self.spec.depth - 1} if "norm" in self.layers else set()))
             final, inter = self.model.forward_intermediates(
                 x, indices=blocks, norm=False, output_fmt="NCHW", return_prefix_tokens=True, stop_early=True)
-            maps = {}
             for b, (m, prefix) in zip(blocks, inter):
                 if f"block{b}" in self.layers:
                     maps[f"block{b}"] = m.float()
@@ -221,11 +228,13 @@ class Backbone(torch.nn.Module):
                     tok = self.model.norm(m.flatten(2).transpose(1, 2))  # (B, hw, C): final LayerNorm
                     maps["norm"] = tok.transpose(1, 2).reshape(m.shape).float()
                     cls = self.model.norm(prefix[:, 0]).float()
-            maps = {l: maps[l] for l in self.layers}
         else:
             outs = self.model(x)
             idx = list(self.model.feature_info.out_indices)
-            maps = {l: outs[idx.index(int(l[5:]))].float() for l in self.layers}
+            maps = {l: outs[idx.index(int(l[5:]))].float() for l in net}
+        if PIXELS in self.layers:
+            maps[PIXELS] = (x * self.std + self.mean).mean(1, keepdim=True).clamp(0, 1)  # (B, 1, S, S)
+        maps = {l: maps[l] for l in self.layers}
         return PatchFeatures(maps, (x.shape[-2], x.shape[-1]), cls, self.fingerprint)
 
     def extract(self, images: Sequence[Image.Image], batch_size: int = 16,

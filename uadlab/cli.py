@@ -58,6 +58,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=_side, default=None, help="resize side before the center crop")
     p.add_argument("--preset", default="quick", help="quick | paper | tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", default="auto", help="intensity window of DICOM / NIfTI / 16-bit images: auto (the "
+                   "DICOM file's own, else each image's min/max), minmax, percentile[:LO,HI] (fitted on the training "
+                   "images, default 0.5,99.5), brain, soft_tissue, lung, bone (CT presets), or CENTRE/WIDTH")
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a method hyperparameter, e.g. dinomaly.dropout=0 or dinomaly.groups='\"dense\"' "
                    "(VALUE is JSON, else a string); repeatable")
@@ -66,10 +69,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 def run_config(a, methods: list[str]):
     """The run settings from the command line, resolved once by ``RunConfig.resolve`` (a preset brings its
     paper's backbone and geometry where the user did not choose them)."""
+    from .medical import Window
     from .pipeline import RunConfig
 
     cfg = RunConfig.resolve(methods, a.preset, a.backbone, a.image_size, a.resize, weights=a.weights, seed=a.seed,
-                            method_kwargs=parse_params(a.param))
+                            method_kwargs=parse_params(a.param), window=Window.parse(a.window).spec)
     if a.preset == "paper" and (a.backbone, a.image_size) != (cfg.backbone, cfg.image_size):
         print(f"paper inputs: {cfg.backbone}, resize {cfg.resize}, crop {cfg.image_size}", file=sys.stderr)
     return cfg

@@ -17,6 +17,10 @@ Rules:
 - Only files with an image extension are read from folders; hidden files, ``__MACOSX`` and links that lead
   out of the dataset are not. An MVTec-layout folder (``train``, ``test`` or ``ground_truth`` inside) needs
   ``train/good``.
+- DICOM (``.dcm``, or no suffix with the DICM marker) and NIfTI (``.nii``, ``.nii.gz``) files become one
+  sample per slice or frame, read by ``uadlab.medical`` (intensities, windows, empty slices, patient safety).
+  A NIfTI test volume's mask is ``ground_truth/<defect>/<name>_mask.nii.gz``; its slices are anomalous where
+  the mask marks something and normal elsewhere (without a mask, every slice of a defect folder is anomalous).
 
 Bad files raise a ``DataError`` that names the file (relative to the dataset) and the problem, or with
 ``skip_bad`` are skipped and listed in ``Dataset.warnings`` with the reason.
@@ -37,7 +41,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError
+from . import medical
+from .errors import DataError, short_reason as _reason
 from .safety import clean_token, scrub
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -59,13 +64,6 @@ def is_normal_name(name: Any) -> bool:
 def display_name(path: str | os.PathLike) -> str:
     """A (relative) path as printable text: bytes that are not UTF-8 become ``\\xNN`` escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _reason(e: Exception) -> str:
-    """An exception as a short reason, without the absolute path that OSErrors carry."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _read(src: str | os.PathLike | bytes | Image.Image, name: str) -> Image.Image:
@@ -166,6 +164,13 @@ def open_mask(src: str | os.PathLike | np.ndarray | Image.Image, name: str | Non
     return binarize_mask(a)
 
 
+def _intensities(img: Image.Image) -> "medical.Pixels | None":
+    """The grey values of a 16-bit, 32-bit or float image as float32; None for 8-bit and colour modes."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return medical.Pixels(np.asarray(img, dtype=np.float32))
+    return None
+
+
 @dataclass
 class Sample:
     """One image, loaded lazily.
@@ -177,6 +182,9 @@ class Sample:
         label: 0 normal, 1 anomalous, -1 unknown.
         mask_path / mask: ground-truth mask (see ``binarize_mask``), if any.
         category, defect: MVTec-style category and defect type.
+        source: the reader of a DICOM frame or NIfTI slice (``uadlab.medical``), None for image files.
+        window: the intensity window a run applies (``medical.Window``); None renders as ``auto``.
+        patient: a salted hash of the DICOM Patient ID (for the split guard), or None.
     """
 
     name: str
@@ -187,12 +195,30 @@ class Sample:
     mask: np.ndarray | None = None
     category: str = "default"
     defect: str = ""
+    source: Any = field(default=None, repr=False)
+    window: Any = field(default=None, repr=False)
+    patient: str | None = field(default=None, repr=False)
+
+    def pixels(self) -> "medical.Pixels | None":
+        """Intensities before display: DICOM/NIfTI in modality units, 16-bit and float grey images as stored;
+        None for 8-bit and colour images (their values already are display values)."""
+        if self.source is not None:
+            return self.source.pixels()
+        return _intensities(_read(self.image if self.image is not None else self.path, self.name))
 
     def load(self) -> Image.Image:
-        return open_image(self.image if self.image is not None else self.path, self.name)
+        """8-bit RGB: a DICOM/NIfTI slice or a 16-bit/float grey image through the window (``auto`` without
+        one), any other image by the rules of the module docstring."""
+        if self.source is not None:
+            return to_rgb((self.window or medical.Window()).render(self.source.pixels()), self.name)
+        img = _read(self.image if self.image is not None else self.path, self.name)
+        px = _intensities(img) if self.window is not None else None
+        return to_rgb(img if px is None else self.window.render(px), self.name)
 
     def load_mask(self) -> np.ndarray | None:
         """(H, W) uint8 mask, or None. An anomalous image without a mask file is None."""
+        if self.source is not None:
+            return self.source.load_mask()
         if self.mask is not None:
             return open_mask(self.mask, f"{self.name}: mask")
         if self.mask_path is not None:
@@ -200,8 +226,13 @@ class Sample:
         return None
 
     def content_key(self) -> str:
+        """Hash of the pixels' source and of the window that renders them (another window: other features)."""
         h = hashlib.sha256()
-        if self.image is not None:
+        if self.window is not None:
+            h.update(self.window.key().encode())
+        if self.source is not None:
+            h.update(self.source.key().encode())
+        elif self.image is not None:
             img = self.image
             h.update(f"{img.mode}{img.size}".encode())
             h.update(img.tobytes())
@@ -227,6 +258,7 @@ class Dataset:
     test: list[Sample] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     owner: Any = field(default=None, repr=False, compare=False)
+    empty_slices: dict[str, int] = field(default_factory=dict)  # per category: slices skipped as background
 
     @property
     def categories(self) -> list[str]:
@@ -236,7 +268,8 @@ class Dataset:
         if cat not in self.categories:
             raise KeyError(f"{self.name}: no category {cat!r} (have {self.categories})")
         return Dataset(f"{self.name}/{cat}", [s for s in self.train if s.category == cat],
-                       [s for s in self.test if s.category == cat], list(self.warnings), self.owner)
+                       [s for s in self.test if s.category == cat], list(self.warnings), self.owner,
+                       {cat: self.empty_slices.get(cat, 0)})
 
     @property
     def has_masks(self) -> bool:
@@ -248,7 +281,8 @@ class Dataset:
                 "test_normal": sum(s.label == 0 for s in self.test),
                 "test_anomalous": sum(s.label == 1 for s in self.test),
                 "test_unlabelled": sum(s.label == -1 for s in self.test),
-                "masks": self.has_masks, "skipped": len(self.warnings)}
+                "masks": self.has_masks, "skipped": sum(w.startswith("skipped ") for w in self.warnings),
+                "empty_slices": sum(self.empty_slices.values())}
 
 
 def _bad(e: DataError, skip_bad: bool, warn: list[str] | None) -> None:
@@ -279,7 +313,7 @@ def validate(samples: Iterable[Sample], skip_bad: bool = False, warn: list[str] 
 
 
 def _image_files(folder: Path, base: Path, skip_bad: bool, warn: list[str]) -> list[Path]:
-    """Image files under ``folder``, recursively, by extension; hidden files and ``__MACOSX`` are ignored.
+    """Image, DICOM and NIfTI files under ``folder``, recursively; hidden files and ``__MACOSX`` are ignored.
 
     A link to a file outside ``base`` is bad input: following it would read other files of the machine.
     """
@@ -287,8 +321,8 @@ def _image_files(folder: Path, base: Path, skip_bad: bool, warn: list[str]) -> l
     out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).parts
-        if any(x.startswith(".") or x == "__MACOSX" for x in rel) or p.suffix.lower() not in IMAGE_EXTS \
-                or not p.is_file():
+        if any(x.startswith(".") or x == "__MACOSX" for x in rel) or not p.is_file() \
+                or (p.suffix.lower() not in IMAGE_EXTS and medical.medical_kind(p) is None):
             continue
         if p.is_symlink() and not p.resolve().is_relative_to(real):
             _bad(DataError(f"{display_name(p.relative_to(base))}: a link to a file outside the dataset "
@@ -298,9 +332,49 @@ def _image_files(folder: Path, base: Path, skip_bad: bool, warn: list[str]) -> l
     return out
 
 
+def _samples(files: Sequence[Path], rel: Any, where: str, category: str, label: int, skip_bad: bool,
+             warn: list[str], empty: dict[str, int], defect: str = "", mask_for: Any = None,
+             axis: str = "z") -> list[Sample]:
+    """The samples of one folder's files: one per image file (validated here), one per non-empty slice of a
+    NIfTI volume, one per non-empty frame of its DICOM files (grouped into series; see ``uadlab.medical``).
+
+    Args:
+        rel: file path -> display name; where: the folder's display name with a trailing ``/`` (or "").
+        empty: per category, the count of empty slices skipped (updated).
+        mask_for: file path -> its mask file or None.
+    """
+    on_error = lambda e: _bad(e, skip_bad, warn)  # noqa: E731
+    out: list[Sample] = []
+    dicoms: list[str] = []
+    for p in files:
+        kind = medical.medical_kind(p)
+        mask = mask_for(p) if mask_for else None
+        if kind == "dicom":
+            dicoms.append(str(p))
+        elif kind == "nifti":
+            try:
+                slices, n_empty = medical.nifti_slices(str(p), rel(p), mask, axis)
+            except DataError as e:
+                on_error(e)
+                continue
+            empty[category] = empty.get(category, 0) + n_empty
+            out += [Sample(name, str(p), label=label if lesion is None else label * int(lesion), mask_path=mask,
+                           category=category, defect=defect, source=src) for name, src, lesion in slices]
+        else:
+            out += validate([Sample(rel(p), str(p), label=label, mask_path=mask, category=category, defect=defect)],
+                            skip_bad, warn)
+    if dicoms:
+        frames, n_empty = medical.dicom_slices(dicoms, where, on_error)
+        empty[category] = empty.get(category, 0) + n_empty
+        out += [Sample(name, src.path, label=label, category=category, defect=defect, source=src, patient=pk)
+                for name, src, pk in frames]
+    return out
+
+
 def load_folder(path: str | os.PathLike, label: int = 0, category: str | None = None,
-                skip_bad: bool = False) -> Dataset:
-    """A plain folder of images (recursively) as the train split of normal images (``label`` 0)."""
+                skip_bad: bool = False, axis: str = "z") -> Dataset:
+    """A plain folder of images (recursively) as the train split of normal images (``label`` 0); DICOM and
+    NIfTI files in it give one sample per slice (``axis`` of NIfTI volumes: x, y or z)."""
     root = Path(path)
     name = display_name(root.name or str(path))
     if not root.is_dir():
@@ -310,20 +384,23 @@ def load_folder(path: str | os.PathLike, label: int = 0, category: str | None = 
     if not files and not warn:
         empty = not any(root.iterdir())
         raise DataError(f"{name}: the folder is empty" if empty else
-                        f"{name}: no image files ({' '.join(sorted(IMAGE_EXTS))}) in the folder")
+                        f"{name}: no image files ({' '.join(sorted(IMAGE_EXTS))}, DICOM, NIfTI) in the folder")
     cat = category or name
-    samples = [Sample(display_name(p.relative_to(root)), str(p), label=label, category=cat) for p in files]
-    samples = validate(samples, skip_bad, warn)
+    empty: dict[str, int] = {}
+    samples = _samples(files, lambda p: display_name(p.relative_to(root)), "", cat, label, skip_bad, warn, empty,
+                       axis=axis)
     if not samples:
         raise DataError(f"{name}: no usable images ({len(warn)} bad files skipped)")
-    return Dataset(name, train=samples if label == 0 else [], test=[] if label == 0 else samples, warnings=warn)
+    return Dataset(name, train=samples if label == 0 else [], test=[] if label == 0 else samples, warnings=warn,
+                   empty_slices=empty)
 
 
 def _is_mvtec_dir(d: Path) -> bool:
     return any((d / s).is_dir() for s in MVTEC_DIRS)
 
 
-def _mvtec_category(cat_dir: Path, skip_bad: bool, warn: list[str]) -> tuple[list[Sample], list[Sample]]:
+def _mvtec_category(cat_dir: Path, skip_bad: bool, warn: list[str], empty: dict[str, int],
+                    axis: str = "z") -> tuple[list[Sample], list[Sample]]:
     cat = display_name(cat_dir.name)
     good = cat_dir / "train" / "good"
     if not good.is_dir():
@@ -331,21 +408,27 @@ def _mvtec_category(cat_dir: Path, skip_bad: bool, warn: list[str]) -> tuple[lis
                         "train/good")
     base = cat_dir.parent
     rel = lambda p: display_name(p.relative_to(base))  # noqa: E731
-    train = [Sample(rel(p), str(p), label=0, category=cat) for p in _image_files(good, base, skip_bad, warn)]
+    train = _samples(_image_files(good, base, skip_bad, warn), rel, rel(good) + "/", cat, 0, skip_bad, warn, empty,
+                     axis=axis)
     test: list[Sample] = []
     test_dir = cat_dir / "test"
     if test_dir.is_dir():
         for d in sorted(p for p in test_dir.iterdir() if p.is_dir()):
             normal = is_normal_name(d.name)
-            for p in _image_files(d, base, skip_bad, warn):
-                mask = cat_dir / "ground_truth" / d.name / f"{p.stem}_mask.png"
-                test.append(Sample(rel(p), str(p), label=0 if normal else 1,
-                                   mask_path=str(mask) if (not normal and mask.is_file()) else None,
-                                   category=cat, defect=display_name(d.name)))
-    train = validate(train, skip_bad, warn)
+
+            def mask_for(p: Path, d: Path = d) -> str | None:
+                if normal:
+                    return None
+                nifti = medical.medical_kind(p) == "nifti"
+                stem, sufs = (medical.nifti_stem(p), medical.NIFTI_SUFFIXES[::-1]) if nifti else (p.stem, (".png",))
+                found = [m for m in (cat_dir / "ground_truth" / d.name / f"{stem}_mask{s}" for s in sufs) if m.is_file()]
+                return str(found[0]) if found else None
+
+            test += _samples(_image_files(d, base, skip_bad, warn), rel, rel(d) + "/", cat, 0 if normal else 1,
+                             skip_bad, warn, empty, display_name(d.name), mask_for, axis)
     if not train:
         raise DataError(f"{cat}/train/good: no usable images")
-    return train, validate(test, skip_bad, warn)
+    return train, test
 
 
 def is_mvtec(root: str | os.PathLike) -> bool:
@@ -358,10 +441,13 @@ def _subdirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name != "__MACOSX") if root.is_dir() else []
 
 
-def load_mvtec(root: str | os.PathLike, categories: Sequence[str] | None = None, skip_bad: bool = False) -> Dataset:
-    """The MVTec AD layout: ``<cat>/train/good``, ``<cat>/test/<defect>``, ``<cat>/ground_truth/<defect>/*_mask.png``.
+def load_mvtec(root: str | os.PathLike, categories: Sequence[str] | None = None, skip_bad: bool = False,
+               axis: str = "z") -> Dataset:
+    """The MVTec AD layout: ``<cat>/train/good``, ``<cat>/test/<defect>``, ``<cat>/ground_truth/<defect>/*_mask.png``
+    (``*_mask.nii.gz`` for NIfTI volumes).
 
     ``root`` is one category folder or a folder of categories. Test masks are optional; ``train/good`` is not.
+    No patient (DICOM Patient ID) may be in both train and test (``medical.check_patients``).
     """
     root = Path(root)
     name = display_name(root.name or str(root))
@@ -378,19 +464,21 @@ def load_mvtec(root: str | os.PathLike, categories: Sequence[str] | None = None,
         raise DataError(f"{name}: no MVTec-style category (expected <category>/train/good/)")
     ds = Dataset(name)
     for c in cats:
-        tr, te = _mvtec_category(c, skip_bad, ds.warnings)
+        tr, te = _mvtec_category(c, skip_bad, ds.warnings, ds.empty_slices, axis)
         ds.train += tr
         ds.test += te
+    medical.check_patients(ds.train, ds.test, name, ds.warnings)
     return ds
 
 
 def load_files(files: Sequence[str | os.PathLike], label: int = 0, category: str = "upload",
-               skip_bad: bool = False, masks: dict[str, str] | None = None) -> list[Sample]:
-    """Uploaded files -> validated samples. ``masks`` maps an image's file stem to its mask path."""
+               skip_bad: bool = False, masks: dict[str, str] | None = None, axis: str = "z") -> list[Sample]:
+    """Uploaded files -> validated samples (DICOM files of one upload grouped into series, NIfTI volumes as
+    slices). ``masks`` maps an image's file stem (a NIfTI file's name without ``.nii.gz``) to its mask path."""
     masks = masks or {}
-    samples = [Sample(display_name(Path(f).name), str(f), label=label, category=category,
-                      mask_path=masks.get(Path(f).stem)) for f in files]
-    return validate(samples, skip_bad)
+    stem = lambda p: medical.nifti_stem(p) if medical.medical_kind(p) == "nifti" else p.stem  # noqa: E731
+    return _samples([Path(f) for f in files], lambda p: display_name(p.name), "", category, label, skip_bad, [], {},
+                    mask_for=lambda p: masks.get(stem(p)), axis=axis)
 
 
 MAX_ZIP_BYTES = 2 * 1024**3
@@ -430,7 +518,8 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, max_b
             if info.file_size > 8 * 1024**2 and info.file_size > max_ratio * max(info.compress_size, 1):
                 raise DataError(f"{name}: {member!r} expands {info.file_size / max(info.compress_size, 1):.0f} "
                                 f"times (a zip bomb?); the limit is {max_ratio:.0f}")
-            if not info.is_dir() and member.lower().endswith((".zip", ".tar", ".gz", ".tgz", ".7z", ".rar")):
+            if not info.is_dir() and member.lower().endswith((".zip", ".tar", ".gz", ".tgz", ".7z", ".rar")) \
+                    and not member.lower().endswith(".nii.gz"):  # a compressed NIfTI volume is an image
                 raise DataError(f"{name}: {member!r} is an archive inside the archive; nested archives are not "
                                 "unpacked: zip the images themselves")
         written = 0
@@ -455,19 +544,20 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, max_b
 
 
 def load_unpacked(root: str | os.PathLike, skip_bad: bool = False,
-                  categories: Sequence[str] | None = None, unwrap: bool = False) -> Dataset:
+                  categories: Sequence[str] | None = None, unwrap: bool = False, axis: str = "z") -> Dataset:
     """An MVTec-layout dataset or a folder of normal images.
 
     Args:
         unwrap: an unpacked upload: when ``root`` holds nothing but one folder, that folder is the dataset.
+        axis: the slice axis of NIfTI volumes (x, y or z).
     """
     root = Path(root)
     inner = _subdirs(root)
     if unwrap and len(inner) == 1 and not any(p.is_file() for p in root.iterdir() if not p.name.startswith(".")):
         root = inner[0]  # zips usually wrap everything in one folder
     if is_mvtec(root):
-        return load_mvtec(root, categories, skip_bad)
-    return load_folder(root, skip_bad=skip_bad)
+        return load_mvtec(root, categories, skip_bad, axis)
+    return load_folder(root, skip_bad=skip_bad, axis=axis)
 
 
 def load_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, skip_bad: bool = False,
@@ -609,8 +699,10 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
     return ds
 
 
-def load_data(spec: str, categories: Sequence[str] | None = None, skip_bad: bool = False, **hf_kwargs) -> Dataset:
-    """``demo``, ``hf:REPO_ID`` (or ``hf:FOLDER``), a zip, an MVTec-layout folder, or a folder of normal images.
+def load_data(spec: str, categories: Sequence[str] | None = None, skip_bad: bool = False, axis: str = "z",
+              **hf_kwargs) -> Dataset:
+    """``demo``, ``hf:REPO_ID`` (or ``hf:FOLDER``), a zip, an MVTec-layout folder, a folder of normal images, or
+    one DICOM / NIfTI file (its slices as normal images; ``axis``: the slice axis of NIfTI volumes).
 
     A zip is unpacked into a temporary folder that lives as long as the returned dataset (and is removed on
     any error).
@@ -634,5 +726,10 @@ def load_data(spec: str, categories: Sequence[str] | None = None, skip_bad: bool
             raise
         ds.owner = tmp
         return ds
-    return load_unpacked(p, skip_bad, categories) if p.is_dir() else load_folder(p)
+    if p.is_file() and medical.medical_kind(p):
+        ds = Dataset(display_name(p.name))
+        ds.train = _samples([p], lambda q: display_name(q.name), "", ds.name, 0, skip_bad, ds.warnings,
+                            ds.empty_slices, axis=axis)
+        return ds
+    return load_unpacked(p, skip_bad, categories, axis=axis) if p.is_dir() else load_folder(p)
 

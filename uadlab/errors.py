@@ -13,3 +13,10 @@ class UadlabError(Exception):
 
 class DataError(UadlabError, ValueError):
     """A file, folder, archive, dataset entry or saved run that cannot be used."""
+
+
+def short_reason(e: Exception) -> str:
+    """An exception as a short one-line reason, without the absolute path that OSErrors carry."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return " ".join(str(e).split()) or type(e).__name__

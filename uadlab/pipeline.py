@@ -29,6 +29,7 @@ from .backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, Backbone, shared_bac
 from .data import Dataset, Sample
 from .errors import DataError
 from .features import FeatureCache, PatchFeatures
+from .medical import Window
 from .methods import Method, get_method_class
 from .postprocess import Calibration
 from .progress import ProgressFn, Stages
@@ -52,6 +53,8 @@ class RunConfig:
 
     Zero-shot heads never see the target's normal images, so they calibrate on all of them. ``sigma`` and
     ``score_mode`` override every method's own post-processing (None: each method's paper choice).
+    ``window`` is the intensity window of DICOM, NIfTI and 16-bit images (``medical.Window.parse``), fitted on
+    the normal training images and applied alike to every image the run sees.
     """
 
     backbone: str = OFFLINE_DEFAULT
@@ -66,6 +69,7 @@ class RunConfig:
     sigma: float | None = None
     score_mode: str | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    window: str = "auto"
 
 
     @classmethod
@@ -176,6 +180,7 @@ class Run:
         self.meta: dict[str, Any] = {}  # what the caller records with the run (data source, evaluation, ...)
         self._token = token  # used for this process only; never saved
         self._backbone: Backbone | None = None
+        self.window = Window.parse(config.window)  # fitted by fit; restored by load / from_head
         if heads is None:
             self.build_heads()
         else:  # trained heads (a saved run, a head from the Hub)
@@ -219,7 +224,7 @@ class Run:
         return self._backbone
 
     def features(self, samples: Sequence[Sample], progress: ProgressFn | None = None) -> PatchFeatures:
-        return self.cache.extract(self.backbone, samples, progress=progress)
+        return self.cache.extract(self.backbone, self.window.bind(samples), progress=progress)
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, train: Sequence[Sample], progress: ProgressFn | None = None,
@@ -234,6 +239,8 @@ class Run:
         fit_i, val_i = split_indices(len(train), self.config.val_fraction, self.config.seed)
         cats = {s.category for s in train}
         category = cats.pop() if len(cats) == 1 else None  # for per-category choices (AnomalyDINO's masking table)
+        self.window = Window.parse(self.config.window).fit(train)  # on the normal training images only
+        self.info["window"] = self.window.to_dict()
         order = sorted(self.heads, key=lambda n: self.heads[n].combines_heads)  # ensembles after their members
         refits = learned if refit and val_i != fit_i else []
         # stages: extraction (weighed as all fits together: a cold cache costs that much), one fit per head,
@@ -267,6 +274,8 @@ class Run:
             self.info["fit_s"][name] = time.perf_counter() - t0
             head.fit_info["calibration"] = self.heads[name].fit_info.get("calibration")
             self.heads[name] = head
+        for head in self.heads.values():  # a head scores right only through the window it was fitted with
+            head.fit_info["window"] = self.info["window"]
         stages.finish("trained")
         return self
 
@@ -406,6 +415,7 @@ class Run:
         run.info = meta.get("info", run.info)
         run.calibration = {k: Calibration(**v) for k, v in meta.get("calibration", {}).items()}
         run.meta = {k: v for k, v in meta.items() if k not in ("run_id", "config", "info", "calibration")}
+        run.window = Window.from_dict(run.info.get("window"))
         return run
 
     @classmethod
@@ -416,8 +426,9 @@ class Run:
         config = RunConfig(backbone=head.backbone, methods=[head.name],
                            image_size=int(info.get("image_size") or DEFAULT_IMAGE_SIZE), resize=info.get("resize"),
                            weights=info.get("weights") or "default", sigma=info.get("sigma"),
-                           score_mode=info.get("score_mode"))
+                           score_mode=info.get("score_mode"), window=(info.get("window") or {}).get("spec", "auto"))
         run = cls(config, cache=cache, token=token, heads={head.name: head})
+        run.window = Window.from_dict(info.get("window"))
         if info.get("calibration"):
             run.calibration[head.name] = Calibration(**info["calibration"])
         return run

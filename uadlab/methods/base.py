@@ -249,6 +249,8 @@ them from their own source.
 Method: {self.paper or self.name}
 
 {self.summary}
+{f"{chr(10)}Intensity window (DICOM, NIfTI, 16-bit images; fitted on the training images): "
+ f"{self.fit_info['window'].get('description', self.fit_info['window'].get('spec'))}{chr(10)}" if self.fit_info.get("window") else ""}
 
 ## Hyperparameters
 

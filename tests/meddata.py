@@ -1,0 +1,108 @@
+"""Small medical data sets built from the REAL files that pydicom and nibabel ship.
+
+- ``make_brain_set``: NIfTI volumes in the MVTec layout from nibabel's ``anatomical.nii`` (an SPM-normalised
+  T1 brain, 33 x 41 x 25 voxels, LAS orientation): "subjects" differ by an intensity scale, a one-voxel shift
+  and noise; lesion volumes get hyperintense spheres with a label volume ``ground_truth/lesion/<name>_mask.nii.gz``.
+- ``write_dicom``: a copy of pydicom's ``MR_small.dcm`` (64 x 64 MR) with chosen patient tags, series and
+  position, named by its SOP Instance UID as DICOM exports are.
+
+Run as a script to build a set for ``uadlab bench``: ``python tests/meddata.py OUT [n_train n_good n_lesion]``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def anatomical_path() -> Path:
+    from nibabel.testing import data_path
+
+    return Path(data_path) / "anatomical.nii"
+
+
+def pydicom_file(name: str) -> Path:
+    """A file of pydicom's bundled test data (never the download list: there is no internet here)."""
+    import pydicom
+
+    p = Path(pydicom.__file__).parent / "data" / "test_files" / name
+    assert p.is_file(), f"pydicom test file {name} not installed"
+    return p
+
+
+def _subject(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    shift = tuple(int(v) for v in rng.integers(-1, 2, 3))
+    v = np.roll(base, shift, axis=(0, 1, 2)) * rng.uniform(0.92, 1.08)
+    return v + rng.normal(0, 0.03 * float(base.max()), base.shape) * (base > 0)
+
+
+def make_brain_set(root: str | Path, n_train: int = 4, n_good: int = 2, n_lesion: int = 3, seed: int = 0,
+                   category: str = "brain") -> Path:
+    """An MVTec-layout NIfTI set ``root/<category>/{train/good,test/good,test/lesion,ground_truth/lesion}``."""
+    import nibabel as nib
+
+    ref = nib.load(anatomical_path())
+    base = np.asarray(ref.dataobj, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    cat = Path(root) / category
+    for d in ("train/good", "test/good", "test/lesion", "ground_truth/lesion"):
+        (cat / d).mkdir(parents=True, exist_ok=True)
+
+    def save(a: np.ndarray, path: Path, dtype=np.float32) -> None:
+        nib.save(nib.Nifti1Image(a.astype(dtype), ref.affine), str(path))
+
+    for i in range(n_train):
+        save(_subject(base, rng), cat / "train/good" / f"subject{i:02d}.nii.gz")
+    for i in range(n_good):
+        save(_subject(base, rng), cat / "test/good" / f"control{i:02d}.nii.gz")
+    brain = np.argwhere(base > np.percentile(base[base > 0], 50))
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in base.shape], indexing="ij"), -1)
+    for i in range(n_lesion):
+        v = _subject(base, rng)
+        mask = np.zeros(base.shape, bool)
+        for _ in range(2):
+            c = brain[rng.integers(len(brain))]
+            mask |= np.linalg.norm(grid - c, axis=-1) <= rng.uniform(2.0, 3.5)
+        v[mask] = float(np.percentile(base, 99.5)) * 1.6  # hyperintense, like a FLAIR lesion
+        save(v, cat / "test/lesion" / f"patient{i:02d}.nii.gz")
+        save(mask, cat / "ground_truth/lesion" / f"patient{i:02d}_mask.nii.gz", np.uint8)
+    return Path(root)
+
+
+def write_dicom(folder: str | Path, patient_name: str, patient_id: str, instance: int, z: float,
+                series_uid: str | None = None, series_number: int = 3, lesion: bool = False, seed: int = 0,
+                **tags) -> Path:
+    """A copy of MR_small.dcm with these patient tags, in one series, at slice position ``z``; the file is
+    named by its SOP Instance UID. ``tags``: further attributes to set (e.g. PhotometricInterpretation)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    rng = np.random.default_rng(seed)
+    a = ds.pixel_array.astype(np.int32)
+    a = a + rng.normal(0, 20, a.shape).astype(np.int32)
+    if lesion:
+        a[24:34, 28:38] = 4000
+    ds.PixelData = np.clip(a, -32768, 32767).astype(np.int16).tobytes()
+    ds.PatientName, ds.PatientID = patient_name, patient_id
+    ds.PatientBirthDate, ds.InstitutionName, ds.AccessionNumber = "19700101", "St Example Hospital", "ACC-424242"
+    ds.ReferringPhysicianName = "Who^Doctor"
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SeriesNumber, ds.InstanceNumber = series_number, instance
+    ds.ImagePositionPatient = [-83.9063, -91.2, float(z)]
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    counts = [int(v) for v in sys.argv[2:5]] or [4, 2, 3]
+    make_brain_set(out, *counts)
+    print(f"wrote {out} ({counts[0]} train, {counts[1]} good test, {counts[2]} lesion volumes)")

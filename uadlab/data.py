@@ -471,14 +471,21 @@ def load_mvtec(root: str | os.PathLike, categories: Sequence[str] | None = None,
     return ds
 
 
+def file_stem(path: str | os.PathLike) -> str:
+    """A file's name without its suffix (``.nii.gz`` counts as one)."""
+    p = Path(path)
+    return medical.nifti_stem(p) if medical.medical_kind(p) == "nifti" else p.stem
+
+
 def load_files(files: Sequence[str | os.PathLike], label: int = 0, category: str = "upload",
-               skip_bad: bool = False, masks: dict[str, str] | None = None, axis: str = "z") -> list[Sample]:
+               skip_bad: bool = False, masks: dict[str, str] | None = None, axis: str = "z",
+               warn: list[str] | None = None) -> list[Sample]:
     """Uploaded files -> validated samples (DICOM files of one upload grouped into series, NIfTI volumes as
-    slices). ``masks`` maps an image's file stem (a NIfTI file's name without ``.nii.gz``) to its mask path."""
+    slices). ``masks`` maps an image's file stem (a NIfTI file's name without ``.nii.gz``) to its mask path;
+    skipped files are listed with their reason in ``warn``."""
     masks = masks or {}
-    stem = lambda p: medical.nifti_stem(p) if medical.medical_kind(p) == "nifti" else p.stem  # noqa: E731
-    return _samples([Path(f) for f in files], lambda p: display_name(p.name), "", category, label, skip_bad, [], {},
-                    mask_for=lambda p: masks.get(stem(p)), axis=axis)
+    return _samples([Path(f) for f in files], lambda p: display_name(p.name), "", category, label, skip_bad,
+                    warn if warn is not None else [], {}, mask_for=lambda p: masks.get(file_stem(p)), axis=axis)
 
 
 MAX_ZIP_BYTES = 2 * 1024**3

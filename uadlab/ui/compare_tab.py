@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import viz
 from ..workspace import Workspace
-from .common import in_panel, open_workspace, ui_errors
+from .common import in_panel, open_workspace, reporter, ui_errors
 from .viewer import HEAD, Panel, ViewItem, viewer_html
 
 LABELS = {0: "normal", 1: "anomalous"}
@@ -32,6 +32,15 @@ def view_items(ws: Workspace, run_id: str, names: list[str]) -> list[ViewItem]:
                               None if mask is None else mask[top:bottom, left:right] > 0,
                               LABELS.get(s.label, "unlabelled")))
     return items
+
+
+@ui_errors
+def on_export_maps(user: str, run_id: str | None, names: list[str], threshold: float, progress=gr.Progress()) -> str:
+    """A zip of the chosen images' heatmaps and regions as PNG, and of their volumes as NIfTI (same affine)."""
+    if not run_id:
+        raise gr.Error("no run selected: train one in the Train tab")
+    return str(open_workspace(user).runs.export_maps(run_id, names or [], float(threshold), VMAX,
+                                                      progress=reporter(progress)))
 
 
 @ui_errors
@@ -61,6 +70,11 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     viewer = gr.HTML(viewer_html([]), head=HEAD, js_on_load=None, elem_id="compare-viewer")
     curves = gr.Plot(label="ROC and precision-recall, image and pixel level", elem_id="curves")
     table = gr.Dataframe(label="Metrics (sort by a column from its ⋮ menu)", interactive=False, elem_id="metrics")
+    with gr.Row():
+        export_threshold = gr.Number(1.0, label="Export: region threshold", minimum=0, min_width=160)
+        export_btn = gr.Button("Export heatmaps (PNG; NIfTI volumes for scans)", min_width=200)
+        export_file = gr.File(label="Export", interactive=False, min_width=200)
+    export_status = gr.Markdown()
 
     def compare(user, run_id, names, labels):
         return (*on_compare(user, run_id, names, labels), "")
@@ -68,4 +82,10 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     show = (in_panel(compare, status=3, n_outputs=4), [user, run, names, labels], [viewer, curves, table, status])
     show_btn.click(*show)
     labels.change(*show)
+
+    def export(user, run_id, names, threshold, progress=gr.Progress()):
+        return on_export_maps(user, run_id, names, threshold, progress), ""
+
+    export_btn.click(in_panel(export, status=1, n_outputs=2), [user, run, names, export_threshold],
+                     [export_file, export_status], show_progress_on=[export_status])
     return SimpleNamespace(names=names, show=show)

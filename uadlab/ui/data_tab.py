@@ -13,6 +13,7 @@ from ..workspace import Workspace, describe, source_label, thumbnail
 from .common import in_panel, open_workspace, ui_errors
 
 SOURCES = ["Demo (offline)", "Upload", "Local folder", "Hugging Face dataset"]
+UPLOAD_TYPES = ["image", ".dcm", ".nii", ".gz"]  # images, DICOM files, NIfTI volumes (.nii, .nii.gz)
 
 
 @dataclass
@@ -139,11 +140,11 @@ def build(user: gr.State) -> SimpleNamespace:
                            file_types=[".zip"], type="filepath")
         with gr.Row():
             train_files = gr.File(label="or: normal training images", file_count="multiple",
-                                  file_types=["image"], type="filepath")
+                                  file_types=UPLOAD_TYPES, type="filepath")
             test_files = gr.File(label="test images (optional)", file_count="multiple",
-                                 file_types=["image"], type="filepath")
+                                 file_types=UPLOAD_TYPES, type="filepath")
             mask_files = gr.File(label="test masks (optional, name.png or name_mask.png)",
-                                 file_count="multiple", file_types=["image"], type="filepath")
+                                 file_count="multiple", file_types=UPLOAD_TYPES, type="filepath")
         unmasked_normal = gr.Checkbox(label="test images without a mask are normal", value=False)
         upload_btn = gr.Button("Load the upload", variant="primary", elem_id="load-upload")
     with gr.Group(visible=False) as g_folder:

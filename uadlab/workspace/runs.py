@@ -2,7 +2,9 @@
 once per (run, images) and hand out what the screens show (view rows, explanations, evaluations)."""
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -11,7 +13,7 @@ from PIL import Image
 from ..data import DataError, Dataset, Sample
 from ..methods import get_method_class, list_methods
 from ..progress import Progress, ProgressFn, Stages, quiet, within
-from ..safety import TRAININGS, limits
+from ..safety import TRAININGS, export_path, limits
 from ..viz import GridRow, compare_grid
 from .examples import examples_dir
 from .session import ID_RE, LRU
@@ -158,6 +160,53 @@ class Runs:
         rows, _ = self.grid_rows(run_id, [pick.name])
         return compare_grid(rows, [method], "heatmap", cell=200)
 
+    def export_maps(self, run_id: str, names: Sequence[str], threshold: float = 1.0, vmax: float = 3.0,
+                    progress: ProgressFn | None = None) -> Path:
+        """A zip of the chosen test images' heatmaps and regions (map >= ``threshold``): per image and method
+        a PNG of each at the network's view (grey, 0..``vmax`` calibrated units); per NIfTI volume or DICOM
+        series a chosen image belongs to, every slice's heatmap and region as NIfTI volumes aligned with the
+        input (same shape and affine). No patient data: names are the samples' (series/instance, slice)."""
+        import zipfile
+
+        from .. import medical
+
+        run = self.get(run_id)
+        chosen = self.test_samples(run_id, names)
+        test = self.dataset(run_id).test
+        volumes: dict[tuple, list[Sample]] = {}  # every test slice of each volume a chosen image belongs to
+        for s in chosen:
+            key = _volume_of(s)
+            if key is not None and key not in volumes:
+                volumes[key] = [t for t in test if _volume_of(t) == key]
+        stages = Stages(progress, [len(chosen)] + [len(v) for v in volumes.values()])
+        out = export_path(f"heatmaps-{time.strftime('%Y%m%d-%H%M%S')}.zip")
+        safe = lambda name: re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "image"  # noqa: E731
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+            scored, _ = self.scored(run_id, chosen)
+            step = stages.stage(f"heatmaps of {len(chosen)} images", "images")
+            for i, s in enumerate(chosen):
+                for m, sc in scored.items():
+                    zf.writestr(f"png/{safe(s.name)}/{m}_heatmap.png", medical.export_png(sc.maps[i], vmax=vmax))
+                    zf.writestr(f"png/{safe(s.name)}/{m}_region.png", medical.export_png(sc.maps[i] >= threshold))
+                step(Progress(i + 1, len(chosen), "images"))
+            for key, slices in volumes.items():
+                maps = run.score(slices, progress=stages.stage(f"scoring the {len(slices)} slices of a volume"))
+                for m, sc in maps.items():
+                    heat = {}
+                    for j, s in enumerate(slices):
+                        w, h = s.load().size
+                        heat[_slice_index(s, j)] = medical.to_input_geometry(sc.maps[j], (h, w), run.backbone.resize,
+                                                                             run.backbone.image_size)
+                    ref = key[1] if key[0] == "nifti" else [s.source for s in slices]
+                    axis = "xyz"[key[2]] if key[0] == "nifti" else "z"
+                    name = safe(slices[0].name.split("#")[0] if key[0] == "nifti" else key[1])  # file / series
+                    zf.writestr(f"nifti/{name}_{m}_heatmap.nii.gz", medical.export_nifti(heat, ref, axis))
+                    zf.writestr(f"nifti/{name}_{m}_region.nii.gz", medical.export_nifti(
+                        {k: (v >= threshold).astype(np.float32) for k, v in heat.items()}, ref, axis))
+            zf.writestr("README.txt", f"Heatmaps of run {run_id}: calibrated units (0 = median normal pixel, 1 = the "
+                                      f"normal limit); PNGs scaled 0..{vmax:g}; regions = heatmap >= {threshold:g}.\n")
+        return out
+
     def explain(self, run_id: str, name: str, method: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """(view, calibrated heatmap, the method's named explanation arrays) of one test image."""
         run = self.get(run_id)
@@ -168,3 +217,18 @@ class Runs:
         out = head.explain(run.features([sample]).select(head.layers_for(run.backbone.spec)))
         scored, views = self.scored(run_id, [sample])
         return views[0], scored[method].maps[0], dict(out or {})
+
+
+def _volume_of(s: Sample) -> tuple | None:
+    """("nifti", file, axis) or ("dicom", series) of a slice sample; None for an ordinary image."""
+    src = s.source
+    if src is None:
+        return None
+    if hasattr(src, "axis"):
+        return ("nifti", src.path, src.axis)
+    return ("dicom", s.name.rsplit("/", 1)[0])  # "<series>/<instance>": one volume per series
+
+
+def _slice_index(s: Sample, position: int) -> int:
+    """Where a slice goes in its exported volume: its index along the axis (NIfTI), its position (DICOM)."""
+    return s.source.index if hasattr(s.source, "index") else position

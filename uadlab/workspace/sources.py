@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from PIL import Image
 
-from ..data import IMAGE_EXTS, DataError, Dataset, Sample, is_mvtec, load_folder, load_hf, load_mvtec, safe_extract_zip, validate
+from .. import medical
+from ..data import (IMAGE_EXTS, DataError, Dataset, Sample, file_stem, is_mvtec, load_files, load_folder, load_hf,
+                    load_mvtec, safe_extract_zip)
 from ..safety import confine, hub_id, limits, resolve_local_folder
 from .session import ID_RE, LRU
 
@@ -75,22 +77,22 @@ def _confined(ds: Dataset, folder: Path) -> Dataset:
 
 def _open_upload(root: Path) -> Dataset:
     manifest = root / "manifest.json"
-    if manifest.exists():  # loose files: train/, test/, masks/
+    if manifest.exists():  # loose files: train/, test/, masks/ (images, DICOM files, NIfTI volumes)
         info = json.loads(manifest.read_text())
         warn: list[str] = []
         files = lambda sub: sorted(p for p in (root / sub).glob("*") if p.is_file())  # noqa: E731
         masks = {}
         for p in files("masks"):
-            stem = p.stem[:-5] if p.stem.endswith("_mask") else p.stem
-            masks[stem] = str(p)
-        train = [Sample(p.name, str(p), label=0, category="upload") for p in files("train")]
-        test = []
-        for p in files("test"):
-            m = masks.get(p.stem)
-            label = 1 if m else (0 if info.get("unmasked_test_normal") else -1)
-            test.append(Sample(p.name, str(p), label=label, mask_path=m, category="upload",
-                               defect="defect" if m else ("good" if label == 0 else "")))
-        ds = Dataset("upload", validate(train, True, warn), validate(test, True, warn), warn)
+            stem = file_stem(p)
+            masks[stem[:-5] if stem.endswith("_mask") else stem] = str(p)
+        train = load_files(files("train"), label=0, skip_bad=True, warn=warn)
+        masked = [p for p in files("test") if file_stem(p) in masks]
+        unmasked = [p for p in files("test") if file_stem(p) not in masks]
+        test = (load_files(masked, label=1, masks=masks, skip_bad=True, warn=warn)  # slices without lesion: 0
+                + load_files(unmasked, label=0 if info.get("unmasked_test_normal") else -1, skip_bad=True, warn=warn))
+        for s in test:
+            s.defect = "defect" if s.label == 1 else ("good" if s.label == 0 else "")
+        ds = Dataset("upload", train, test, warn)
         if not ds.train and not ds.test:
             raise DataError("the upload holds no usable images")
         return ds
@@ -230,7 +232,8 @@ class DataSources:
                 infos = zf.infolist()
         except (zipfile.BadZipFile, OSError) as e:
             raise DataError(f"{Path(zip_path).name}: not a valid zip file ({e})") from None
-        images = sum(Path(i.filename).suffix.lower() in IMAGE_EXTS for i in infos)
+        images = sum(Path(i.filename).suffix.lower() in IMAGE_EXTS or bool(medical.medical_kind(i.filename))
+                     for i in infos)
         free = self.ws.check_upload(os.path.getsize(zip_path), images, sum(i.file_size for i in infos))
         uid = _new_upload_id()
         try:

@@ -226,6 +226,13 @@ def test_app_end_to_end(server, browser):
     assert overflow_400 == 0, overflow_400
     assert panel_w >= root_w - 1 and panel_w >= 300, (panel_w, root_w)
 
+    # a wide screen: still no horizontal scrolling
+    page.set_viewport_size({"width": 1920, "height": 1080})
+    page.get_by_role("tab", name="3 · Compare").click()
+    page.wait_for_timeout(600)
+    assert _overflow(page) == 0
+    _shot(page, "compare-1920.png", shots)
+
     # another browser (fresh storage) gets its own, empty workspace
     other = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     other.goto(server["url"])

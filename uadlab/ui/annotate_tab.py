@@ -142,8 +142,8 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
                                     transforms=(), sources=(), layers=False, height=420, elem_id="ann-editor")
             gr.Markdown("The saved mask shows in red; new strokes are added to it when you save.")
         with gr.Column(scale=3, min_width=300):
-            review = gr.Gallery(label="Each method: heatmap and predicted region", columns=2, height=420,
-                                elem_id="review")
+            review = gr.Gallery(label="Each method: heatmap and predicted region", columns=2, height="auto",
+                                object_fit="contain", elem_id="review")
     with gr.Row():
         label = gr.Radio(list(LABELS), label="Label", elem_id="ann-label")
         note = gr.Textbox(label="Note", scale=2)
@@ -167,7 +167,7 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     idx.release(*show)
     prev_btn.click(lambda i: max(int(i or 0) - 1, 0), idx, idx).then(*show)
     next_btn.click(lambda i: int(i or 0) + 1, idx, idx).then(*show)
-    threshold.release(*show)
+    threshold.input(*show, trigger_mode="always_last")  # typed or dragged: applies at once
     save_btn.click(saved(on_annotate_save), save_inputs, status).then(*show).then(on_review_summary, [user, run], summary)
     clear_btn.click(in_panel(on_clear_mask, status=1, n_outputs=2), [user, idx, label, note, agree, disagree, run],
                     [editor, status])

@@ -2,7 +2,7 @@
 ROC / PR figures and metric tables.
 
 Heatmaps arrive CALIBRATED (0 = median normal pixel, 1 = the 99.9th percentile of held-out normal
-pixels, see ``postprocess.Calibration``), so one fixed range (default [0, 2]) serves every method and
+pixels, see ``postprocess.Calibration``), so one fixed range (default [0, 3]) serves every method and
 every image: a normal image stays dark, and the same colour means the same thing in every column.
 Nothing here is min-max normalised per image.
 """
@@ -15,12 +15,14 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-VMIN, VMAX = 0.0, 2.0  # the shared calibrated range of every heatmap in the app
+VMIN, VMAX = 0.0, 3.0  # the shared calibrated range of every heatmap in the app (the viewer's too)
 SCALE_NOTE = "calibrated score: 1 = 99.9th percentile of held-out normal pixels"
 
-# An inferno-like ramp: dark (normal) -> purple -> red -> orange -> pale yellow (very anomalous).
-_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
-_COLOURS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
+# viridis (colour-blind safe, perceptually uniform; the viewer's map): ten reference colours, interpolated
+_COLOURS = np.array([[0x44, 0x01, 0x54], [0x48, 0x28, 0x78], [0x3e, 0x49, 0x89], [0x31, 0x68, 0x8e], [0x26, 0x82, 0x8e],
+                     [0x1f, 0x9e, 0x89], [0x35, 0xb7, 0x79], [0x6e, 0xce, 0x58], [0xb5, 0xde, 0x2b], [0xfd, 0xe7, 0x25]],
+                    np.float32)
+_STOPS = np.linspace(0, 1, len(_COLOURS))
 _LUT = np.stack([np.interp(np.linspace(0, 1, 256), _STOPS, _COLOURS[:, c]) for c in range(3)], 1).astype(np.uint8)
 # Okabe-Ito (colour-blind safe; yellow last, it is faint on white) and a dash per method as a second cue
 METHOD_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
@@ -73,8 +75,8 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray | None, colour: tuple[int, 
 
 
 # Outlines drawn as a bright line inside a dark halo stay visible on any image (light, dark, red defects):
-GT_OUTLINE = (255, 255, 255)  # ground truth: white
-CONTOUR = (0, 230, 255)  # the region at or above the threshold: cyan
+CONTOUR = (255, 255, 255)  # the region at or above the threshold: white (as in the viewer)
+GT_OUTLINE = (255, 64, 255)  # ground truth: magenta (as in the viewer)
 
 
 def outline_overlay(image: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int] = GT_OUTLINE) -> np.ndarray:

@@ -8,12 +8,12 @@ import gradio as gr
 import numpy as np
 
 from .. import viz
+from ..viz import VMAX  # the colour scale: [0, VMAX] calibrated units (1 = the normal limit)
 from ..workspace import Workspace
 from .common import in_panel, open_workspace, reporter, ui_errors
 from .viewer import HEAD, Panel, ViewItem, viewer_html
 
 LABELS = {0: "normal", 1: "anomalous"}
-VMAX = 3.0  # the viewer's colour scale: [0, 3] calibrated units (1 = the normal limit)
 
 
 def view_items(ws: Workspace, run_id: str, names: list[str]) -> list[ViewItem]:

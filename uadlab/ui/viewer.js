@@ -47,8 +47,9 @@
 
   /** The window as a 256-entry LUT, DICOM's LINEAR VOI function (PS3.3 C.11.2.1.2, as uadlab.medical.voi_window):
    * y = clip((v - (level - 0.5)) / (width - 1) + 0.5, 0, 1) * 255. It is the plain
-   * clip((v - (level - width / 2)) / width, 0, 1) * 255 up to < 1 grey level, and exactly the identity at
-   * level 128, width 256 (the plain form would darken 255 to 254). Width 1 is a threshold at `level`. */
+   * clip((v - (level - width / 2)) / width, 0, 1) * 255 (DICOM's LINEAR_EXACT) up to < 1 grey level, and exactly
+   * the identity at level 128, width 256 (the plain form would darken 255 to 254). Width 1 is a threshold at
+   * `level`. */
   function windowLut(level, width) {
     const lut = new Uint8ClampedArray(256), w1 = Math.max(width - 1, 1e-6);
     for (let v = 0; v < 256; v++) lut[v] = Math.round(Math.min(Math.max((v - (level - 0.5)) / w1 + 0.5, 0), 1) * 255);
@@ -334,7 +335,7 @@
                     check("gt", "ground truth", true));
 
       const view = el("span", "uadv-group");
-      view.append(button("+", "zoom in (+)", () => this.zoomBy(ZOOM_STEP)),
+      view.append(el("span", "", "zoom"), button("+", "zoom in (+)", () => this.zoomBy(ZOOM_STEP)),
                   button("−", "zoom out (−)", () => this.zoomBy(1 / ZOOM_STEP)),
                   button("reset", "reset zoom and pan (0)", () => this.resetZoom()));
       // window / level of the image (all panels: the heat is drawn over the windowed image)
@@ -345,7 +346,7 @@
       this.widthIn = slider("uadv-wl", `${id}-width`, 1, WIDTH_MAX, 1, this.width, "window width (0 to 255 units)",
                             setWin);
       this.winText = el("span", "uadv-wl-val");
-      win.append(el("span", "", "level"), this.levelIn, el("span", "", "width"), this.widthIn, this.winText,
+      win.append(el("span", "", "window: level"), this.levelIn, el("span", "", "width"), this.widthIn, this.winText,
                  button("auto", "window the 0.5 %–99.5 % grey range of this image", () => this.autoWindow()),
                  button("reset", "reset the window (the image's grey values as they are)",
                         () => this.setWindow(WINDOW_ID.level, WINDOW_ID.width)));

@@ -346,7 +346,12 @@
       this.widthIn = slider("uadv-wl", `${id}-width`, 1, WIDTH_MAX, 1, this.width, "window width (0 to 255 units)",
                             setWin);
       this.winText = el("span", "uadv-wl-val");
-      win.append(el("span", "", "window: level"), this.levelIn, el("span", "", "width"), this.widthIn, this.winText,
+      const pair = (text, input) => { // a label and its slider wrap together
+        const l = el("label", "uadv-check");
+        l.append(el("span", "", text), input);
+        return l;
+      };
+      win.append(pair("window: level", this.levelIn), pair("width", this.widthIn), this.winText,
                  button("auto", "window the 0.5 %–99.5 % grey range of this image", () => this.autoWindow()),
                  button("reset", "reset the window (the image's grey values as they are)",
                         () => this.setWindow(WINDOW_ID.level, WINDOW_ID.width)));

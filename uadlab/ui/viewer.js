@@ -40,6 +40,7 @@
   };
   const LINE_PX = 1.75, HALO_PX = 4; // CSS pixels, whatever the zoom
   const ZOOM_MIN = 1, ZOOM_MAX = 40, ZOOM_STEP = 1.25;
+  const PREFETCH_MS = 80; // decode the neighbours of an item once it has been on screen this long
 
   // ---- window / level of the image (0..255 units of the displayed image) ---------------------------------
   const WINDOW_ID = { level: 128, width: 256 }; // the identity
@@ -435,10 +436,15 @@
 
     showItem(i, a) {
       const n = this.data.items.length;
-      // keep the neighbours decoded (instant ← / →), forget the rest (decoded maps are large)
+      // keep the neighbours decoded (instant ← / →), forget the rest (decoded maps are large). The neighbours
+      // are decoded a moment later, and not at all when the user has moved on by then (a dragged slider or a
+      // held key): during a drag they would triple the work per slice shown.
       const near = new Set([i, (i + 1) % n, (i + n - 1) % n]);
       for (const k of [...this.cache.keys()]) if (!near.has(k)) this.cache.delete(k);
-      for (const k of near) this.assets(k).catch(() => {});
+      setTimeout(() => {
+        if (this.dead || this.index !== i) return;
+        for (const k of near) this.assets(k).catch(() => {});
+      }, PREFETCH_MS);
       this.status.textContent = "";
       this.closeModal();
       this.shown = i;

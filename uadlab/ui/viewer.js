@@ -411,23 +411,21 @@
     async load() {
       this.loading = true;
       try {
-        for (;;) {
+        for (;;) { // until the item decoded is still the one asked for
           const i = this.index;
-          let a = null, error = null;
           try {
-            a = await this.assets(i);
+            const a = await this.assets(i);
+            if (this.dead) return;
+            if (this.index === i) return this.showItem(i, a);
           } catch (err) {
-            error = err;
+            if (this.dead) return;
+            if (this.index === i) {
+              this.root.dataset.state = "error";
+              const why = err && err.message ? err.message : err;
+              this.status.textContent = `This ${this.noun} could not be shown (${why}).`;
+              return;
+            }
           }
-          if (this.dead) return;
-          if (this.index !== i) continue;
-          if (error) {
-            this.root.dataset.state = "error";
-            this.status.textContent = `This ${this.noun} could not be shown (${error.message || error}).`;
-          } else {
-            this.showItem(i, a);
-          }
-          return;
         }
       } finally {
         this.loading = false;

@@ -108,6 +108,7 @@ def test_head_brings_the_viewer_script_and_style_once():
     assert "MutationObserver" in HEAD and "uadv-grid" in HEAD
     # the viridis reference colours, the fixed scale and the ids the app and tests rely on are there
     assert "#440154" in HEAD and "#fde725" in HEAD and "-thr-num" in HEAD and "-thr-range" in HEAD
+    assert all(f"`${{id}}-{c}`" in HEAD for c in ("item", "level", "width"))  # item slider, window / level
 
 
 def test_pixel_curves_follow_the_pixels():

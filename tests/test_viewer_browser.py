@@ -1,11 +1,14 @@
 """The heatmap viewer in a real headless Chromium: a minimal gr.Blocks on localhost with the viewer (3 methods,
-2 images, a ground-truth mask) and a metrics table.
+2 images, a ground-truth mask), a metrics table, a one-image viewer and a three-slice "scan" viewer.
 
 At 1280 px: heatmap panels >= 512 px wide; wheel zoom and drag pan move ALL panels identically; a click
 enlarges a panel to the image's own size and Esc closes it; a typed and a dragged threshold re-draw at once
 (the share of pixels above it equals numpy's on the same map); → steps to the next image; the table sorts
 numbers as numbers; the curves have four subplots with a legend each; a new value re-starts the viewer; a
-second viewer on the page stays apart. At 400 px: no horizontal overflow, full-width panels.
+second viewer on the page stays apart. The item slider jumps to item k and follows ← → and the buttons (hidden
+for one item; "slice" for the slices of one scan). Window / level remaps the image panel's pixels by DICOM's
+LINEAR window (uadlab.medical.voi_window), the image under the heatmaps and the enlarged view too.
+At 400 px: no horizontal overflow, full-width panels.
 Screenshots at 1280 and 400 px go to a temp folder (printed).
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port
+from uadlab.medical import voi_window
 from uadlab.ui.viewer import Panel, ViewItem, viewer_component, viewer_html
 from uadlab.viz import curves_figure, metrics_frame
 
@@ -38,6 +42,14 @@ def _items() -> list[ViewItem]:
             mask[45:75, 100:140] = True
         out.append(ViewItem(f"img{k}<&>.png", image, panels, mask, "anomalous" if k == 0 else "normal"))
     return out
+
+
+def _slices() -> list[ViewItem]:
+    """Three 32 px slices of one scan, named like the NIfTI loader names them (``<file>#z<k>``)."""
+    y, x = np.mgrid[:32, :32]
+    return [ViewItem(f"vol<&>.nii.gz#z{k:03d}", np.full((32, 32, 3), 60 * k + 40, np.uint8),
+                     [Panel("patchcore", (np.exp(-((y - 16) ** 2 + (x - 8 * k - 8) ** 2) / 50) * 3).astype(np.float32),
+                            3.0)]) for k in range(3)]
 
 
 def _results() -> dict:
@@ -66,6 +78,7 @@ def served():
         swap = gr.Button("swap", elem_id="swap")
         gr.Dataframe(metrics_frame(results), elem_id="metrics")
         viewer_component(items[1:], elem_id="second")  # a second viewer on the page stays independent
+        viewer_component(_slices(), elem_id="slices")
         gr.Plot(curves_figure(_results()), elem_id="curves")
         swap.click(lambda: viewer_html(items[::-1]), outputs=view)
     port = free_port()
@@ -82,8 +95,32 @@ def _shares(page) -> list[float]:
     return page.eval_on_selector_all("#viewer .uadv-share", "els => els.map(e => parseFloat(e.dataset.share))")
 
 
-def _wait_ready(page, index: int = 0) -> None:
-    page.wait_for_selector(f"#viewer[data-state=ready][data-index='{index}']", state="attached", timeout=30_000)
+def _wait_ready(page, index: int = 0, viewer: str = "viewer") -> None:
+    page.wait_for_selector(f"#{viewer}[data-state=ready][data-index='{index}']", state="attached", timeout=30_000)
+
+
+def _next_frame(page) -> None:
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+def _pixels(page, selector: str, points: list[tuple[int, int]], image_w: int) -> np.ndarray:
+    """RGB of a panel canvas at the centres of image pixels (x, y) (zoom 1: the canvas is the image, scaled)."""
+    return np.array(page.eval_on_selector(selector, """(c, [pts, w]) => pts.map(([x, y]) => {
+        const k = c.width / w, d = c.getContext("2d").getImageData(Math.floor((x + 0.5) * k),
+                                                                     Math.floor((y + 0.5) * k), 1, 1).data;
+        return [d[0], d[1], d[2]]; })""", [points, image_w]), float)
+
+
+def _set_window(page, level: float, width: float) -> None:
+    page.fill("#viewer-level", str(level))
+    page.fill("#viewer-width", str(width))
+    page.wait_for_function(f"document.querySelector('#viewer').dataset.level === '{level}' && "
+                           f"document.querySelector('#viewer').dataset.width === '{width}'")
+    _next_frame(page)
+
+
+def _window(v: np.ndarray, level: float, width: float) -> np.ndarray:
+    return voi_window(level, width)(np.asarray(v, float)) * 255
 
 
 def test_viewer_in_chromium(served, browser, tmp_path_factory):
@@ -166,13 +203,93 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     assert page.eval_on_selector("#viewer .uadv-share", "e => e.dataset.segments") != segments
     page.screenshot(path=str(shots / "viewer-1280-threshold.png"), full_page=True)
 
+    # window / level: the image panel's pixels go through the window; the identity (128 / 256) by default
+    assert page.eval_on_selector("#viewer", "e => [e.dataset.level, e.dataset.width]") == ["128", "256"]
+    image_canvas, img0 = "#viewer .uadv-panel[data-kind=image] canvas", items[0].image
+    points = [(20, 110), (50, 110), (60, 20), (180, 130)]  # away from the ground-truth outline
+    before = _pixels(page, image_canvas, points, img0.shape[1])
+    assert np.abs(before - [img0[y, x] for x, y in points]).max() <= 2  # the image as it is
+    _set_window(page, 110, 120)
+    after = _pixels(page, image_canvas, points, img0.shape[1])
+    # the panel interpolates between image pixels: the window maps the value drawn before (+-0.5) within 2.2
+    assert np.abs(after - _window(before, 110, 120)).max() <= 2.5, (before, after)
+    assert np.abs(after - before).max() > 30
+    _set_window(page, 8, 8)  # every channel here is above the window (>= 25): white
+    assert (_pixels(page, image_canvas, points, img0.shape[1]) == 255).all()
+    # the heatmap panels draw the heat over the windowed image: with the heat hidden they show the same pixels
+    _set_window(page, 140.5, 60)
+    page.uncheck("#viewer-show-heat")
+    page.uncheck("#viewer-show-contour")
+    _next_frame(page)
+    windowed = _pixels(page, image_canvas, points, img0.shape[1])
+    assert np.array_equal(_pixels(page, "#viewer .uadv-panel[data-method=dinomaly] canvas", points,
+                                  img0.shape[1]), windowed)
+    page.check("#viewer-show-heat")
+    page.check("#viewer-show-contour")
+    # the enlarged view: the image at its own size, every pixel through the window (but the ground truth's)
+    page.locator("#viewer .uadv-panel[data-kind=image] .uadv-stage").click()
+    page.wait_for_selector("#viewer-modal canvas")
+    _next_frame(page)
+    big = np.array(page.eval_on_selector("#viewer-modal canvas", """c => Array.from(
+        c.getContext("2d").getImageData(0, 0, c.width, c.height).data)""")).reshape(150, 200, 4)[..., :3]
+    keep = np.ones((150, 200), bool)
+    keep[40:80, 95:145] = False  # the dashed ground-truth outline
+    assert np.abs(big[keep] - _window(img0[keep], 140.5, 60)).max() <= 1
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#viewer-modal", state="detached")
+    page.click("#viewer button[title^='reset the window']")
+    assert page.eval_on_selector("#viewer", "e => [e.dataset.level, e.dataset.width]") == ["128", "256"]
+    # auto: the image's 0.5..99.5 % grey range (mean of R, G, B) fills 0..255
+    page.click("#viewer button:text-is('auto')")
+    grey = np.round(img0.astype(float).mean(-1))
+    lo, hi = np.percentile(grey, 0.5, method="inverted_cdf"), np.percentile(grey, 99.5, method="inverted_cdf")
+    level, width = page.eval_on_selector("#viewer", "e => [+e.dataset.level, +e.dataset.width]")
+    assert (level, width) == ((lo + hi + 1) / 2, hi - lo + 1), (level, width, lo, hi)
+    _set_window(page, 128, 256)
+
     # → steps to the next image (the focus is in the viewer, not in an input)
     page.focus("#viewer")
     page.keyboard.press("ArrowRight")
     _wait_ready(page, 1)
     assert "2 / 2" in page.inner_text("#viewer .uadv-pos") and "normal" in page.inner_text("#viewer .uadv-pos")
+    assert page.input_value("#viewer-item") == "1"  # the item slider follows the keys and buttons
     page.click("#viewer button[title^='previous']")
     _wait_ready(page, 0)
+    assert page.input_value("#viewer-item") == "0" and page.locator("#viewer-item").is_visible()
+    assert page.inner_text("#viewer .uadv-pos").startswith("image 1 / 2")
+    page.fill("#viewer-item", "1")  # the slider jumps to item k
+    _wait_ready(page, 1)
+    page.fill("#viewer-item", "0")
+    _wait_ready(page, 0)
+    assert not page.locator("#second-item").is_visible()  # one image: no slider
+
+    # the slices of one scan: "slice k / n"; the slider jumps, follows ← →, and a drag steps through them live
+    page.locator("#slices").scroll_into_view_if_needed()
+    _wait_ready(page, 0, "slices")
+    assert page.inner_text("#slices .uadv-pos").startswith("slice 1 / 3 vol<&>.nii.gz#z000")
+    page.fill("#slices-item", "2")
+    _wait_ready(page, 2, "slices")
+    assert page.inner_text("#slices .uadv-pos").startswith("slice 3 / 3 vol<&>.nii.gz#z002")
+    page.focus("#slices")
+    page.keyboard.press("ArrowLeft")
+    _wait_ready(page, 1, "slices")
+    assert page.input_value("#slices-item") == "1"
+    page.click("#slices button[title^='next slice']")
+    _wait_ready(page, 2, "slices")
+    assert page.input_value("#slices-item") == "2"
+    seen = []
+    page.expose_function("sliceSeen", lambda i: seen.append(i))
+    page.eval_on_selector("#slices-item", "e => e.addEventListener('input', () => sliceSeen(+e.value))")
+    box = page.locator("#slices-item").bounding_box()
+    page.mouse.move(box["x"] + box["width"] - 4, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 2, box["y"] + box["height"] / 2, steps=8)
+    page.mouse.up()
+    _wait_ready(page, 0, "slices")
+    assert 1 in seen and seen[-1] == 0, seen  # it went through slice 2 to 1 to 0 while dragged
+    shown = page.eval_on_selector("#slices .uadv-panel[data-kind=image] canvas", """c => Array.from(
+        c.getContext("2d").getImageData(c.width >> 1, c.height >> 1, 1, 1).data.slice(0, 3))""")
+    assert shown == [40, 40, 40]  # slice 0's grey is on screen
 
     # the metrics table sorts numbers as numbers (as text "0.85" would come before "0.9" in descending order)
     head = page.locator("#metrics thead th").nth(1)

@@ -3,7 +3,7 @@
  * The server renders <div class="uadv-root" data-payload="{json}">; this script turns every such element into
  * a viewer when it enters the page (a MutationObserver, because gradio inserts HTML with innerHTML, which runs
  * no script tags, and replaces or patches it when the value changes). Everything after that is client-side:
- * zoom, pan, threshold, overlays and stepping through the images never call the server.
+ * zoom, pan, threshold, overlays, the window / level and stepping through the images never call the server.
  *
  * Payload (see viewer.py): {vmax, threshold, items: [{name, label, w, h, img, full, gt, panels: [{method,
  * score, heat, lo, hi}]}]}. `heat` is a PNG whose R,G channels hold a 16-bit code q of the calibrated map:
@@ -40,6 +40,35 @@
   };
   const LINE_PX = 1.75, HALO_PX = 4; // CSS pixels, whatever the zoom
   const ZOOM_MIN = 1, ZOOM_MAX = 40, ZOOM_STEP = 1.25;
+  const PREFETCH_MS = 80; // decode the neighbours of an item once it has been on screen this long
+
+  // ---- window / level of the image (0..255 units of the displayed image) ---------------------------------
+  const WINDOW_ID = { level: 128, width: 256 }; // the identity
+  const WIDTH_MAX = 512; // wider than 256 lowers the contrast
+
+  /** The window as a 256-entry LUT, DICOM's LINEAR VOI function (PS3.3 C.11.2.1.2, as uadlab.medical.voi_window):
+   * y = clip((v - (level - 0.5)) / (width - 1) + 0.5, 0, 1) * 255. It is the plain
+   * clip((v - (level - width / 2)) / width, 0, 1) * 255 (DICOM's LINEAR_EXACT) up to < 1 grey level, and exactly
+   * the identity at level 128, width 256 (the plain form would darken 255 to 254). Width 1 is a threshold at
+   * `level`. */
+  function windowLut(level, width) {
+    const lut = new Uint8ClampedArray(256), w1 = Math.max(width - 1, 1e-6);
+    for (let v = 0; v < 256; v++) lut[v] = Math.round(Math.min(Math.max((v - (level - 0.5)) / w1 + 0.5, 0), 1) * 255);
+    return lut;
+  }
+
+  /** A level and width that spread the image's 0.5 %..99.5 % grey range (mean of R, G, B) over 0..255. */
+  function autoWindow(px) {
+    const hist = new Uint32Array(256), d = px.data, n = d.length / 4;
+    for (let i = 0; i < d.length; i += 4) hist[Math.round((d[i] + d[i + 1] + d[i + 2]) / 3)]++;
+    const at = (q) => { // the grey value below which a share q of the pixels lies
+      let acc = 0;
+      for (let v = 0; v < 256; v++) if ((acc += hist[v]) >= q * n) return v;
+      return 255;
+    };
+    const lo = at(0.005), hi = Math.max(at(0.995), lo + 1);
+    return { level: (lo + hi + 1) / 2, width: hi - lo + 1 }; // LINEAR maps lo -> 0 and hi -> 255
+  }
 
   // ---- decoding ----------------------------------------------------------------------------------------------
   function bytesOf(dataUrl) {
@@ -196,6 +225,15 @@
     b.addEventListener("click", onClick);
     return b;
   }
+  /** A range input (`label` for screen readers); `onInput` runs at every move, not only at release. */
+  function slider(cls, id, min, max, step, value, label, onInput) {
+    const r = el("input", cls);
+    Object.assign(r, { type: "range", id, min: String(min), max: String(max), step: String(step),
+                       value: String(value) });
+    r.setAttribute("aria-label", label);
+    r.addEventListener("input", onInput);
+    return r;
+  }
   const fmt = (x, d = 2) => (x === null || x === undefined || !isFinite(x) ? "–" : Number(x).toFixed(d));
 
   // ---- the viewer ------------------------------------------------------------------------------------------
@@ -209,7 +247,17 @@
       this.data = JSON.parse(root.dataset.payload);
       this.vmax = this.data.vmax;
       this.id = root.id || "uadv";
-      this.index = 0;
+      this.index = 0; // the item asked for (buttons, keys, slider)
+      this.shown = 0; // the item on screen: `index` once its images are decoded
+      // NIfTI slices are named "<file>#z042": when every name shares the part before its last "#", the items
+      // are slices of one scan
+      const scan = (name) => (name.includes("#") ? name.slice(0, name.lastIndexOf("#")) : null);
+      const first = scan(this.data.items[0].name);
+      this.noun = first !== null && this.data.items.every((it) => scan(it.name) === first) ? "slice" : "image";
+      this.level = WINDOW_ID.level;
+      this.width = WINDOW_ID.width;
+      this.srcPx = new Map(); // image of the shown item -> its pixels (ImageData), for the window
+      this.windowedOf = new Map(); // image of the shown item -> {canvas, key}: it through the current window
       this.zoom = { s: 1, x: 0, y: 0 }; // shared by all panels: image x/w -> s * x/w + x (units of panel width)
       this.threshold = this.data.threshold;
       this.opacity = 0.5;
@@ -241,9 +289,13 @@
       const bar = el("div", "uadv-bar");
       this.pos = el("span", "uadv-pos");
       this.pos.setAttribute("aria-live", "polite");
-      const nav = el("span", "uadv-group");
-      nav.append(button("◀", "previous image (←)", () => this.step(-1)), this.pos,
-                 button("▶", "next image (→)", () => this.step(1)));
+      const nav = el("span", "uadv-group"), n = this.data.items.length, noun = this.noun;
+      // the item slider: jumps to item k while it is dragged (go() decodes only the newest item asked for)
+      this.itemIn = slider("uadv-item", `${id}-item`, 0, n - 1, 1, 0, noun,
+                           () => this.go(parseInt(this.itemIn.value, 10)));
+      this.itemIn.hidden = n < 2;
+      nav.append(button("◀", `previous ${noun} (←)`, () => this.step(-1)), this.itemIn,
+                 button("▶", `next ${noun} (→)`, () => this.step(1)), this.pos);
 
       const thr = el("label", "uadv-group");
       thr.append(el("span", "", "threshold"));
@@ -251,20 +303,17 @@
       Object.assign(this.thrNum, { type: "number", id: `${id}-thr-num`, step: "0.01", min: "0",
                                    value: String(this.threshold) });
       this.thrNum.setAttribute("aria-label", "threshold (calibrated, 1 = normal limit)");
-      this.thrRange = el("input", "uadv-thr-range");
-      Object.assign(this.thrRange, { type: "range", id: `${id}-thr-range`, min: "0", max: String(this.vmax),
-                                     step: "0.01", value: String(this.threshold) });
-      this.thrRange.setAttribute("aria-label", "threshold slider");
       // "input" (not "change"): every keystroke and every slider move re-draws at once
+      this.thrRange = slider("uadv-thr-range", `${id}-thr-range`, 0, this.vmax, 0.01, this.threshold,
+                             "threshold slider", () => {
+                               this.thrNum.value = this.thrRange.value;
+                               this.setThreshold(parseFloat(this.thrRange.value));
+                             });
       this.thrNum.addEventListener("input", () => {
         const t = parseFloat(this.thrNum.value);
         if (!isFinite(t)) return;
         this.thrRange.value = String(t);
         this.setThreshold(t);
-      });
-      this.thrRange.addEventListener("input", () => {
-        this.thrNum.value = this.thrRange.value;
-        this.setThreshold(parseFloat(this.thrRange.value));
       });
       thr.append(this.thrNum, this.thrRange);
 
@@ -279,11 +328,7 @@
         l.append(el("span", "", label));
         return l;
       };
-      this.opacityIn = el("input", "uadv-opacity");
-      Object.assign(this.opacityIn, { type: "range", id: `${id}-opacity`, min: "0", max: "1", step: "0.05",
-                                      value: String(this.opacity) });
-      this.opacityIn.setAttribute("aria-label", "heatmap opacity");
-      this.opacityIn.addEventListener("input", () => {
+      this.opacityIn = slider("uadv-opacity", `${id}-opacity`, 0, 1, 0.05, this.opacity, "heatmap opacity", () => {
         this.opacity = parseFloat(this.opacityIn.value);
         this.redrawAll();
       });
@@ -291,14 +336,32 @@
                     check("gt", "ground truth", true));
 
       const view = el("span", "uadv-group");
-      view.append(button("+", "zoom in (+)", () => this.zoomBy(ZOOM_STEP)),
+      view.append(el("span", "", "zoom"), button("+", "zoom in (+)", () => this.zoomBy(ZOOM_STEP)),
                   button("−", "zoom out (−)", () => this.zoomBy(1 / ZOOM_STEP)),
                   button("reset", "reset zoom and pan (0)", () => this.resetZoom()));
-      bar.append(nav, thr, layers, view);
+      // window / level of the image (all panels: the heat is drawn over the windowed image)
+      const win = el("span", "uadv-group");
+      const setWin = () => this.setWindow(parseFloat(this.levelIn.value), parseFloat(this.widthIn.value));
+      this.levelIn = slider("uadv-wl", `${id}-level`, 0, 255, 0.5, this.level, "window level (centre, 0 to 255)",
+                            setWin);
+      this.widthIn = slider("uadv-wl", `${id}-width`, 1, WIDTH_MAX, 1, this.width, "window width (0 to 255 units)",
+                            setWin);
+      this.winText = el("span", "uadv-wl-val");
+      const pair = (text, input) => { // a label and its slider wrap together
+        const l = el("label", "uadv-check");
+        l.append(el("span", "", text), input);
+        return l;
+      };
+      win.append(pair("window: level", this.levelIn), pair("width", this.widthIn), this.winText,
+                 button("auto", "window the 0.5 %–99.5 % grey range of this image", () => this.autoWindow()),
+                 button("reset", "reset the window (the image's grey values as they are)",
+                        () => this.setWindow(WINDOW_ID.level, WINDOW_ID.width)));
+      bar.append(nav, thr, layers, win, view);
 
       const note = el("div", "uadv-note", "Maps and image scores are calibrated on held-out normal images: " +
         "0 = median normal pixel, 1.0 = normal limit. Wheel or pinch to zoom, drag to pan (all panels " +
-        "together), click a panel to enlarge; keys ← → + − 0 Esc.");
+        "together), click a panel to enlarge; keys ← → + − 0 Esc. Level and width window the image " +
+        "(0–255 grey values; the heatmaps are drawn over the windowed image).");
       this.status = el("div", "uadv-status");
       this.grid = el("div", "uadv-grid");
       app.append(bar, note, this.status, this.grid);
@@ -307,9 +370,10 @@
       root.tabIndex = 0;
       root.addEventListener("pointerdown", () => { activeViewer = this; });
       root.addEventListener("focusin", () => { activeViewer = this; });
+      this.setWindow(this.level, this.width);
     }
 
-    get item() { return this.data.items[this.index]; }
+    get item() { return this.data.items[this.shown]; } // what the panels draw (`index` may still be decoding)
 
     /** Decoded assets of item i (decoded once, then cached). */
     assets(i) {
@@ -330,30 +394,62 @@
       this.go((this.index + d + n) % n);
     }
 
-    async go(i) {
+    /** Ask for item i: the position, slider and data-index follow at once, the panels once it is decoded. */
+    go(i) {
+      const n = this.data.items.length;
       this.index = i;
-      const it = this.item, n = this.data.items.length;
-      this.pos.textContent = `${i + 1} / ${n}  ${it.name}  ${it.label}`;
+      this.pos.textContent = `${this.noun} ${i + 1} / ${n}  ${this.data.items[i].name}  ${this.data.items[i].label}`;
+      this.itemIn.value = String(i);
+      this.itemIn.setAttribute("aria-valuetext", `${this.noun} ${i + 1} / ${n}`);
       this.root.dataset.index = String(i);
       this.root.dataset.state = "loading";
-      let a;
+      if (!this.loading) this.load();
+    }
+
+    /** Decode and show the item asked for. One decode at a time: when the slider moved on meanwhile, the newest
+     * item is decoded next and the ones passed over are skipped, so dragging through slices stays live. */
+    async load() {
+      this.loading = true;
       try {
-        a = await this.assets(i);
-      } catch (err) {
-        if (this.dead || this.index !== i) return;
-        this.root.dataset.state = "error";
-        this.status.textContent = `This image could not be shown (${err && err.message ? err.message : err}).`;
-        return;
+        for (;;) { // until the item decoded is still the one asked for
+          const i = this.index;
+          try {
+            const a = await this.assets(i);
+            if (this.dead) return;
+            if (this.index === i) return this.showItem(i, a);
+          } catch (err) {
+            if (this.dead) return;
+            if (this.index === i) {
+              this.root.dataset.state = "error";
+              const why = err && err.message ? err.message : err;
+              this.status.textContent = `This ${this.noun} could not be shown (${why}).`;
+              return;
+            }
+          }
+        }
+      } finally {
+        this.loading = false;
       }
-      if (this.dead || this.index !== i) return;
-      // keep the neighbours decoded (instant ← / →), forget the rest (decoded maps are large)
+    }
+
+    showItem(i, a) {
+      const n = this.data.items.length;
+      // keep the neighbours decoded (instant ← / →), forget the rest (decoded maps are large). The neighbours
+      // are decoded a moment later, and not at all when the user has moved on by then (a dragged slider or a
+      // held key): during a drag they would triple the work per slice shown.
       const near = new Set([i, (i + 1) % n, (i + n - 1) % n]);
       for (const k of [...this.cache.keys()]) if (!near.has(k)) this.cache.delete(k);
-      for (const k of near) this.assets(k).catch(() => {});
+      setTimeout(() => {
+        if (this.dead || this.index !== i) return;
+        for (const k of near) this.assets(k).catch(() => {});
+      }, PREFETCH_MS);
       this.status.textContent = "";
-      this.assetsNow = a;
       this.closeModal();
-      this.buildPanels(it, a);
+      this.shown = i;
+      this.assetsNow = a;
+      this.srcPx.clear();
+      this.windowedOf.clear();
+      this.buildPanels(this.item, a);
       this.setThreshold(this.threshold);
       this.root.dataset.state = "ready";
     }
@@ -435,6 +531,63 @@
       this.redrawAll();
     }
 
+    // -- window / level ---------------------------------------------------------------------------------
+    setWindow(level, width) {
+      this.level = Math.min(Math.max(level, 0), 255);
+      this.width = Math.min(Math.max(width, 1), WIDTH_MAX);
+      this.levelIn.value = String(this.level);
+      this.widthIn.value = String(this.width);
+      this.winText.textContent = `${fmt(this.level, this.level % 1 ? 1 : 0)} / ${this.width}`;
+      this.root.dataset.level = String(this.level);
+      this.root.dataset.width = String(this.width);
+      this.redrawAll();
+    }
+
+    autoWindow() {
+      if (!this.assetsNow) return;
+      const w = autoWindow(this.pixelsOf(this.assetsNow.img));
+      this.setWindow(w.level, w.width);
+    }
+
+    /** The pixels of `src` (an image of the shown item), read once per item. */
+    pixelsOf(src) {
+      if (!this.srcPx.has(src)) {
+        const c = document.createElement("canvas");
+        c.width = src.naturalWidth;
+        c.height = src.naturalHeight;
+        const ctx = c.getContext("2d", { willReadFrequently: true });
+        ctx.drawImage(src, 0, 0);
+        this.srcPx.set(src, ctx.getImageData(0, 0, c.width, c.height));
+      }
+      return this.srcPx.get(src);
+    }
+
+    /** `src` through the window: a canvas of the LUT applied to each of R, G, B, remade only when the window
+     * changes; `src` itself at the identity. Every panel draws it, so the window costs one LUT pass per change
+     * whatever the number of methods (and one more for the full-size image when zoomed in or enlarged). */
+    windowed(src) {
+      if (this.level === WINDOW_ID.level && this.width === WINDOW_ID.width) return src;
+      const key = `${this.level} ${this.width}`;
+      let w = this.windowedOf.get(src);
+      if (!w || w.key !== key) {
+        const px = this.pixelsOf(src), lut = windowLut(this.level, this.width);
+        const out = new ImageData(px.width, px.height), s = px.data, d = out.data;
+        for (let i = 0; i < s.length; i += 4) {
+          d[i] = lut[s[i]];
+          d[i + 1] = lut[s[i + 1]];
+          d[i + 2] = lut[s[i + 2]];
+          d[i + 3] = s[i + 3];
+        }
+        const canvas = w ? w.canvas : document.createElement("canvas");
+        canvas.width = px.width;
+        canvas.height = px.height;
+        canvas.getContext("2d").putImageData(out, 0, 0);
+        w = { canvas, key };
+        this.windowedOf.set(src, w);
+      }
+      return w.canvas;
+    }
+
     // -- drawing ------------------------------------------------------------------------------------------
     schedule() {
       if (!this.frame) this.frame = requestAnimationFrame(() => { this.frame = 0; this.drawAll(); });
@@ -463,12 +616,13 @@
       ctx.fillRect(0, 0, W, H);
       const k = (z.s * cssW * dpr) / it.w; // device pixels per image pixel
       ctx.setTransform(k, 0, 0, k, z.x * cssW * dpr, z.y * cssW * dpr);
-      this.paint(ctx, p, k, dpr, k * it.w > 1.5 * this.assetsNow.img.naturalWidth ? this.assetsNow.full
-                                                                                    : this.assetsNow.img);
+      const a = this.assetsNow, src = k * it.w > 1.5 * a.img.naturalWidth ? a.full : a.img;
+      this.paint(ctx, p, k, dpr, this.windowed(src));
       p.el.dataset.transform = `${z.s.toFixed(4)} ${z.x.toFixed(4)} ${z.y.toFixed(4)}`;
     }
 
-    /** Draw image and overlays; ctx maps image pixels (own size w x h); k = device pixels per image pixel. */
+    /** Draw image (windowed) and overlays; ctx maps image pixels (own size w x h); k = device pixels per image
+     * pixel. */
     paint(ctx, p, k, dpr, img) {
       const it = this.item, a = this.assetsNow;
       ctx.imageSmoothingEnabled = k < 3; // past 3x show the image's pixels as they are
@@ -624,7 +778,7 @@
       m.canvas.height = Math.round(it.h * dpr);
       const ctx = m.canvas.getContext("2d");
       ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-      this.paint(ctx, m.panel, dpr, dpr, this.assetsNow.full);
+      this.paint(ctx, m.panel, dpr, dpr, this.windowed(this.assetsNow.full));
     }
 
     closeModal() {

@@ -10,7 +10,16 @@ zooming, panning, the threshold and stepping through images never wait for the s
   contour of the region >= threshold (white on a dark halo) and the ground-truth outline (dashed magenta on
   a dark halo), each switchable; a colour bar with ticks 0, 1 = normal limit, ..., vmax on every heatmap;
 - a threshold as a number AND a slider, linked, applied on every keystroke; the share of pixels above it;
-- ← / → step through the items; all of them are embedded in the HTML.
+- ← / → , the ◀ ▶ buttons and an item slider step through the items ("slice k / n" when every name shares the
+  part before its last ``#``, as the NIfTI loader names slices ``<file>#z042``; no slider for one item); a
+  dragged slider shows the slices live: only the newest item asked for is decoded, the ones passed over are
+  skipped; all items are embedded in the HTML;
+- window / level of the image in its 0..255 grey values (level 128, width 256 = the image as it is; an
+  "auto" button windows its 0.5..99.5 % grey range): DICOM's LINEAR function, as
+  :func:`uadlab.medical.voi_window`, y = clip((v - (level - 0.5)) / (width - 1) + 0.5, 0, 1) * 255 per
+  channel, a LUT on the pixels. It applies to the original panel, the enlarged view AND the image under the
+  heat in every method's panel (they all draw the same windowed canvas: one LUT pass per change). The heat
+  colours themselves are never windowed.
 
 What is sent: each image as a data URL at most ``PANEL_MAX`` px on its long side for the panels, plus a copy
 at its own resolution (at most ``FULL_MAX``) for the enlarged view when that is larger; each heat map as a
@@ -181,8 +190,10 @@ def viewer_html(items: Sequence[ViewItem], threshold: float = 1.0, vmax: float =
         threshold: the initial calibrated threshold of the contours.
         vmax: top of the fixed colour scale (calibrated units; the scale is [0, vmax] for every map).
         elem_id: id of the viewer's root element; its controls get ids ``{elem_id}-thr-num``,
-            ``{elem_id}-thr-range``, ``{elem_id}-opacity``, ``{elem_id}-show-heat|contour|gt`` and the
-            enlarged view ``{elem_id}-modal``.
+            ``{elem_id}-thr-range``, ``{elem_id}-opacity``, ``{elem_id}-show-heat|contour|gt``, the item
+            slider ``{elem_id}-item``, the window ``{elem_id}-level`` and ``{elem_id}-width``, and the enlarged
+            view ``{elem_id}-modal``. The root reports ``data-index``, ``data-state`` (loading / ready /
+            error), ``data-threshold``, ``data-zoom``, ``data-level`` and ``data-width``.
 
     Raises:
         ValueError: a bad image, map or mask (naming the item), or a bad threshold, vmax or elem_id.

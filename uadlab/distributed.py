@@ -1,0 +1,99 @@
+"""torch.distributed for uadlab: launched by ``torchrun``, gloo on CPU, NCCL on GPU.
+
+``python -m uadlab`` is the command line, so ``torchrun --standalone --nproc-per-node 2 -m uadlab fit ...``
+runs it in two processes. Every helper here is a no-op (or the identity) in a plain one-process run, so the
+code that calls them reads the same either way:
+
+- ``init()`` joins the process group that torchrun describes in ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...;
+- ``shard(n)`` is this rank's contiguous part of ``n`` items (sizes differ by at most one, any n);
+- ``all_gather_cat(t)`` concatenates every rank's tensor along dim 0 in rank order (sizes may differ), so
+  gathering the shards of ``shard`` gives back the one-process order;
+- ``ddp(module)`` wraps a trained module in DistributedDataParallel (gradients averaged over ranks).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init() -> bool:
+    """Join torchrun's process group when launched by torchrun with several processes; True if distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return is_distributed()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that prints, writes runs and reports."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shard(n: int, r: int | None = None, world: int | None = None) -> slice:
+    """Rank ``r``'s contiguous part of ``n`` items: the first ``n % world`` ranks get one more (uneven n)."""
+    r = rank() if r is None else r
+    world = world_size() if world is None else world
+    base, extra = divmod(n, world)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (r < extra))
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` concatenated along dim 0 in rank order; the first dimension may differ per rank
+    (other dimensions and dtype must agree). Padded to the largest size for the collective, then trimmed."""
+    if not is_distributed():
+        return t
+    dev = _device()
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([len(t)], device=dev))
+    sizes = [int(s) for s in sizes]
+    pad = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=dev)
+    pad[:len(t)] = t.to(dev)
+    parts = [torch.empty_like(pad) for _ in sizes]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(t.device)
+
+
+def all_reduce_mean(x: float) -> float:
+    """The mean of a number over ranks (a loss to report); ``x`` itself in one process."""
+    if not is_distributed():
+        return x
+    t = torch.tensor([float(x)], device=_device())
+    dist.all_reduce(t)
+    return float(t) / world_size()
+
+
+def ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel when distributed (each rank trains on its shard of the
+    data; gradients are averaged over ranks in backward), else ``module`` itself."""
+    if not is_distributed():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = _device()
+    return DistributedDataParallel(module.to(dev), device_ids=[dev.index] if dev.type == "cuda" else None)

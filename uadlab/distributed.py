@@ -7,8 +7,7 @@ code that calls them reads the same either way:
 - ``init()`` joins the process group that torchrun describes in ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...;
 - ``shard(n)`` is this rank's contiguous part of ``n`` items (sizes differ by at most one, any n);
 - ``all_gather_cat(t)`` concatenates every rank's tensor along dim 0 in rank order (sizes may differ), so
-  gathering the shards of ``shard`` gives back the one-process order;
-- ``ddp(module)`` wraps a trained module in DistributedDataParallel (gradients averaged over ranks).
+  gathering the shards of ``shard`` gives back the one-process order.
 """
 from __future__ import annotations
 
@@ -86,14 +85,3 @@ def all_reduce_mean(x: float) -> float:
     t = torch.tensor([float(x)], device=_device())
     dist.all_reduce(t)
     return float(t) / world_size()
-
-
-def ddp(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` wrapped in DistributedDataParallel when distributed (each rank trains on its shard of the
-    data; gradients are averaged over ranks in backward), else ``module`` itself."""
-    if not is_distributed():
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    dev = _device()
-    return DistributedDataParallel(module.to(dev), device_ids=[dev.index] if dev.type == "cuda" else None)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import distributed
 from .progress import Progress, ProgressFn
 
 
@@ -209,9 +210,21 @@ class FeatureCache:
     ) -> PatchFeatures:
         """Features of ``samples`` (objects with ``load()`` -> PIL and ``content_key()``), from cache or backbone.
 
+        Under torchrun each rank extracts its shard (``distributed.shard``) and every rank receives all of them,
+        in order (``distributed.all_gather_cat``): the ranks share the backbone's work, not a file system.
+
         Returns:
-            PatchFeatures of all samples in order; ``meta["backbone_s"]`` holds the seconds spent in the backbone.
+            PatchFeatures of all samples in order; ``meta["backbone_s"]`` holds the seconds spent in the backbone
+            (by this rank).
         """
+        if distributed.is_distributed() and len(samples) >= distributed.world_size():
+            mine = self._extract(backbone, samples[distributed.shard(len(samples))], batch_size, progress)
+            return PatchFeatures({l: distributed.all_gather_cat(m) for l, m in mine.maps.items()}, mine.image_size,
+                                None if mine.cls is None else distributed.all_gather_cat(mine.cls), mine.backbone,
+                                dict(mine.meta))
+        return self._extract(backbone, samples, batch_size, progress)
+
+    def _extract(self, backbone, samples: Sequence, batch_size: int, progress: ProgressFn | None) -> PatchFeatures:
         fp = backbone.fingerprint
         out: list[PatchFeatures | None] = []
         todo: list[int] = []

@@ -54,3 +54,47 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     r1, r2 = one.evaluate(test, record=False), two.evaluate(test, record=False)
     for m in ("patchcore", "anomalydino"):
         assert abs(r1[m]["image_auroc"] - r2[m]["image_auroc"]) <= 0.005, (m, r1[m]["image_auroc"], r2[m]["image_auroc"])
+
+
+def _ranks(r, world, port, q):
+    """One rank of a gloo group: gathers uneven tensors and averages gradients of an uneven batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=world)
+    try:
+        got = distributed.all_gather_cat(torch.full((r + 1, 2), float(r)))  # rank r sends r + 1 rows
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(3, 1)
+        x, y = torch.randn(5, 3), torch.randn(5, 1)  # a batch of 5 over the ranks: parts of 3 and 2
+        mine = distributed.local_part(len(x))
+        ((lin(x[mine]) - y[mine]) ** 2).mean().backward()
+        distributed.average_gradients(lin.parameters(), len(x))
+        q.put((r, got.tolist(), lin.weight.grad.tolist(), mine.stop - mine.start))  # lists: no shared memory
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_and_gradient_average_over_two_gloo_processes():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ranks, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = sorted(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 1)
+    x, y = torch.randn(5, 3), torch.randn(5, 1)
+    ((lin(x) - y) ** 2).mean().backward()  # the one-process gradient of the whole batch
+    for r, got, grad, n_local in out:
+        assert got == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]  # uneven sizes, rank order
+        assert n_local == (3, 2)[r]
+        assert torch.allclose(torch.tensor(grad), lin.weight.grad, atol=1e-6)

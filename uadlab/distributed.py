@@ -85,3 +85,28 @@ def all_reduce_mean(x: float) -> float:
     t = torch.tensor([float(x)], device=_device())
     dist.all_reduce(t)
     return float(t) / world_size()
+
+
+def local_part(n: int) -> slice:
+    """This rank's part of a global batch of ``n`` in data-parallel training; the whole batch when it is
+    smaller than the number of ranks (then every rank computes the same gradient)."""
+    return shard(n) if is_distributed() and n >= world_size() else slice(0, n)
+
+
+def average_gradients(params, n: int) -> None:
+    """After ``backward`` on this rank's ``local_part(n)`` of a batch of ``n``: every rank's gradients replaced by
+    their sum over ranks, each weighted by the rank's share of the batch, so a loss that is a mean over the
+    batch gets exactly the one-process gradient (up to rounding), whatever the shard sizes. What
+    DistributedDataParallel's reducer does (one flat all-reduce); the methods' training loops call their own
+    modules' methods rather than one ``forward``, which DDP's hooks need. Parameters are equal on every rank
+    from the start (same seed) and stay so (same gradients, same optimiser)."""
+    if not is_distributed():
+        return
+    part = local_part(n)
+    share = (part.stop - part.start) / n if n >= world_size() else 1.0 / world_size()
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads]) * share
+    dist.all_reduce(flat)
+    for g in grads:
+        g.copy_(flat[:g.numel()].view_as(g))
+        flat = flat[g.numel():]

@@ -49,7 +49,7 @@ class FlatIndex:
 
 
 KNN_MODES = ("exact", "hnsw", "auto")
-HNSW_MIN_BANK = 100_000  # "auto" switches to HNSW from this bank size (measured crossover: see HnswIndex)
+HNSW_MIN_BANK = 50_000  # "auto" switches to HNSW from this bank size (see HnswIndex)
 
 
 class HnswIndex:
@@ -67,7 +67,7 @@ class HnswIndex:
             searching (larger: better recall, slower).
     """
 
-    def __init__(self, bank: torch.Tensor, metric: str = "l2", m: int = 32, ef_construction: int = 80,
+    def __init__(self, bank: torch.Tensor, metric: str = "l2", m: int = 32, ef_construction: int = 40,
                  ef_search: int = 64) -> None:
         faiss = _faiss()
         if metric not in ("l2", "ip"):

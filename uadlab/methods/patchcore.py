@@ -91,7 +91,7 @@ def random_projection(dim: int, proj_dim: int = 128, seed: int = 0) -> torch.Ten
 
 
 def kcenter_greedy(z: torch.Tensor, n: int, n_starts: int = 10, seed: int = 0, progress: ProgressFn | None = None,
-                   candidates: int = 8192) -> torch.Tensor:
+                   candidates: int = 4096) -> torch.Tensor:
     """Gonzalez's greedy k-centre (a 2-approximation of the optimal covering radius): indices of ``n`` rows of
     ``z`` (N, p), each the row farthest from those chosen before. Start as the official code: every point's
     mean distance to ``n_starts`` random points.

@@ -67,8 +67,8 @@ class HnswIndex:
             searching (larger: better recall, slower).
     """
 
-    def __init__(self, bank: torch.Tensor, metric: str = "l2", m: int = 32, ef_construction: int = 40,
-                 ef_search: int = 64) -> None:
+    def __init__(self, bank: torch.Tensor, metric: str = "l2", m: int = 32, ef_construction: int = 80,
+                 ef_search: int = 128) -> None:
         faiss = _faiss()
         if metric not in ("l2", "ip"):
             raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")

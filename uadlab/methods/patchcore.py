@@ -124,10 +124,11 @@ def kcenter_greedy(z: torch.Tensor, n: int, n_starts: int = 10, seed: int = 0, p
     def refresh() -> None:
         nonlocal C, zC, sqC, dC, T
         if pending:  # all rows against the points chosen since the last refresh: one GEMM per chunk of rows
-            P = z[pending]
-            for s in range(0, N, 65536):
-                dd = torch.addmm(sq[s:s + 65536, None], z[s:s + 65536], P.T, alpha=-2).add_(sq[pending])
-                torch.minimum(d[s:s + 65536], dd.min(1).values, out=d[s:s + 65536])
+            P, sqP = z[pending], sq[pending]
+            rows = max(256, (1 << 22) // len(pending))  # chunks of ~4M distances (16 MB) whatever |pending|
+            for s in range(0, N, rows):
+                dd = torch.addmm(sq[s:s + rows, None], z[s:s + rows], P.T, alpha=-2).add_(sqP)
+                torch.minimum(d[s:s + rows], dd.min(1).values, out=d[s:s + rows])
             pending.clear()
         top = d.topk(min(N, B + 1))
         C = top.indices[:B]

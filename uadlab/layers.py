@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .progress import Progress, ProgressFn
+
 
 class FlatIndex:
     """Exact nearest-neighbour search over a fixed bank (N, D) with chunked matrix products.
@@ -68,7 +70,7 @@ class HnswIndex:
     """
 
     def __init__(self, bank: torch.Tensor, metric: str = "l2", m: int = 32, ef_construction: int = 80,
-                 ef_search: int = 128) -> None:
+                 ef_search: int = 128, progress: ProgressFn | None = None) -> None:
         faiss = _faiss()
         if metric not in ("l2", "ip"):
             raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
@@ -78,7 +80,10 @@ class HnswIndex:
         self.index = faiss.IndexHNSWFlat(x.shape[1], m, faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = ef_construction
         self.index.hnsw.efSearch = ef_search
-        self.index.add(x)
+        for s in range(0, len(x), 50_000):  # in parts, to report progress: building is the slow step
+            self.index.add(x[s:s + 50_000])
+            if progress is not None:
+                progress(Progress(min(s + 50_000, len(x)), len(x), "bank vectors indexed"))
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +102,8 @@ def _faiss():
     return faiss
 
 
-def knn_index(bank: torch.Tensor, metric: str, knn: str = "auto") -> FlatIndex | HnswIndex:
+def knn_index(bank: torch.Tensor, metric: str, knn: str = "auto",
+              progress: ProgressFn | None = None) -> FlatIndex | HnswIndex:
     """The kNN block of the memory-bank methods: ``"exact"`` (FlatIndex), ``"hnsw"`` (HnswIndex), or
     ``"auto"``: HNSW from ``HNSW_MIN_BANK`` vectors when faiss is installed, exact below (where a scan is as
     fast and exact)."""
@@ -109,15 +115,16 @@ def knn_index(bank: torch.Tensor, metric: str, knn: str = "auto") -> FlatIndex |
             knn = "hnsw" if len(bank) >= HNSW_MIN_BANK else "exact"
         except ImportError:
             knn = "exact"
-    return HnswIndex(bank, metric) if knn == "hnsw" else FlatIndex(bank, metric)
+    return HnswIndex(bank, metric, progress=progress) if knn == "hnsw" else FlatIndex(bank, metric)
 
 
-def cached_index(owner: torch.nn.Module, bank: torch.Tensor, metric: str, knn: str = "exact") -> FlatIndex | HnswIndex:
+def cached_index(owner: torch.nn.Module, bank: torch.Tensor, metric: str, knn: str = "exact",
+                 progress: ProgressFn | None = None) -> FlatIndex | HnswIndex:
     """The owner's kNN index over ``bank`` (see ``knn_index``), rebuilt only when the bank tensor, the metric or
     the mode changes (fit or load)."""
     idx = getattr(owner, "_knn_index", None)
     key = (bank.data_ptr(), tuple(bank.shape), metric, knn)
     if idx is None or owner._knn_key != key:
-        idx = knn_index(bank, metric, knn)
+        idx = knn_index(bank, metric, knn, progress)
         owner._knn_index, owner._knn_key = idx, key
     return idx

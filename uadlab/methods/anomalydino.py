@@ -167,7 +167,7 @@ class AnomalyDINO(Method):
         self.mask_test.fill_(bool(mask))
         t = self._tokens(features)
         self.memory_bank = t.reshape(-1, t.shape[-1]).contiguous()
-        cached_index(self, self.memory_bank, "ip", self.knn)  # built now: the fit, not the first score, pays for it
+        cached_index(self, self.memory_bank, "ip", self.knn, progress)  # built now: the fit, not the first score, pays for it
         self.fit_info.update(bank_size=int(len(self.memory_bank)), masking=bool(mask), category=category)
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:

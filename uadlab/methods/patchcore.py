@@ -304,7 +304,7 @@ class PatchCore(Method):
         else:
             bank = self._select(features, n, W, progress)
         self.memory_bank = bank.contiguous()
-        cached_index(self, self.memory_bank, "l2", self.knn)  # built now: the fit, not the first score, pays for it
+        cached_index(self, self.memory_bank, "l2", self.knn, progress)  # built now: the fit, not the first score, pays for it
         self.fit_info.update(bank_size=int(n), train_patches=int(N), coreset_s=time.perf_counter() - t0,
                              world_size=distributed.world_size())
 

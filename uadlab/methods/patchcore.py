@@ -270,9 +270,13 @@ class PatchCore(Method):
         """The rows of a greedy coreset of ``n`` of the rows of ``features``, streamed: pass 1 projects each
         chunk to ``proj_dim`` (the only (N, .) array held: N x 128), the greedy selects on the projections,
         pass 2 embeds the chunks again and keeps the chosen rows."""
-        z = torch.cat([r if W is None else r @ W for r in self._rows(features)])
-        idx = kcenter_greedy(z.clone() if W is None else z, n, seed=self.seed, progress=progress) \
-            if n < len(z) else torch.arange(len(z))
+        one = self._embed(features[:1])  # (1, h, w, D)
+        z = torch.empty(len(features) * one.shape[1] * one.shape[2], one.shape[-1] if W is None else W.shape[1])
+        start = 0
+        for r in self._rows(features):  # filled in place: parts and their concatenation would hold z twice
+            z[start:start + len(r)] = r if W is None else r @ W
+            start += len(r)
+        idx = kcenter_greedy(z, n, seed=self.seed, progress=progress) if n < len(z) else torch.arange(len(z))
         del z
         bank, start = None, 0
         for r in self._rows(features):

@@ -101,7 +101,7 @@ class AnomalyDINO(Method):
 
     ``knn``: the nearest-neighbour search (``layers.knn_index``): ``"exact"`` as the paper (faiss flat),
     ``"hnsw"`` approximate, ``"auto"`` HNSW from ``layers.HNSW_MIN_BANK`` bank patches (the bank grows
-    with every reference: 128 Lite0 references at 224 px), exact below.
+    with every reference: 64 Lite0 references at 224 px), exact below; the paper preset searches exactly.
 
     Deviations: the input is a square center crop (the backbone's geometry); the paper resizes the
     smaller edge to 448 and crops the bottom/right to a multiple of 14, which differs only for non-square
@@ -118,7 +118,7 @@ class AnomalyDINO(Method):
     paper_inputs = dict(backbone="dinov2_vits14", resize=448, image_size=448)  # 32 x 32 patches
     sigma = 4.0
     smooth_radius = None  # scipy's gaussian_filter default truncate=4
-    presets = {"tiny": {}, "quick": {}, "paper": dict(masking="auto", top_percent=1.0, rotation=True)}
+    presets = {"tiny": {}, "quick": {}, "paper": dict(masking="auto", top_percent=1.0, rotation=True, knn="exact")}
 
     def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,
                  masking: bool | str = "auto", mask_threshold: float = 10.0, top_percent: float = 1.0,

@@ -191,8 +191,8 @@ class PatchCore(Method):
 
     ``knn``: the nearest-neighbour search over the bank (``layers.knn_index``): ``"exact"`` (the official
     code's exact FAISS search), ``"hnsw"`` (approximate, faiss HNSW), ``"auto"`` (HNSW from
-    ``layers.HNSW_MIN_BANK`` bank vectors, exact below: every preset's bank from fewer than ~1,300 images
-    at 224 px is searched exactly).
+    ``layers.HNSW_MIN_BANK`` bank vectors, exact below: a 10% coreset from fewer than ~640 images
+    at 224 px is searched exactly; the paper preset searches exactly, as the official code).
 
     Deviations: the greedy coreset is computed lazily (``kcenter_greedy``: the same choices up to rounding,
     12-30x faster); images are
@@ -213,7 +213,7 @@ class PatchCore(Method):
         "tiny": dict(coreset_ratio=0.1, pretrain_dim=None),
         "quick": dict(coreset_ratio=0.1, pretrain_dim=None),
         "paper": dict(coreset_ratio=0.1, patch_size=3, pretrain_dim=1024, target_dim=1024, distance="squared",
-                      image_score="max"),
+                      image_score="max", knn="exact"),
     }
 
     def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,

@@ -4,7 +4,7 @@ import torch
 
 from uadlab.features import PatchFeatures
 from uadlab.methods import create_method
-from uadlab.methods.patchcore import greedy_coreset, locally_aware
+from uadlab.methods.patchcore import greedy_coreset, kcenter_greedy, locally_aware, random_projection
 
 
 def _naive_greedy(x, n, starts):
@@ -18,24 +18,28 @@ def _naive_greedy(x, n, starts):
     return chosen
 
 
-def test_greedy_coreset_equals_naive():
+@pytest.mark.parametrize("candidates", [8192, 7])
+def test_greedy_coreset_equals_naive(candidates):
+    """The lazy greedy (few candidates: refreshes all the time) chooses what the textbook loop chooses."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(500, 16, generator=g)
     starts = torch.randperm(500, generator=torch.Generator().manual_seed(0))[:10]
-    ours = greedy_coreset(x, 40, proj_dim=128, seed=0, precision="float32").tolist()  # D <= proj_dim: no projection
+    ours = kcenter_greedy(x.clone(), 40, seed=0, candidates=candidates).tolist()  # D <= proj_dim: no projection
     assert ours == _naive_greedy(x, 40, starts)
     assert len(set(ours)) == 40
+    assert greedy_coreset(x, 40, proj_dim=128, seed=0).tolist() == ours
 
 
-def test_half_precision_coreset_covers_as_well():
+def test_lazy_coreset_covers_as_well_as_the_plain_loop():
     from uadlab.layers import FlatIndex
 
     x = torch.randn(3000, 200, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 3, 200)
+    z = x @ random_projection(200, 128, 0)
     radius = {}
-    for p in ("float16", "float32"):
-        idx = greedy_coreset(x, 150, precision=p)
-        radius[p] = FlatIndex(x[idx]).search(x, 1)[0].sqrt().max().item()
-    assert radius["float16"] <= 1.05 * radius["float32"]
+    for c in (len(x), 64):  # every row a candidate (the plain loop) / 64 candidates (many refreshes)
+        idx = kcenter_greedy(z.clone(), 150, candidates=c)
+        radius[c] = FlatIndex(x[idx]).search(x, 1)[0].sqrt().max().item()
+    assert radius[64] <= 1.02 * radius[len(x)]
 
 
 def test_coreset_covers_outliers():

@@ -15,6 +15,7 @@ import typing
 import warnings
 from pathlib import Path
 
+from . import distributed
 from .progress import Progress
 
 
@@ -145,6 +146,11 @@ class ProgressBar:
         self.stream.flush()
 
 
+def _progress_bar():
+    """The progress bar of rank 0 (other ranks under torchrun stay quiet)."""
+    return ProgressBar() if distributed.is_main() else None
+
+
 def cmd_fit(a) -> int:
     from .data import load_data
     from .pipeline import Run, auxiliary_set
@@ -154,9 +160,10 @@ def cmd_fit(a) -> int:
     aux = None
     if any(h.zero_shot for h in run.heads.values()):  # other categories only, never the target's test images
         aux = auxiliary_set(load_data(a.data, skip_bad=a.skip_bad) if a.categories else ds, ds.categories)
-    run.fit(ds.train[: a.train_limit] if a.train_limit else ds.train, ProgressBar(), aux=aux)
-    path = run.save({"dataset": ds.summary()})
-    print(f"saved run {run.run_id} to {path}")
+    run.fit(ds.train[: a.train_limit] if a.train_limit else ds.train, _progress_bar(), aux=aux)
+    if distributed.is_main():  # under torchrun every rank holds the same heads: rank 0 writes the run
+        path = run.save({"dataset": ds.summary(), "world_size": distributed.world_size()})
+        print(f"saved run {run.run_id} to {path}")
     return 0
 
 
@@ -191,13 +198,15 @@ def cmd_bench(a) -> int:
     from .bench import markdown, run_bench, write_json
 
     t0 = time.perf_counter()
+    main_rank = distributed.is_main()  # under torchrun every rank runs the bench; rank 0 reports it
     rows = run_bench(a.data, run_config(a, a.methods.split(",")),
                      categories=a.categories.split(",") if a.categories else None, multi_class=a.multi_class,
-                     train_limit=a.train_limit, log=lambda m: print(m, file=sys.stderr))
-    print(markdown(rows))
-    if a.json:
+                     train_limit=a.train_limit, log=lambda m: print(m, file=sys.stderr) if main_rank else None)
+    if main_rank:
+        print(markdown(rows))
+    if a.json and main_rank:
         write_json(rows, a.json, {"args": {k: v for k, v in vars(a).items() if k != "func"},
-                                  "total_s": time.perf_counter() - t0})
+                                  "total_s": time.perf_counter() - t0, "world_size": distributed.world_size()})
     return 0
 
 
@@ -262,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     from .backbones import BackboneWeightsError
 
     a = build_parser().parse_args(argv)
+    distributed.init()  # launched by torchrun with several processes: join their group
     try:
         with warnings.catch_warnings():  # skipped files and the like: one line each
             warnings.showwarning = lambda msg, *_a, **_k: print(f"uadlab: warning: {msg}", file=sys.stderr)

@@ -17,7 +17,7 @@ from scipy.ndimage import affine_transform
 from ..data import Sample
 from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
-from ..layers import cached_index
+from ..layers import KNN_MODES, cached_index
 from .base import AnomalyResult, Method, register_method
 
 # The paper's masking table ("agnostic" preprocessing, official src/utils.py): mask the test image's
@@ -99,6 +99,10 @@ class AnomalyDINO(Method):
     so it lives with the samples, not the cached features. The paper's "agnostic" protocol rotates the
     references of every category, and so does the ``paper`` preset (8x the bank and its search time).
 
+    ``knn``: the nearest-neighbour search (``layers.knn_index``): ``"exact"`` as the paper (faiss flat),
+    ``"hnsw"`` approximate, ``"auto"`` HNSW from ``layers.HNSW_MIN_BANK`` bank patches (the bank grows
+    with every reference: 64 Lite0 references at 224 px), exact below; the paper preset searches exactly.
+
     Deviations: the input is a square center crop (the backbone's geometry); the paper resizes the
     smaller edge to 448 and crops the bottom/right to a multiple of 14, which differs only for non-square
     images (VisA), where the paper sees the whole image. The map is smoothed at the network input
@@ -114,11 +118,11 @@ class AnomalyDINO(Method):
     paper_inputs = dict(backbone="dinov2_vits14", resize=448, image_size=448)  # 32 x 32 patches
     sigma = 4.0
     smooth_radius = None  # scipy's gaussian_filter default truncate=4
-    presets = {"tiny": {}, "quick": {}, "paper": dict(masking="auto", top_percent=1.0, rotation=True)}
+    presets = {"tiny": {}, "quick": {}, "paper": dict(masking="auto", top_percent=1.0, rotation=True, knn="exact")}
 
     def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,
                  masking: bool | str = "auto", mask_threshold: float = 10.0, top_percent: float = 1.0,
-                 rotation: bool = False) -> None:
+                 rotation: bool = False, knn: str = "auto") -> None:
         super().__init__(backbone)
         if masking not in (True, False, "auto"):
             raise ValueError(f"masking must be true, false or \"auto\" (the paper's category table), got {masking!r}")
@@ -127,6 +131,9 @@ class AnomalyDINO(Method):
         self.mask_threshold = mask_threshold
         self.top_percent = top_percent
         self.rotation = rotation
+        if knn not in KNN_MODES:
+            raise ValueError(f"knn must be one of {KNN_MODES}, got {knn!r}")
+        self.knn = knn
         self.register_buffer("memory_bank", torch.zeros(0, 0))
         self.register_buffer("mask_test", torch.tensor(masking is True))  # decided at fit for "auto"
 
@@ -160,12 +167,13 @@ class AnomalyDINO(Method):
         self.mask_test.fill_(bool(mask))
         t = self._tokens(features)
         self.memory_bank = t.reshape(-1, t.shape[-1]).contiguous()
+        cached_index(self, self.memory_bank, "ip", self.knn, progress)  # built now: the fit, not the first score, pays for it
         self.fit_info.update(bank_size=int(len(self.memory_bank)), masking=bool(mask), category=category)
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:
         t = self._tokens(features)
         B, h, w, C = t.shape
-        sim = cached_index(self, self.memory_bank, "ip").search(t.reshape(-1, C), k=1)[0][:, 0]
+        sim = cached_index(self, self.memory_bank, "ip", self.knn).search(t.reshape(-1, C), k=1)[0][:, 0]
         dist = (1 - sim).clamp_min(0).view(B, h, w)  # ||a - b||^2 / 2 = 1 - cos for unit vectors
         if bool(self.mask_test):
             raw = features.stacked(self.layers or features.layers).permute(0, 2, 3, 1)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..backbones import OFFLINE_DEFAULT
+from .. import distributed
 from ..features import PatchFeatures
 from ..progress import Progress
 from ..postprocess import image_score, upsample
@@ -349,14 +350,18 @@ class Dinomaly(Method):
     def _trainable(self) -> list[nn.Parameter]:
         return [*self.bottleneck.parameters(), *self.decoder.parameters()]
 
-    def train_step(self, tokens: list[torch.Tensor], opt: StableAdamW, step: int, total: int) -> float:
-        """One optimisation step on a batch of per-layer tokens; returns the loss."""
+    def train_step(self, tokens: list[torch.Tensor], opt: StableAdamW, step: int, total: int,
+                   batch: int | None = None) -> float:
+        """One optimisation step on a batch of per-layer tokens; returns the loss. Under torchrun ``tokens`` are
+        this rank's part of a global batch of ``batch`` images, and gradients are averaged over the ranks
+        (hard mining then picks its hardest points per rank, not over the whole batch)."""
         for g in opt.param_groups:
             g["lr"] = warm_cosine_lr(step, total, self.lr, self.final_lr, self.warmup)
         enc, dec = self._reconstruct(tokens)
         loss = hard_mining_cosine(enc, dec, self._p(step), self.hm_factor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self._trainable(), batch or len(tokens[0]))
         nn.utils.clip_grad_norm_(self._trainable(), self.grad_clip)
         opt.step()
         return float(loss.detach())
@@ -399,8 +404,8 @@ class Dinomaly(Method):
                 epoch, j = divmod(step, per_epoch)
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
                 idx = order[j * bs:(j + 1) * bs]
-                tokens, _ = self._tokens(features[idx])  # a batch of cached features: (B, N, D) per layer
-                loss = self.train_step(tokens, opt, step, self.steps)
+                tokens, _ = self._tokens(features[idx[distributed.local_part(len(idx))]])  # (B, N, D) per layer;
+                loss = self.train_step(tokens, opt, step, self.steps, len(idx))  # under torchrun this rank's part
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"dinomaly: loss became {loss} at step {step}")
                 history.append(loss)

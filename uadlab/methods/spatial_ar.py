@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import OFFLINE_DEFAULT
+from .. import distributed
 from ..features import PatchFeatures
 from ..progress import Progress
 from .base import AnomalyResult, Method, register_method
@@ -282,9 +283,11 @@ class SpatialAR(Method):
                 if torch.rand((), generator=g) < self.noise_p:  # feature-noise augmentation, one draw per batch
                     sigma = x.flatten(2).std(-1).clamp_min(1e-6)[..., None, None]  # (b, C, 1, 1)
                     inp = x + self.noise_scale * sigma * torch.randn(x.shape, generator=g)
-                loss = self._error(inp, x).mean()  # = MSELoss(f(x~), x) over B*C*h*w for loss="mse"
+                mine = distributed.local_part(len(idx))  # under torchrun: this rank's part of the batch
+                loss = self._error(inp[mine], x[mine]).mean()  # = MSELoss(f(x~), x) over B*C*h*w for loss="mse"
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(self.net.parameters(), len(idx))
                 opt.step()
                 step += 1
                 if progress is not None:

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import OFFLINE_DEFAULT
+from .. import distributed
 from ..features import PatchFeatures
 from ..progress import Progress
 from .base import AnomalyResult, Method, register_method
@@ -389,9 +390,11 @@ class VarAD(Method):
             self.train()
             for idx in torch.randperm(n, generator=g).split(self.batch_size):
                 dirs = allowed[torch.randint(len(allowed), (nh, len(idx)), generator=g)]  # a random order each
-                loss = self._predict(tokens, grid, idx, dirs).mean()
+                mine = distributed.local_part(len(idx))  # under torchrun: this rank's part of the batch
+                loss = self._predict(tokens, grid, idx[mine], dirs[:, mine]).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(self.parameters(), len(idx))
                 nn.utils.clip_grad_norm_(self.parameters(), 1.0)
                 opt.step()
                 sched.step()

@@ -80,7 +80,7 @@ class Stages:
         for w in weights:
             self.bounds.append((acc / total, (acc + w) / total))
             acc += w
-        self.index = 0
+        self.index, self.overall = 0, 0.0
 
     def stage(self, name: str, unit: str = "") -> ProgressFn:
         """The callback for the next stage (announced at once with 0 done)."""
@@ -91,10 +91,13 @@ class Stages:
         def emit(p: Progress) -> None:
             elapsed = time.monotonic() - t0
             eta = elapsed / p.done * (p.total - p.done) if p.done > 0 and p.total > 0 else None
+            # a stage may count several things in turn (a coreset, then an index): the bar never goes back
+            self.overall = max(self.overall, a + (b - a) * p.fraction)
             self.report(replace(p, stage=f"{name}: {p.stage}" if p.stage else name, unit=p.unit or unit,
-                                overall=a + (b - a) * p.fraction, eta_s=eta))
+                                overall=self.overall, eta_s=eta))
 
-        self.report(Progress(0, 0, unit, name, overall=a))
+        self.overall = max(self.overall, a)
+        self.report(Progress(0, 0, unit, name, overall=self.overall))
         return emit
 
     def finish(self, name: str = "done") -> None:

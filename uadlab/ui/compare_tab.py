@@ -73,7 +73,7 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     with gr.Row():
         export_threshold = gr.Number(1.0, label="Export: region threshold", minimum=0, min_width=160)
         export_btn = gr.Button("Export heatmaps (PNG; NIfTI volumes for scans)", min_width=200)
-        export_file = gr.File(label="Export", interactive=False, min_width=200)
+        export_file = gr.File(label="Export", interactive=False, min_width=200, height=100)
     export_status = gr.Markdown()
 
     def compare(user, run_id, names, labels):

@@ -242,13 +242,17 @@ class Run:
         self.window = Window.parse(self.config.window).fit(train)  # on the normal training images only
         self.info["window"] = self.window.to_dict()
         order = sorted(self.heads, key=lambda n: self.heads[n].combines_heads)  # ensembles after their members
-        refits = learned if refit and val_i != fit_i else []
+        held_out = val_i != fit_i
+        refits = learned if refit and held_out else []
         # stages: extraction (weighed as all fits together: a cold cache costs that much), one fit per head,
         # one refit per learned head (a refit costs about a fit)
         stages = Stages(progress, [len(order) or 1] + [1] * (len(order) + len(refits)))
+        if held_out:  # the fit images first: the two parts are views of one feature tensor, not copies
+            train, fit_i, val_i = [train[i] for i in fit_i + val_i], list(range(len(fit_i))), \
+                list(range(len(fit_i), len(train)))
         f_all = self.features(train, stages.stage("extracting features of the normal images")) if train else None
-        f_fit = f_all[fit_i] if f_all is not None else None
-        f_val = f_all[val_i] if f_all is not None and val_i != fit_i else None
+        f_fit = f_all[: len(fit_i)] if f_all is not None else None
+        f_val = f_all[len(fit_i):] if f_all is not None and held_out else None
         self.info.update(n_train=len(train), n_fit=len(fit_i), n_calibration=len(val_i),
                          calibration_mode=self.config.calibration)
         for name in order:

@@ -29,7 +29,8 @@ def test_nifti_upload_train_view_export(app, tmp_path):
     assert counts[0] > n_slices and counts[1] > 0 and counts[2] > 0, md  # slices, not files; lesion slices labelled 1
 
     _, table, run_id = app.train.on_train(user, "efficientnet_lite0", ["intensity"], "quick", 64, "other categories",
-                                          "", progress=lambda *a, **k: None)
+                                          "", "percentile:0.5,99.9", progress=lambda *a, **k: None)
+    assert app.W.Workspace(user).runs.get(run_id).info["window"]["spec"] == "percentile:0.5,99.9"  # saved with it
     assert table["pixel AUROC"][0] > 0.8, table
     lesion = [n for n in app.on_run_change(user, run_id)[0]["choices"] if "patient00" in str(n)]
     names = [n if isinstance(n, str) else n[1] for n in lesion][:3]

@@ -7,6 +7,7 @@ import gradio as gr
 
 from .. import safety as S
 from ..backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, SHORT_NAMES
+from ..medical import WINDOW_PRESETS
 from ..methods import get_method_class, list_methods
 from ..workspace import source_label, thumbnail
 from ..viz import metrics_frame
@@ -33,12 +34,12 @@ def on_train_data(user: str):
 
 @ui_errors
 def on_train(user: str, backbone: str | None, methods: list[str], preset: str, image_size: float | None,
-             aux_source: str, token: str | None, progress=gr.Progress()):
+             aux_source: str, token: str | None, window: str = "auto", progress=gr.Progress()):
     """Train, evaluate and save a run: (status, metrics table, the new run's id)."""
     ws = open_workspace(user)
     run_id, evaluation = ws.runs.train(methods, backbone or None, preset,
                                        None if image_size in (None, "") else int(image_size), aux_source,
-                                       S.clean_token(token), progress=reporter(progress))
+                                       S.clean_token(token), progress=reporter(progress), window=window)
     name = dict((v, k) for k, v in ws.runs.choices()).get(run_id, run_id)
     msg = f"Run **{name}** trained and saved. Open **Compare** to see the heatmaps."
     if not evaluation:
@@ -58,6 +59,11 @@ def build(user: gr.State) -> SimpleNamespace:
                                info=f"empty: the preset's ({DEFAULT_IMAGE_SIZE}, or the paper's geometry)")
     methods = gr.CheckboxGroup([(m + (" (zero-shot)" if get_method_class(m).zero_shot else ""), m)
                                 for m in list_methods()], value=DEFAULT_METHODS, label="Methods", elem_id="methods")
+    window = gr.Dropdown(["auto", "minmax", "percentile:0.5,99.5", *WINDOW_PRESETS], value="auto",
+                         allow_custom_value=True, label="Intensity window (DICOM, NIfTI, 16-bit images)",
+                         info="auto: a DICOM file's own window, else min/max (16-bit PNG/TIFF: their full range); "
+                              "percentile: fitted on the training images; a CT preset (HU) or CENTRE/WIDTH such as "
+                              "40/400. Fitted on the training images, applied to every image, saved with the run.")
     with gr.Row():
         aux_source = gr.Radio(["other categories", "annotations"], value="other categories",
                               label="Auxiliary labelled set for zero-shot methods")
@@ -68,6 +74,7 @@ def build(user: gr.State) -> SimpleNamespace:
     new_run = gr.State(None)
     # progress shows on the status line only: it never covers the run picker or the form
     trained = train_btn.click(in_panel(on_train, status=0, n_outputs=3),
-                              [user, backbone, methods, preset, image_size, aux_source, token], [status, table, new_run],
+                              [user, backbone, methods, preset, image_size, aux_source, token, window],
+                              [status, table, new_run],
                               show_progress_on=[status], concurrency_limit=S.limits().trainings)
     return SimpleNamespace(trained=trained, new_run=new_run, data_outputs=[data_md, data_preview])

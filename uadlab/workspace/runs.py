@@ -74,9 +74,9 @@ class Runs:
 
     def train(self, methods: Sequence[str], backbone: str | None = None, preset: str = "quick",
               image_size: int | None = None, aux_source: str = "other categories", token: str | None = None,
-              progress: ProgressFn | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
+              progress: ProgressFn | None = None, window: str = "auto") -> tuple[str, dict[str, dict[str, Any]]]:
         """Fit the chosen heads on the current data, evaluate on its labelled test images, save; return
-        (run id, evaluation)."""
+        (run id, evaluation). ``window``: the intensity window of scans and 16-bit images (``medical.Window``)."""
         from ..pipeline import Run, RunConfig
 
         if not methods:
@@ -92,8 +92,8 @@ class Runs:
         self.ws.check_disk()
         lim = limits()
         with TRAININGS.hold(self.ws.user, lim.trainings_per_workspace, lim.trainings):
-            run = Run(RunConfig.resolve(methods, preset, backbone or None, image_size or None), workdir=self.dir,
-                      token=token or None)
+            run = Run(RunConfig.resolve(methods, preset, backbone or None, image_size or None, window=window or "auto"),
+                      workdir=self.dir, token=token or None)
             run.fit(ds.train, within(progress, 0.0, 0.85), aux=aux)
             evaluation: dict[str, dict[str, Any]] = {}
             labelled = [s for s in ds.test if s.label in (0, 1)]

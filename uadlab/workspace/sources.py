@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from PIL import Image
 
 from .. import medical
-from ..data import (IMAGE_EXTS, DataError, Dataset, Sample, file_stem, is_mvtec, load_files, load_folder, load_hf,
-                    load_mvtec, safe_extract_zip)
+from ..data import (IMAGE_EXTS, DataError, Dataset, Sample, file_stem, load_files, load_hf, load_mvtec, load_unpacked,
+                    safe_extract_zip)
 from ..safety import confine, hub_id, limits, resolve_local_folder
 from .session import ID_RE, LRU
 
@@ -43,7 +43,7 @@ def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None)
         ds.name = "demo"
     elif kind == "folder":
         p = resolve_local_folder(str(choice.get("path") or ""))
-        ds = _confined(load_mvtec(p, skip_bad=True) if is_mvtec(p) else load_folder(p, skip_bad=True), p)
+        ds = _confined(load_unpacked(p, skip_bad=True), p)
     elif kind == "upload":
         uid = str(choice.get("id", ""))
         if not ID_RE.match(uid) or not (uploads / uid).is_dir():
@@ -96,11 +96,7 @@ def _open_upload(root: Path) -> Dataset:
         if not ds.train and not ds.test:
             raise DataError("the upload holds no usable images")
         return ds
-    inner = [p for p in root.iterdir() if p.is_dir() and p.name != "__MACOSX"]
-    files = [p for p in root.iterdir() if p.is_file()]
-    if len(inner) == 1 and not files:
-        root = inner[0]  # zips usually wrap everything in one folder
-    return load_mvtec(root, skip_bad=True) if is_mvtec(root) else load_folder(root, skip_bad=True)
+    return load_unpacked(root, skip_bad=True, unwrap=True)  # a zip: MVTec layout or plain normal images
 
 
 def dataset_key(choice: dict[str, Any]) -> str:

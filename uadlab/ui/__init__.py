@@ -29,9 +29,10 @@ from . import annotate_tab, compare_tab, data_tab, explain_tab, header, hub_tab,
 from .common import open_workspace, ui_errors
 
 CSS = """
-#compare-grid img, #mask-grid img {max-height: none !important; height: auto !important; object-fit: contain;}
-#compare-grid, #mask-grid {height: auto !important;}
 .ui-error {border-left: 4px solid #d55e00; background: #fff3eb; padding: 6px 10px; color: #5a2500;}
+/* the 2x2 curves need about 640 px: on a phone they scroll sideways inside their own panel, not the page */
+#curves {overflow-x: auto;}
+#curves .js-plotly-plot {min-width: 640px;}
 """
 
 

@@ -107,3 +107,23 @@ def browser():
                               args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         yield b
         b.close()
+
+
+# ---- the heatmap viewer in a browser page (its root has the id "viewer") ----------------------------------
+def viewer_transforms(page) -> list[str]:
+    return page.eval_on_selector_all("#viewer .uadv-panel", "els => els.map(e => e.dataset.transform)")
+
+
+def viewer_shares(page) -> list[float]:
+    return page.eval_on_selector_all("#viewer .uadv-share", "els => els.map(e => parseFloat(e.dataset.share))")
+
+
+def wheel_zoom(page, stage, at: tuple[float, float] = (0.5, 0.5)) -> list[str]:
+    """Wheel up over a panel's stage until the viewer zooms past 1.5x; return every panel's transform."""
+    stage.scroll_into_view_if_needed()
+    box = stage.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * at[0], box["y"] + box["height"] * at[1])
+    page.mouse.wheel(0, -400)
+    page.wait_for_function("parseFloat(document.querySelector('#viewer').dataset.zoom) > 1.5")
+    page.wait_for_timeout(100)
+    return viewer_transforms(page)

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, viewer_shares, viewer_transforms, wheel_zoom
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E_OUT = os.environ.get("UADLAB_E2E_OUT")
@@ -84,14 +84,6 @@ def _shot(page, name: str, shots: list[str]) -> None:
     shots.append(name)
 
 
-def _transforms(page) -> list[str]:
-    return page.eval_on_selector_all("#viewer .uadv-panel", "els => els.map(e => e.dataset.transform)")
-
-
-def _shares(page) -> list[float]:
-    return page.eval_on_selector_all("#viewer .uadv-share", "els => els.map(e => parseFloat(e.dataset.share))")
-
-
 def _overflow(page) -> int:
     return page.evaluate("document.scrollingElement.scrollWidth - window.innerWidth")
 
@@ -121,14 +113,8 @@ def test_app_end_to_end(server, browser):
     _shot(page, "compare-1280.png", shots)
 
     # 2. the viewer: linked zoom, enlarge to the image's own resolution, typed and dragged threshold
-    before = _transforms(page)
-    panels.nth(0).locator(".uadv-stage").scroll_into_view_if_needed()
-    box = panels.nth(0).locator(".uadv-stage").bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
-    page.mouse.wheel(0, -400)
-    page.wait_for_function("parseFloat(document.querySelector('#viewer').dataset.zoom) > 1.5")
-    page.wait_for_timeout(100)
-    zoomed = _transforms(page)
+    before = viewer_transforms(page)
+    zoomed = wheel_zoom(page, panels.nth(0).locator(".uadv-stage"))
     assert len(set(zoomed)) == 1 and zoomed != before, zoomed  # every panel moved the same way
     page.focus("#viewer")
     page.keyboard.press("0")  # keyboard: 0 resets the view
@@ -141,10 +127,10 @@ def test_app_end_to_end(server, browser):
     assert (round(big["width"]), round(big["height"])) == (side, side), big
     page.keyboard.press("Escape")
     page.wait_for_selector("#viewer-modal", state="detached")
-    shares = _shares(page)
+    shares = viewer_shares(page)
     page.fill("#viewer-thr-num", "0.5")
     page.wait_for_function("document.querySelector('#viewer').dataset.threshold === '0.5'")
-    typed = _shares(page)
+    typed = viewer_shares(page)
     assert typed != shares and all(t >= s for t, s in zip(typed, shares)), (shares, typed)
     page.locator("#viewer-thr-range").scroll_into_view_if_needed()
     rb = page.locator("#viewer-thr-range").bounding_box()
@@ -152,7 +138,7 @@ def test_app_end_to_end(server, browser):
     page.mouse.down()
     page.mouse.move(rb["x"] + rb["width"] * 0.8, rb["y"] + rb["height"] / 2, steps=5)
     page.mouse.up()
-    assert float(page.input_value("#viewer-thr-num")) > 1.5 and _shares(page) != typed
+    assert float(page.input_value("#viewer-thr-num")) > 1.5 and viewer_shares(page) != typed
 
     # 3. curves and metrics of the example run
     page.wait_for_selector("#curves .js-plotly-plot .scatterlayer .trace", state="attached", timeout=240_000)

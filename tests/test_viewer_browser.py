@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import free_port, viewer_shares, viewer_transforms, wheel_zoom
 from uadlab.medical import voi_window
 from uadlab.ui.viewer import Panel, ViewItem, viewer_component, viewer_html
 from uadlab.viz import curves_figure, metrics_frame
@@ -87,14 +87,6 @@ def served():
     demo.close()
 
 
-def _transforms(page) -> list[str]:
-    return page.eval_on_selector_all("#viewer .uadv-panel", "els => els.map(e => e.dataset.transform)")
-
-
-def _shares(page) -> list[float]:
-    return page.eval_on_selector_all("#viewer .uadv-share", "els => els.map(e => parseFloat(e.dataset.share))")
-
-
 def _wait_ready(page, index: int = 0, viewer: str = "viewer") -> None:
     page.wait_for_selector(f"#{viewer}[data-state=ready][data-index='{index}']", state="attached", timeout=30_000)
 
@@ -143,17 +135,12 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     page.screenshot(path=str(shots / "viewer-1280.png"), full_page=True)
 
     # the share of pixels above the threshold is numpy's on the same map: the maps arrived intact
-    for share, p in zip(_shares(page), items[0].panels):
+    for share, p in zip(viewer_shares(page), items[0].panels):
         assert abs(share - float((p.heat >= 1.0).mean())) < 2 / p.heat.size
 
     # linked zoom: a wheel on one panel zooms all panels identically
-    before = _transforms(page)
-    box = panels.nth(0).locator(".uadv-stage").bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.4)
-    page.mouse.wheel(0, -400)
-    page.wait_for_function("parseFloat(document.querySelector('#viewer').dataset.zoom) > 1.5")
-    page.wait_for_timeout(100)
-    zoomed = _transforms(page)
+    before = viewer_transforms(page)
+    zoomed = wheel_zoom(page, panels.nth(0).locator(".uadv-stage"), at=(0.6, 0.4))
     assert len(set(zoomed)) == 1 and zoomed != before and float(zoomed[0].split()[0]) > 1.5, zoomed
     assert page.eval_on_selector("#second", "e => e.dataset.state + ' ' + e.dataset.zoom") == "ready 1.0000"
 
@@ -166,7 +153,7 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     page.mouse.move(cx + 60, cy + 40, steps=6)
     page.mouse.up()
     page.wait_for_timeout(100)
-    panned = _transforms(page)
+    panned = viewer_transforms(page)
     assert len(set(panned)) == 1 and panned != zoomed and panned[0].split()[0] == zoomed[0].split()[0], panned
     assert page.locator("#viewer-modal").count() == 0
     page.keyboard.press("0")  # the focus is in the viewer: 0 resets the view
@@ -181,10 +168,10 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     page.wait_for_selector("#viewer-modal", state="detached")
 
     # a typed threshold applies at every keystroke (input event), the slider follows
-    share_before = _shares(page)
+    share_before = viewer_shares(page)
     page.fill("#viewer-thr-num", "2.2")
     page.wait_for_function("document.querySelector('#viewer').dataset.threshold === '2.2'")
-    typed = _shares(page)
+    typed = viewer_shares(page)
     assert typed != share_before and page.input_value("#viewer-thr-range") == "2.2"
     for share, p in zip(typed, items[0].panels):
         assert abs(share - float((p.heat >= 2.2).mean())) < 2 / p.heat.size
@@ -199,7 +186,7 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     page.mouse.up()
     dragged = float(page.input_value("#viewer-thr-num"))
     assert 0 < dragged < 1.2, dragged
-    assert _shares(page) != typed
+    assert viewer_shares(page) != typed
     assert page.eval_on_selector("#viewer .uadv-share", "e => e.dataset.segments") != segments
     page.screenshot(path=str(shots / "viewer-1280-threshold.png"), full_page=True)
 

@@ -96,8 +96,8 @@ def outline_overlay(image: np.ndarray, mask: np.ndarray | None, colour: tuple[in
 def with_colorbar(image: np.ndarray, vmin: float = VMIN, vmax: float = VMAX, title: str = "score") -> np.ndarray:
     """``image`` with the calibrated colour bar on its right (same height), as one RGB array."""
     img = np.asarray(image, np.uint8)
-    bar = np.asarray(colorbar(max(img.shape[0], 120), vmin, vmax, title=title))[: img.shape[0]] if img.shape[0] >= 120 \
-        else np.asarray(colorbar(120, vmin, vmax, title=title).resize((70, img.shape[0])))
+    bar = colorbar(max(img.shape[0], 120), vmin, vmax, title=title)  # below 120 px the labels would not fit
+    bar = np.asarray(bar if bar.height == img.shape[0] else bar.resize((70, img.shape[0])))
     pad = np.full((img.shape[0], 4, 3), 255, np.uint8)
     return np.concatenate([img, pad, bar], 1)
 

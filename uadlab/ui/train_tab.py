@@ -40,8 +40,7 @@ def on_train(user: str, backbone: str | None, methods: list[str], preset: str, i
     run_id, evaluation = ws.runs.train(methods, backbone or None, preset,
                                        None if image_size in (None, "") else int(image_size), aux_source,
                                        S.clean_token(token), progress=reporter(progress), window=window)
-    name = dict((v, k) for k, v in ws.runs.choices()).get(run_id, run_id)
-    msg = f"Run **{name}** trained and saved. Open **Compare** to see the heatmaps."
+    msg = f"Run **{ws.runs.label(run_id)}** trained and saved. Open **Compare** to see the heatmaps."
     if not evaluation:
         msg += " (No labelled test images: no metrics.)"
     return msg, metrics_frame(evaluation), run_id

@@ -43,13 +43,13 @@ class Runs:
 
     def choices(self) -> list[tuple[str, str]]:
         """(label, run id) of every run: named after data, methods, backbone and time."""
-        out = []
-        for m in self.list():
-            cfg = m.get("config", {})
-            when = "example" if m.get("example") else time.strftime("%m-%d %H:%M", time.localtime(m.get("created", 0)))
-            data = source_label(m["data"]) if isinstance(m.get("data"), dict) else m.get("dataset_key", "?")
-            out.append((f"{data} · {'+'.join(cfg.get('methods', []))} · {cfg.get('backbone')} · {when}", m["run_id"]))
-        return out
+        return [(run_label(m), m["run_id"]) for m in self.list()]
+
+    def label(self, run_id: str) -> str:
+        """The name ``choices`` gives one saved run of this workspace."""
+        from ..pipeline import read_run_meta
+
+        return run_label(read_run_meta(self.dir / run_id))
 
     def get(self, run_id: str) -> "Run":
         """A run of this workspace (or a shared example run), loaded once and kept in a process-wide LRU."""
@@ -191,12 +191,11 @@ class Runs:
                 step(Progress(i + 1, len(chosen), "images"))
             for key, slices in volumes.items():
                 maps = run.score(slices, progress=stages.stage(f"scoring the {len(slices)} slices of a volume"))
+                shapes = [s.load().size[::-1] for s in slices]  # (H, W) of each slice, read once
                 for m, sc in maps.items():
-                    heat = {}
-                    for j, s in enumerate(slices):
-                        w, h = s.load().size
-                        heat[_slice_index(s, j)] = medical.to_input_geometry(sc.maps[j], (h, w), run.backbone.resize,
-                                                                             run.backbone.image_size)
+                    heat = {_slice_index(s, j): medical.to_input_geometry(sc.maps[j], shapes[j], run.backbone.resize,
+                                                                          run.backbone.image_size)
+                            for j, s in enumerate(slices)}
                     ref = key[1] if key[0] == "nifti" else [s.source for s in slices]
                     axis = "xyz"[key[2]] if key[0] == "nifti" else "z"
                     name = safe(slices[0].name.split("#")[0] if key[0] == "nifti" else key[1])  # file / series
@@ -217,6 +216,14 @@ class Runs:
         out = head.explain(run.features([sample]).select(head.layers_for(run.backbone.spec)))
         scored, views = self.scored(run_id, [sample])
         return views[0], scored[method].maps[0], dict(out or {})
+
+
+def run_label(meta: dict[str, Any]) -> str:
+    """A run named after its data, methods, backbone and time (``demo/brick · patchcore · ... · 12-01 07:10``)."""
+    cfg = meta.get("config", {})
+    when = "example" if meta.get("example") else time.strftime("%m-%d %H:%M", time.localtime(meta.get("created", 0)))
+    data = source_label(meta["data"]) if isinstance(meta.get("data"), dict) else meta.get("dataset_key", "?")
+    return f"{data} · {'+'.join(cfg.get('methods', []))} · {cfg.get('backbone')} · {when}"
 
 
 def _volume_of(s: Sample) -> tuple | None:

@@ -18,9 +18,10 @@ FP, KEY = "tiny|packaged|64->64|stage2", "k" * 32
 
 
 def _feats(seed: int) -> PatchFeatures:
+    """Random features that float16 holds exactly (the cache stores float16), so a read-back equals them."""
     g = torch.Generator().manual_seed(seed)
-    return PatchFeatures({"stage2": torch.randn(1, 8, 4, 4, generator=g), "stage3": torch.randn(1, 16, 2, 2, generator=g)},
-                         (64, 64), torch.randn(1, 16, generator=g))
+    r = lambda *s: torch.randn(*s, generator=g).half().float()  # noqa: E731
+    return PatchFeatures({"stage2": r(1, 8, 4, 4), "stage3": r(1, 16, 2, 2)}, (64, 64), r(1, 16))
 
 
 def _cache_worker(root: str, iters: int, wid: int, sync=lambda: None) -> list[str]:
@@ -31,8 +32,8 @@ def _cache_worker(root: str, iters: int, wid: int, sync=lambda: None) -> list[st
         try:
             cache.put(FP, KEY, want)
             got = cache.get(FP, KEY)
-            if got is None or not all(torch.equal(got.maps[l], want.maps[l]) for l in want.layers) \
-                    or not torch.equal(got.cls, want.cls) or got.image_size != (64, 64):
+            if got is None or not all(torch.equal(got.maps[l].float(), want.maps[l]) for l in want.layers) \
+                    or not torch.equal(got.cls.float(), want.cls) or got.image_size != (64, 64):
                 errors.append(f"worker {wid} iteration {i}: read back a missing or different entry")
         except Exception:  # noqa: BLE001 - counted, then asserted to be zero
             errors.append(traceback.format_exc(limit=2))
@@ -91,7 +92,7 @@ def test_feature_cache_concurrent_puts_of_one_key(tmp_path):
     files = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert files == ["backbone.json", f"{KEY}.safetensors"]  # no temporary file left behind
     got = FeatureCache(tmp_path / "cache").get(FP, KEY)
-    assert torch.equal(got.maps["stage3"], _feats(0).maps["stage3"])
+    assert torch.equal(got.maps["stage3"].float(), _feats(0).maps["stage3"])
 
 
 def test_feature_cache_damaged_entry_is_a_miss(tmp_path):

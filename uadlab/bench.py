@@ -44,7 +44,7 @@ def _limit(samples, n: int | None):
 
 
 def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] | None = None,
-              multi_class: bool = False, train_limit: int | None = None, cache_dir: str | None = None,
+              multi_class: bool = False, train_limit: int | None = None, cache: FeatureCache | None = None,
               log=print) -> list[dict[str, Any]]:
     """Fit and evaluate ``config.methods`` per category (or once for all with ``multi_class``); one row per
     method and category, then each method's mean. ``config`` is the resolved run settings
@@ -52,7 +52,7 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
     methods = config.methods
     ds = data if isinstance(data, Dataset) else load_data(data, categories=categories)
     cats = list(categories) if categories else ds.categories
-    cache = FeatureCache(cache_dir or default_cache_dir())
+    cache = cache or FeatureCache(default_cache_dir())
     trained = [m for m in methods if not get_method_class(m).zero_shot]
     zero_shot = [m for m in methods if get_method_class(m).zero_shot]
     rows: list[dict[str, Any]] = []

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -25,7 +26,8 @@ class PatchFeatures:
     """Per-layer patch maps of a batch of images.
 
     Attributes:
-        maps: layer name -> (B, C, h, w) float32 map, in the backbone's layer order.
+        maps: layer name -> (B, C, h, w) map, in the backbone's layer order: float32 from a backbone, float16 (and
+            memory-mapped, see ``FeatureCache``) from the cache. Consumers convert what they use with ``.float()``.
         image_size: (H, W) of the backbone input the maps come from.
         cls: optional (B, C) class token of the last layer.
         backbone: the backbone's fingerprint (name, weights, size, layers), for sanity checks.
@@ -76,12 +78,12 @@ class PatchFeatures:
         return PatchFeatures({l: self.maps[l] for l in layers}, self.image_size, self.cls, self.backbone, dict(self.meta))
 
     def stacked(self, layers: Sequence[str] | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """Concatenate layers along channels after bilinear resampling to one grid -> (B, sum C, h, w)."""
+        """Concatenate layers along channels after bilinear resampling to one grid -> (B, sum C, h, w) float32."""
         layers = list(layers) if layers is not None else self.layers
         grid = grid or self.select(layers).grid
         out = []
         for l in layers:
-            m = self.maps[l]
+            m = self.maps[l].float()
             if tuple(m.shape[-2:]) != tuple(grid):
                 m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
             out.append(m)
@@ -127,6 +129,38 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+PACK_MIN_IMAGES = 64  # sets from this size are assembled in a memory-mapped file; smaller ones in memory
+_NP = {"F16": np.float16, "F32": np.float32}
+_ST = {torch.float16: "F16", torch.float32: "F32"}
+
+
+def _pack_header(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, meta: dict[str, str]) -> tuple[bytes, dict]:
+    """A safetensors header for tensors of ``shapes`` laid out one after another: (bytes to write first, layout)."""
+    layout, at, item = {}, 0, torch.tensor([], dtype=dtype).element_size()
+    for name, shape in shapes.items():
+        size = int(np.prod(shape)) * item
+        layout[name] = {"dtype": _ST[dtype], "shape": list(shape), "data_offsets": [at, at + size]}
+        at += size
+    text = json.dumps({**layout, "__metadata__": meta}).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the format asks
+    return len(text).to_bytes(8, "little") + text, layout
+
+
+def _map_pack(path: Path, mode: str = "c") -> tuple[dict[str, np.memmap], dict[str, str]]:
+    """The arrays of a safetensors file as memory maps (copy-on-write by default: a write never reaches the file)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", {})
+    arrays = {}
+    for name, t in header.items():
+        b, e = t["data_offsets"]
+        arrays[name] = np.memmap(path, dtype=_NP[t["dtype"]], mode=mode, offset=8 + n + b, shape=tuple(t["shape"]))
+        if arrays[name].nbytes != e - b:
+            raise ValueError(f"{path.name}: {name} does not fill its bytes")
+    return arrays, meta
+
+
 class FeatureCache:
     """On-disk cache of per-image features, keyed by backbone fingerprint and image content.
 
@@ -136,24 +170,39 @@ class FeatureCache:
     collide and readers never see a partial entry. When the cache grows past ``max_bytes`` the least
     recently used entries are evicted.
 
+    Out of core: entries are stored in ``dtype``, float16 by default. Measured on EfficientNet-Lite0 features
+    of the demo textures (``tests/test_features.py``): at most 4.6e-4 relative error per value, the same
+    image AUROC for PatchCore and AnomalyDINO; half the disk, memory and bandwidth. The features of a set of
+    ``pack_min`` images or more are assembled, one entry at a time, into one "pack" file per set
+    (``root/<backbone-hash>/packs/<set-hash>.safetensors``, evicted like the entries) and returned memory-mapped:
+    the process holds no anonymous copy of them, the kernel pages in what a method reads and may drop it again
+    (file-backed, clean pages) under memory pressure. A second extraction of the same set maps the pack at once.
+
     Args:
         root: cache folder (created if missing).
         max_bytes: size cap; ``None`` means unbounded.
+        dtype: ``torch.float16`` (default) or ``torch.float32`` (exact features, twice the size).
+        pack_min: sets of this many images or more are returned memory-mapped from a pack file.
     """
 
-    def __init__(self, root: str | os.PathLike, max_bytes: int | None = 2 * 1024**3) -> None:
+    def __init__(self, root: str | os.PathLike, max_bytes: int | None = 4 * 1024**3,
+                 dtype: torch.dtype = torch.float16, pack_min: int = PACK_MIN_IMAGES) -> None:
+        if dtype not in _ST:
+            raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        self.dtype, self.pack_min = dtype, pack_min
         self.hits = 0
         self.misses = 0
 
     def _dir(self, fingerprint: str) -> Path:
-        d = self.root / hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+        d = self.root / hashlib.sha256(f"{fingerprint}|{_ST[self.dtype]}".encode()).hexdigest()[:16]
         d.mkdir(exist_ok=True)
         fp = d / "backbone.json"
         if not fp.exists():
-            _atomic_write(fp, lambda tmp: tmp.write_text(json.dumps({"fingerprint": fingerprint})))
+            _atomic_write(fp, lambda tmp: tmp.write_text(json.dumps({"fingerprint": fingerprint,
+                                                                     "dtype": _ST[self.dtype]})))
         return d
 
     def get(self, fingerprint: str, key: str) -> PatchFeatures | None:
@@ -176,16 +225,17 @@ class FeatureCache:
         return PatchFeatures(maps, size, tensors.get("cls"), fingerprint)
 
     def put(self, fingerprint: str, key: str, feats: PatchFeatures) -> None:
+        """Store one image's features (in the cache's ``dtype``)."""
         assert len(feats) == 1, "cache entries hold one image"
-        tensors = {f"map.{l}": m.contiguous() for l, m in feats.maps.items()}
+        tensors = {f"map.{l}": m.to(self.dtype).contiguous() for l, m in feats.maps.items()}
         if feats.cls is not None:
-            tensors["cls"] = feats.cls.contiguous()
+            tensors["cls"] = feats.cls.to(self.dtype).contiguous()
         meta = {"layers": json.dumps(feats.layers), "image_size": json.dumps(list(feats.image_size))}
         _atomic_write(self._dir(fingerprint) / f"{key}.safetensors",
                       lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def _entries(self) -> list[tuple[float, int, Path]]:
-        """(mtime, bytes, path) of every entry that still exists (others may evict concurrently)."""
+        """(mtime, bytes, path) of every entry and pack that still exists (others may evict concurrently)."""
         out = []
         for p in self.root.rglob("*.safetensors"):
             try:
@@ -199,7 +249,8 @@ class FeatureCache:
         return sum(n for _, n, _ in self._entries())
 
     def evict(self) -> int:
-        """Remove least recently used entries until the cache fits ``max_bytes``; returns how many went."""
+        """Remove least recently used entries until the cache fits ``max_bytes``; returns how many went. A pack
+        that is mapped stays readable by whoever maps it (the file is unlinked, its pages stay)."""
         if self.max_bytes is None:
             return 0
         entries = sorted(self._entries(), key=lambda e: e[0])
@@ -226,8 +277,8 @@ class FeatureCache:
         in order (``distributed.all_gather_cat``): the ranks share the backbone's work, not a file system.
 
         Returns:
-            PatchFeatures of all samples in order; ``meta["backbone_s"]`` holds the seconds spent in the backbone
-            (by this rank).
+            PatchFeatures of all samples in order, in the cache's ``dtype`` (memory-mapped from ``pack_min``
+            images); ``meta["backbone_s"]`` holds the seconds spent in the backbone (by this rank).
         """
         if distributed.is_distributed() and len(samples) >= distributed.world_size():
             mine = self._extract(backbone, samples[distributed.shard(len(samples))], batch_size, progress)
@@ -238,17 +289,23 @@ class FeatureCache:
 
     def _extract(self, backbone, samples: Sequence, batch_size: int, progress: ProgressFn | None) -> PatchFeatures:
         fp = backbone.fingerprint
-        out: list[PatchFeatures | None] = []
-        todo: list[int] = []
         keys = [s.content_key() for s in samples]
-        for i, k in enumerate(keys):
-            f = self.get(fp, k)
-            out.append(f)
-            if f is None:
-                todo.append(i)
-        self.hits += len(samples) - len(todo)
+        d = self._dir(fp)
+        pack = d / "packs" / f"{content_key(chr(10).join(keys).encode())}.safetensors" \
+            if len(keys) >= self.pack_min else None
+        if pack is not None and pack.exists():
+            try:
+                res = self._open_pack(pack, fp)
+                self.hits += len(keys)
+                res.meta.update(backbone_s=0.0, extracted=0)
+                return res
+            except Exception:  # noqa: BLE001 - a damaged pack is rebuilt from the entries
+                pack.unlink(missing_ok=True)
+        # 1. every image has an entry: extract the missing ones in batches
+        todo = [i for i, k in enumerate(keys) if not (d / f"{k}.safetensors").exists()]
+        self.hits += len(keys) - len(todo)
         self.misses += len(todo)
-        spent = 0.0
+        spent, fresh = 0.0, {}
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             x = torch.stack([backbone.transform(samples[i].load()) for i in chunk])
@@ -256,14 +313,69 @@ class FeatureCache:
             feats = backbone(x)
             spent += time.perf_counter() - t0
             for j, i in enumerate(chunk):
-                one = feats[j]
-                self.put(fp, keys[i], one)
-                out[i] = one
+                self.put(fp, keys[i], feats[j])
+                if pack is None:
+                    fresh[i] = self.get(fp, keys[i])  # small sets: keep what was stored (rounded to dtype)
             if progress is not None:
                 progress(Progress(min(start + batch_size, len(todo)), len(todo), "images"))
+        # 2. one tensor per layer, filled one entry at a time: in a pack file (mapped) or in memory
+        res = self._assemble(fp, keys, samples, backbone, pack, fresh)
         self.evict()
-        res = PatchFeatures.cat(out, release=True)  # type: ignore[arg-type]
-        res.backbone = fp
         res.meta["backbone_s"] = spent
         res.meta["extracted"] = len(todo)
         return res
+
+    def _entry(self, fp: str, key: str, sample, backbone) -> PatchFeatures:
+        """One image's entry; damaged, or evicted meanwhile by another process -> extracted again (a miss)."""
+        f = self.get(fp, key)
+        if f is None:
+            self.hits, self.misses = self.hits - 1, self.misses + 1
+            f = backbone(backbone.transform(sample.load())[None])
+            self.put(fp, key, f)
+            f = self.get(fp, key)
+        return f
+
+    def _assemble(self, fp: str, keys: list[str], samples: Sequence, backbone, pack: Path | None,
+                  fresh: dict[int, PatchFeatures]) -> PatchFeatures:
+        first = fresh.pop(0) if 0 in fresh else self._entry(fp, keys[0], samples[0], backbone)
+        shapes = {f"map.{l}": (len(keys), *m.shape[1:]) for l, m in first.maps.items()}
+        if first.cls is not None:
+            shapes["cls"] = (len(keys), *first.cls.shape[1:])
+        meta = {"layers": json.dumps(first.layers), "image_size": json.dumps(list(first.image_size))}
+        if pack is None:
+            out = {k: torch.empty(s, dtype=self.dtype).numpy() for k, s in shapes.items()}
+        else:
+            pack.parent.mkdir(exist_ok=True)
+            head, layout = _pack_header(shapes, self.dtype, meta)
+            tmp = pack.with_name(f".{pack.name}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(head)
+                f.truncate(len(head) + max(t["data_offsets"][1] for t in layout.values()))
+            out, _ = _map_pack(tmp, mode="r+")
+        try:
+            for i, k in enumerate(keys):
+                one = first if i == 0 else fresh.pop(i) if i in fresh else self._entry(fp, k, samples[i], backbone)
+                if one.layers != first.layers or one.image_size != first.image_size:
+                    raise ValueError(f"{getattr(samples[i], 'name', k)}: cached features of another geometry")
+                for l, m in one.maps.items():
+                    out[f"map.{l}"][i] = m[0].numpy()
+                if "cls" in out:
+                    out["cls"][i] = one.cls[0].numpy()
+            if pack is not None:
+                for a in out.values():
+                    a.flush()
+                del out
+                os.replace(tmp, pack)
+                return self._open_pack(pack, fp)
+        finally:
+            if pack is not None:
+                tmp.unlink(missing_ok=True)
+        t = {k: torch.from_numpy(a) for k, a in out.items()}
+        return PatchFeatures({l: t[f"map.{l}"] for l in first.layers}, first.image_size, t.get("cls"), fp)
+
+    def _open_pack(self, path: Path, fp: str) -> PatchFeatures:
+        arrays, meta = _map_pack(path)
+        tensors = {k: torch.from_numpy(a) for k, a in arrays.items()}
+        os.utime(path)  # LRU bookkeeping
+        return PatchFeatures({l: tensors[f"map.{l}"] for l in json.loads(meta["layers"])},
+                             tuple(json.loads(meta["image_size"])), tensors.get("cls"), fp)

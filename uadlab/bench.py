@@ -11,7 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from .data import Dataset, load_data
 from .features import FeatureCache
 from .methods import get_method_class
 from .pipeline import Run, RunConfig, auxiliary_set, default_cache_dir, peak_rss_mb
+from .progress import ProgressFn
 
 COLUMNS = ["method", "category", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
            "pixel_f1max", "aupro", "fit_s", "backbone_ms", "head_ms", "head_mb", "peak_rss_mb",
@@ -45,10 +46,11 @@ def _limit(samples, n: int | None):
 
 def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] | None = None,
               multi_class: bool = False, train_limit: int | None = None, cache: FeatureCache | None = None,
-              log=print) -> list[dict[str, Any]]:
+              log=print, progress: Callable[[], ProgressFn | None] = lambda: None) -> list[dict[str, Any]]:
     """Fit and evaluate ``config.methods`` per category (or once for all with ``multi_class``); one row per
     method and category, then each method's mean. ``config`` is the resolved run settings
-    (``RunConfig.resolve``); each group of methods gets a copy of it."""
+    (``RunConfig.resolve``); each group of methods gets a copy of it. ``progress()`` gives a fresh progress
+    callback per fit and per evaluation (the CLI's progress bar)."""
     methods = config.methods
     ds = data if isinstance(data, Dataset) else load_data(data, categories=categories)
     cats = list(categories) if categories else ds.categories
@@ -62,7 +64,7 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
         return Run(dataclasses.replace(config, methods=list(ms), method_kwargs=kw), cache=cache)
 
     def emit(run: Run, cat: str, test, bms: float) -> None:
-        res = run.evaluate(test)
+        res = run.evaluate(test, progress())
         for name, r in res.items():
             row = {"method": name, "category": cat, **{k: r[k] for k in METRICS}, "fit_s": r["fit_s"],
                    "backbone_ms": bms, "head_ms": r["head_ms"], "head_mb": r["head_mb"], "peak_rss_mb": peak_rss_mb(),
@@ -77,7 +79,7 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
             run = make(trained)
             train = _limit([s for s in ds.train if s.category in gcats], train_limit)
             log(f"[{gname}] fitting {', '.join(trained)} on {len(train)} normal images ({run.config.backbone})")
-            run.fit(train)
+            run.fit(train, progress())
             for c in gcats:
                 test = [s for s in ds.test if s.category == c]
                 emit(run, c, test, backbone_ms(run, test))
@@ -87,7 +89,7 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
         run = make(zero_shot)
         log(f"[{c}] zero-shot {', '.join(zero_shot)}: auxiliary set = test splits of the other categories "
             f"({len(aux)} labelled images); target normals only calibrate the scale")
-        run.fit(_limit([s for s in ds.train if s.category == c], train_limit), aux=aux)
+        run.fit(_limit([s for s in ds.train if s.category == c], train_limit), progress(), aux=aux)
         test = [s for s in ds.test if s.category == c]
         emit(run, c, test, backbone_ms(run, test))
     for name in methods:

@@ -213,7 +213,7 @@ def cmd_bench(a) -> int:
     main_rank = distributed.is_main()  # under torchrun every rank runs the bench; rank 0 reports it
     rows = run_bench(a.data, run_config(a, a.methods.split(",")),
                      categories=a.categories.split(",") if a.categories else None, multi_class=a.multi_class,
-                     train_limit=a.train_limit, cache=feature_cache(a), log=lambda m: print(m, file=sys.stderr) if main_rank else None)
+                     train_limit=a.train_limit, cache=feature_cache(a), progress=_progress_bar, log=lambda m: print(m, file=sys.stderr) if main_rank else None)
     if main_rank:
         print(markdown(rows))
     if a.json and main_rank:

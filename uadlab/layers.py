@@ -23,7 +23,7 @@ class FlatIndex:
             raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
         self.metric, self.q_chunk, self.bank_chunk = metric, q_chunk, bank_chunk
         self.bank = bank.float().contiguous()
-        self._sq = (self.bank * self.bank).sum(1) if metric == "l2" else None
+        self._sq = torch.linalg.vector_norm(self.bank, dim=1).square_() if metric == "l2" else None
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,10 +111,11 @@ def kcenter_greedy(z: torch.Tensor, n: int, n_starts: int = 10, seed: int = 0, p
     g = torch.Generator().manual_seed(seed)
     z = z.float()
     z -= z.mean(0)  # in place (no second N x p copy); centring keeps ||z||^2 small, so the expansion loses little
-    sq = (z * z).sum(1)  # (N,)
+    sq = torch.linalg.vector_norm(z, dim=1).square_()  # (N,); z * z would be a second N x p array
     starts = torch.randperm(N, generator=g)[:n_starts]
     # ||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2
-    d = torch.stack([(sq - 2 * z @ z[s] + sq[s]).clamp_min_(0).sqrt() for s in starts]).mean(0).square()
+    # (addmv, not sq - 2 * z @ z[s]: that would evaluate 2 * z, a second N x p array, first)
+    d = torch.stack([torch.addmv(sq, z, z[s], alpha=-2).add_(sq[s]).clamp_min_(0).sqrt() for s in starts]).mean(0).square()
     out = torch.empty(n, dtype=torch.long)
     B = min(N, candidates)
     pending: list[int] = []

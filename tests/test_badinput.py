@@ -54,11 +54,14 @@ def fake_hub(monkeypatch):
     served: dict[str, str] = {}
     real = datasets.load_dataset
 
-    def load_dataset(repo_id, config=None, token=None, **kw):
+    def load_dataset(repo_id, config=None, token=None, streaming=False, **kw):
         path = served.get(repo_id, repo_id)
-        if os.path.exists(path):
-            return datasets.load_from_disk(path) if Path(path, "dataset_dict.json").exists() else real(path)
-        raise ValueError(f"Invalid header value b'Bearer {token}' for {repo_id}")
+        if not os.path.exists(path):
+            raise ValueError(f"Invalid header value b'Bearer {token}' for {repo_id}")
+        if not Path(path, "dataset_dict.json").exists():
+            return real(path, streaming=streaming)
+        dd = datasets.load_from_disk(path)  # the Hub streams a dataset's files; here its saved arrow files
+        return datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dd.items()}) if streaming else dd
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return served
@@ -266,6 +269,29 @@ def test_app(app, tmp_path, good_run, fake_hub, monkeypatch):  # noqa: F811
             outcome = "the next call failed"
         outcomes[k.name] = outcome
     _report("app", outcomes, n_a)
+
+
+def test_api_hf_streaming(tmp_path, good_run, fake_hub):
+    """Every Hugging Face kind read with ``streaming=True`` ends as without it: same messages, same samples."""
+    outcomes, (kinds, _) = {}, _inputs("api", tmp_path, good_run)
+    kinds = [(k, p) for k, p in kinds if k.kind == "hf"]
+    for k, path in kinds:
+        message = result = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = load_hf("someone/private" if path is None else str(path), local=path is not None,
+                                 token=B.SPACED_TOKEN if path is None else None, streaming=True)
+        except UadlabError as e:
+            message = str(e)
+        except Exception as e:  # noqa: BLE001 - counted as a failure of the kind
+            outcomes[k.name] = f"raised {type(e).__name__} (not UadlabError): {e}"
+            continue
+        outcomes[k.name] = _judge(k, message, result, tmp_path)
+        if result is not None:
+            assert all(s.image is None and s.path for s in result.train + result.test), "streamed samples are files"
+    assert len(outcomes) >= 8
+    _report("API, streaming", outcomes, 0)
 
 
 # ---- skip-bad, runs list, labels ------------------------------------------------------------------------------------

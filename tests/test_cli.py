@@ -90,3 +90,20 @@ def test_paper_preset_brings_the_papers_inputs(capsys):
     assert main(["bench", "--data", "demo", "--categories", "brick", "--methods", "dinomaly", "--preset", "paper"]) == 2
     err = capsys.readouterr().err
     assert "paper inputs: dinov2_vitb14_reg, resize 448, crop 392" in err and "dinov2" in err.split("error:")[1]
+
+
+def test_bench_on_a_streamed_hf_dataset_equals_the_downloaded_one(tiny_demo, tmp_path, capsys):
+    """``--hf-streaming``: the same images, hence the same metrics, as the whole dataset loaded at once."""
+    import shutil
+
+    folder = tmp_path / "imagefolder"  # the `imagefolder` layout of datasets: <split>/<class>/<image>
+    for split, src in (("train", "train/good"), ("test", "test/good"), ("test", "test/hole")):
+        shutil.copytree(tiny_demo / "grass" / src, folder / split / src.split("/")[-1], dirs_exist_ok=True)
+    aurocs = []
+    for extra in ([], ["--hf-streaming"]):
+        out = tmp_path / f"bench{len(extra)}.json"
+        assert main(["bench", "--data", f"hf:{folder}", "--methods", "patchcore", "--preset", "tiny",
+                     "--image-size", "64", "--json", str(out), *extra]) == 0
+        row = json.loads(out.read_text())["rows"][0]
+        aurocs.append(row["image_auroc"])
+    assert 0.5 < aurocs[0] == aurocs[1]

@@ -144,6 +144,70 @@ def test_hf_dataset_offline(tmp_path):
     assert len(ds2.train) == 3
 
 
+def _hf_parquet(d, imgs, masks, datasets):
+    """A dataset as the Hub stores it: parquet files per split under data/ (columns img, is_anomaly, gt)."""
+    feats = datasets.Features({"img": datasets.Image(), "is_anomaly": datasets.Value("int64"), "gt": datasets.Image()})
+    (d / "data").mkdir(parents=True)
+    for split, rows, labels in (("train", slice(0, 4), [0, 0, 0, 1]), ("test", slice(4, 6), [0, 1])):
+        datasets.Dataset.from_dict({"img": imgs[rows], "is_anomaly": labels, "gt": masks[rows]}, features=feats) \
+            .to_parquet(str(d / "data" / f"{split}-00000.parquet"))
+    return d
+
+
+def test_hf_streaming_reads_rows_into_files(tmp_path):
+    """``streaming=True``: the same samples as a full load, but each one a file (nothing held in memory); the
+    files hold the rows' bytes unchanged (a 16-bit PNG stays 16-bit) and go with the dataset."""
+    import gc
+
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)) for _ in range(5)]
+    imgs.append(Image.fromarray(rng.integers(0, 65535, (24, 24), dtype=np.uint16)))  # 16-bit grey
+    masks = [Image.fromarray((rng.random((24, 24)) > 0.8).astype(np.uint8) * 255) for _ in range(6)]
+    d = _hf_parquet(tmp_path / "hfds", imgs, masks, datasets)
+    kw = dict(image_column="img", label_column="is_anomaly", mask_column="gt", local=True)
+    full, streamed = load_hf(str(d), **kw), load_hf(str(d), streaming=True, **kw)
+    assert [s.name for s in streamed.train] == [s.name for s in full.train] == ["train/00000", "train/00001",
+                                                                              "train/00002"]
+    assert [(s.name, s.label) for s in streamed.test] == [(s.name, s.label) for s in full.test] == \
+        [("test/00000", 0), ("test/00001", 1)]
+    for a, b in zip(full.train + full.test, streamed.train + streamed.test):
+        assert b.image is None and b.mask is None and os.path.isfile(b.path) and os.path.isfile(b.mask_path)
+        np.testing.assert_array_equal(np.asarray(a.load()), np.asarray(b.load()))
+        np.testing.assert_array_equal(a.load_mask(), b.load_mask())
+    assert Image.open(streamed.test[1].path).mode.startswith("I;16")
+    assert len(load_hf(str(d), streaming=True, limit=2, **kw).train) == 2
+    assert len(load_data("hf:" + str(d), streaming=True, image_column="img", label_column="is_anomaly").train) == 3
+    spool = os.path.dirname(os.path.dirname(streamed.train[0].path))
+    del streamed
+    gc.collect()
+    assert not os.path.exists(spool)  # the temporary folder goes with the dataset
+    kept = load_hf(str(d), streaming=True, spool=tmp_path / "spool", **kw)
+    assert sorted(os.listdir(tmp_path / "spool")) == ["test", "train"] and kept.owner is None
+
+
+def test_hf_streaming_stops_at_the_limit(monkeypatch):
+    """A stream is read no further than ``limit`` rows (here a row past it would fail), and a stream that breaks
+    off is one clear error naming the row."""
+    datasets = pytest.importorskip("datasets")
+
+    def rows():
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(buf, format="PNG")
+            yield {"image": {"bytes": buf.getvalue(), "path": None}, "label": 0}
+        raise ConnectionError("the connection was reset")
+
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    stream = lambda *a, **k: datasets.IterableDatasetDict(  # noqa: E731
+        train=datasets.IterableDataset.from_generator(rows, features=feats))
+    monkeypatch.setattr(datasets, "load_dataset", stream)
+    ds = load_hf("someone/endless", streaming=True, limit=3)
+    assert [np.asarray(s.load())[0, 0, 0] for s in ds.train] == [0, 40, 80]
+    with pytest.raises(DataError, match=r"hf:someone/endless/train: cannot read row 3 \(ConnectionError"):
+        load_hf("someone/endless", streaming=True)
+
+
 def test_load_data_errors(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_data(str(tmp_path / "missing"))

@@ -46,13 +46,15 @@ def _limit(samples, n: int | None):
 
 def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] | None = None,
               multi_class: bool = False, train_limit: int | None = None, cache: FeatureCache | None = None,
-              log=print, progress: Callable[[], ProgressFn | None] = lambda: None) -> list[dict[str, Any]]:
+              log=print, progress: Callable[[], ProgressFn | None] = lambda: None,
+              data_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Fit and evaluate ``config.methods`` per category (or once for all with ``multi_class``); one row per
     method and category, then each method's mean. ``config`` is the resolved run settings
     (``RunConfig.resolve``); each group of methods gets a copy of it. ``progress()`` gives a fresh progress
-    callback per fit and per evaluation (the CLI's progress bar)."""
+    callback per fit and per evaluation (the CLI's progress bar). ``data_kwargs`` go to ``load_data`` (e.g.
+    ``streaming=True`` for a Hugging Face dataset)."""
     methods = config.methods
-    ds = data if isinstance(data, Dataset) else load_data(data, categories=categories)
+    ds = data if isinstance(data, Dataset) else load_data(data, categories=categories, **(data_kwargs or {}))
     cats = list(categories) if categories else ds.categories
     cache = cache or FeatureCache(default_cache_dir())
     trained = [m for m in methods if not get_method_class(m).zero_shot]
@@ -83,7 +85,7 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
             for c in gcats:
                 test = [s for s in ds.test if s.category == c]
                 emit(run, c, test, backbone_ms(run, test))
-    pool = load_data(data) if zero_shot and categories and not isinstance(data, Dataset) else ds
+    pool = load_data(data, **(data_kwargs or {})) if zero_shot and categories and not isinstance(data, Dataset) else ds
     for c in cats if zero_shot else []:
         aux = auxiliary_set(pool, [c])  # the other categories' labelled test images, never c's
         run = make(zero_shot)

@@ -69,6 +69,18 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="how the feature cache stores features (float16: half the memory, measured lossless enough)")
 
 
+def _data_args(p: argparse.ArgumentParser, help: str = "demo | FOLDER | ZIP | hf:REPO_ID") -> None:
+    p.add_argument("--data", default="demo", help=help)
+    p.add_argument("--categories", default=None)
+    p.add_argument("--hf-streaming", action="store_true", help="hf:REPO_ID: read the rows one at a time (nothing "
+                   "downloaded up front; images go to a temporary folder as they come) instead of downloading it")
+
+
+def _hf(a) -> dict:
+    """Keyword arguments of ``load_data`` for a Hugging Face dataset."""
+    return {"streaming": True} if a.hf_streaming and a.data.startswith("hf:") else {}
+
+
 def feature_cache(a):
     """The feature cache of the command line (under ``$UADLAB_CACHE``, in the chosen dtype)."""
     import torch
@@ -168,10 +180,11 @@ def cmd_fit(a) -> int:
     from .pipeline import Run, auxiliary_set
 
     run = Run(run_config(a, a.methods.split(",")), workdir=a.out, cache=feature_cache(a))
-    ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, skip_bad=a.skip_bad)
+    ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, skip_bad=a.skip_bad,
+                   **_hf(a))
     aux = None
     if any(h.zero_shot for h in run.heads.values()):  # other categories only, never the target's test images
-        aux = auxiliary_set(load_data(a.data, skip_bad=a.skip_bad) if a.categories else ds, ds.categories)
+        aux = auxiliary_set(load_data(a.data, skip_bad=a.skip_bad, **_hf(a)) if a.categories else ds, ds.categories)
     run.fit(ds.train[: a.train_limit] if a.train_limit else ds.train, _progress_bar(), aux=aux)
     if distributed.is_main():  # under torchrun every rank holds the same heads: rank 0 writes the run
         path = run.save({"dataset": ds.summary(), "world_size": distributed.world_size()})
@@ -198,7 +211,7 @@ def cmd_eval(a) -> int:
     from .pipeline import Run
 
     run = Run.load(a.run)
-    ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None)
+    ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, **_hf(a))
     res = run.evaluate(ds.test)
     rows = [{"method": m, "category": ",".join(ds.categories), **{k: v for k, v in r.items() if k != "curves"},
              "backbone_ms": None, "peak_rss_mb": None} for m, r in res.items()]
@@ -213,7 +226,8 @@ def cmd_bench(a) -> int:
     main_rank = distributed.is_main()  # under torchrun every rank runs the bench; rank 0 reports it
     rows = run_bench(a.data, run_config(a, a.methods.split(",")),
                      categories=a.categories.split(",") if a.categories else None, multi_class=a.multi_class,
-                     train_limit=a.train_limit, cache=feature_cache(a), progress=_progress_bar, log=lambda m: print(m, file=sys.stderr) if main_rank else None)
+                     train_limit=a.train_limit, cache=feature_cache(a), progress=_progress_bar, data_kwargs=_hf(a),
+                     log=lambda m: print(m, file=sys.stderr) if main_rank else None)
     if main_rank:
         print(markdown(rows))
     if a.json and main_rank:
@@ -240,9 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("fit", help="train heads on normal images and save the run")
-    p.add_argument("--data", default="demo", help="demo | FOLDER | ZIP | hf:REPO_ID")
+    _data_args(p)
     p.add_argument("--methods", default="patchcore,anomalydino")
-    p.add_argument("--categories", default=None)
     p.add_argument("--train-limit", type=_positive, default=None)
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--out", default="runs")
@@ -256,14 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="metrics of a saved run on a labelled test set")
     p.add_argument("--run", required=True)
-    p.add_argument("--data", default="demo")
-    p.add_argument("--categories", default=None)
+    _data_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="compare methods on one dataset, backbone and cache")
-    p.add_argument("--data", default="demo", help="demo | FOLDER (MVTec layout) | hf:REPO_ID")
+    _data_args(p, "demo | FOLDER (MVTec layout) | hf:REPO_ID")
     p.add_argument("--methods", default="patchcore,anomalydino")
-    p.add_argument("--categories", default=None)
     p.add_argument("--multi-class", action="store_true", help="one model for all categories")
     p.add_argument("--train-limit", type=_positive, default=None)
     p.add_argument("--json", default=None)

@@ -582,7 +582,7 @@ def load_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, skip_bad: boo
 
 
 # ---- Hugging Face datasets ---------------------------------------------------------------------------------
-def label_mapping(feature: Any, values: Iterable[Any], where: str) -> dict[Any, int]:
+def label_mapping(feature: Any, values: Iterable[Any], where: str, check_normal: bool = True) -> dict[Any, int]:
     """Each label value of a Hugging Face column -> 0 (normal), 1 (anomalous) or -1 (no label).
 
     Class NAMES decide, never class indices: a ``ClassLabel`` index becomes its name first (``imagefolder``
@@ -593,6 +593,7 @@ def label_mapping(feature: Any, values: Iterable[Any], where: str) -> dict[Any, 
         feature: the column's feature (``datasets.ClassLabel``, ``datasets.Value``, ...).
         values: the distinct values found in the column.
         where: dataset name for messages.
+        check_normal: refuse a set of classes without a normal one (off while a stream is still being read).
     """
     import datasets
 
@@ -618,14 +619,15 @@ def label_mapping(feature: Any, values: Iterable[Any], where: str) -> dict[Any, 
         return {v: -1 if v is None else int(v) for v in values}
     else:
         raise DataError(f"{where}: label values such as {values[:3]!r} are neither class names nor 0/1")
-    if classes and not any(is_normal_name(c) for c in classes):
+    if check_normal and classes and not any(is_normal_name(c) for c in classes):
         raise DataError(f"{where}: no class is recognised as normal (classes: {', '.join(classes)}); the normal "
                         f"class must be named one of {', '.join(sorted(NORMAL_NAMES))}")
     return out
 
 
-def _open_hf(repo_id: str, config: str | None, token: str | None, local: bool):
-    """A ``datasets.DatasetDict`` from the Hub, or with ``local`` from a folder (saved or image folder)."""
+def _open_hf(repo_id: str, config: str | None, token: str | None, local: bool, streaming: bool = False):
+    """A ``datasets.DatasetDict`` (``IterableDatasetDict`` with ``streaming``) from the Hub, or with ``local``
+    from a folder (saved with ``save_to_disk``, or files that ``load_dataset`` reads: parquet, image folders)."""
     import datasets
 
     path = Path(repo_id)
@@ -634,26 +636,73 @@ def _open_hf(repo_id: str, config: str | None, token: str | None, local: bool):
             raise DataError(f"hf:{repo_id}: not a Hub dataset id (owner/name); local paths are not allowed here")
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             dd = datasets.load_from_disk(str(path))
-            return dd if isinstance(dd, datasets.DatasetDict) else datasets.DatasetDict(train=dd)
-    return datasets.load_dataset(repo_id, config, token=token)
+            dd = dd if isinstance(dd, datasets.DatasetDict) else datasets.DatasetDict(train=dd)
+            if streaming:  # a saved dataset streams from its arrow files
+                return datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in dd.items()})
+            return dd
+    return datasets.load_dataset(repo_id, config, token=token, streaming=streaming)
+
+
+_FORMAT_EXT = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp", "WEBP": ".webp"}
+
+
+def _spool(cell: Any, dest: Path, name: str, token: str | None) -> str:
+    """Writes one undecoded image cell (``{"bytes", "path"}``) to ``dest`` + the extension of its format.
+
+    The bytes are written as they are (no re-encoding; 16-bit PNGs stay 16-bit); formats that folders do not
+    read become PNG. Cells holding only a path (image folders) are read from it. Returns the file's path.
+    """
+    data = cell.get("bytes") if isinstance(cell, dict) else None
+    if data is None and isinstance(cell, dict) and cell.get("path"):
+        from datasets import DownloadConfig
+        from datasets.utils.file_utils import xopen
+
+        with xopen(cell["path"], "rb", download_config=DownloadConfig(token=token)) as f:
+            data = f.read()
+    if not data:
+        raise DataError(f"{name}: the row holds no image")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.verify()  # the header and (for PNG) the checksums; a full decode follows in ``validate``
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged bytes
+        raise DataError(f"{name}: cannot decode the row ({_reason(e)})") from None
+    ext = _FORMAT_EXT.get(img.format)
+    out = dest.with_suffix(ext or ".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.urandom(4).hex()}.tmp")  # another load of the same rows may read ``out``
+    if ext:
+        tmp.write_bytes(data)
+    else:
+        Image.open(io.BytesIO(data)).save(tmp, format="PNG")
+    os.replace(tmp, out)
+    return str(out)
 
 
 def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test", image_column: str = "image",
             label_column: str | None = "label", mask_column: str | None = None, category_column: str | None = None,
             config: str | None = None, token: str | None = None, limit: int | None = None,
-            skip_bad: bool = False, local: bool = False) -> Dataset:
+            skip_bad: bool = False, local: bool = False, streaming: bool = False,
+            spool: str | os.PathLike | None = None) -> Dataset:
     """A Hugging Face dataset through ``datasets`` (Hub id; with ``local`` also a folder on this machine).
 
     The train split keeps only normal images (label 0, or all when there is no label column); labels follow
     ``label_mapping`` (class names, never indices). The token is stripped, used for this call only, and never
     appears in a message.
+
+    Args:
+        limit: read at most this many rows of each split.
+        streaming: read the rows one at a time (``datasets``' streaming mode: nothing is downloaded up front,
+            memory stays flat whatever the size): each image (and mask) is written as it comes to ``spool``,
+            and the samples read those files, as a folder's do. Without it, ``datasets`` downloads and caches
+            the whole dataset and the samples hold their images in memory.
+        spool: the folder for streamed images; None: a temporary folder owned by the dataset (removed with it).
     """
     import datasets
 
     token = clean_token(token)
     where = f"hf:{Path(repo_id).name if local and os.path.exists(repo_id) else repo_id}"  # no server paths
     try:
-        dd = _open_hf(repo_id, config, token, local)
+        dd = _open_hf(repo_id, config, token, local, streaming)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - every loading failure becomes one clear message
@@ -664,46 +713,108 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
         raise DataError(f"{where}: no split {test_split!r} (have {list(dd)})")
     parts = [p for p in (split, test_split) if p is not None and p in dd]
     for part in parts:
-        cols = dd[part].column_names
+        if dd[part].features is None:  # a stream whose files carry no schema: read it from the first rows
+            dd[part] = dd[part]._resolve_features()
+        cols = list(dd[part].features)
         for col in (image_column, label_column, mask_column, category_column):
             if col is not None and col not in cols and not (col == label_column == "label"):
                 raise DataError(f"{where}/{part}: no column {col!r} (have {cols})")
         feat = dd[part].features[image_column]
         if not isinstance(feat, datasets.Image):
             raise DataError(f"{where}/{part}: column {image_column!r} does not hold images (it holds {feat})")
-    has_label = label_column is not None and all(label_column in dd[p].column_names for p in parts)
-    labels = {}
-    if has_label:
+    has_label = label_column is not None and all(label_column in dd[p].features for p in parts)
+    feature = dd[split].features[label_column] if has_label else None
+    labels: dict[Any, int] = {}
+    if has_label and not streaming:
         try:
             values = {v for p in parts for v in dd[p].unique(label_column)}
         except TypeError:
             raise DataError(f"{where}: column {label_column!r} holds no labels (lists?)") from None
-        labels = label_mapping(dd[split].features[label_column], values, where)
-    ds = Dataset(where)
-    for part, target in ((split, ds.train), (test_split, ds.test)):
-        if part not in parts:
-            continue
-        table = dd[part]
-        n = len(table) if limit is None else min(limit, len(table))
-        samples = []
-        for i in range(n):
+        labels = label_mapping(feature, values, where)
+    owner = None
+    if streaming and spool is None:
+        owner = tempfile.TemporaryDirectory(prefix="uadlab-hf-")
+        spool = owner.name
+    ds = Dataset(where, owner=owner)
+    try:
+        for part, target in ((split, ds.train), (test_split, ds.test)):
+            if part in parts:
+                rows = _hf_rows(dd[part], part, limit, streaming, where, token, ds.warnings, skip_bad)
+                for name, row in rows:
+                    try:  # a stream meets its label values as it goes
+                        if has_label and row[label_column] not in labels:
+                            labels.update(label_mapping(feature, [row[label_column]], where, check_normal=False))
+                    except TypeError:
+                        raise DataError(f"{where}: column {label_column!r} holds no labels (lists?)") from None
+                    label = labels[row[label_column]] if has_label else (0 if part == split else -1)
+                    if part == split and label == 1:
+                        continue  # train on normal images only
+                    try:
+                        s = _hf_sample(row, name, label, image_column, mask_column, category_column,
+                                       None if spool is None else Path(spool, *name.split("/")), token)
+                    except DataError as e:
+                        _bad(e, skip_bad, ds.warnings)
+                        continue
+                    # a stream is checked row by row, so that no image stays in memory
+                    target.extend(validate([s], skip_bad, ds.warnings) if streaming else [s])
+                if not streaming:
+                    target[:] = validate(target, skip_bad, ds.warnings)
+        if streaming and has_label:  # the whole check, now that the stream's label values are known
+            label_mapping(feature, list(labels), where)
+        if not ds.train:
+            raise DataError(f"{where}: no normal training images in split {split!r}")
+    except BaseException:
+        if owner is not None:
+            owner.cleanup()
+        raise
+    return ds
+
+
+def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: str, token: str | None,
+             warn: list[str], skip_bad: bool) -> Iterable[tuple[str, dict]]:
+    """(name, row) of the first ``limit`` rows of one split; a row that does not decode is bad input."""
+    if not streaming:
+        for i in range(len(table) if limit is None else min(limit, len(table))):
             name = f"{part}/{i:05d}"
             try:
-                row = table[i]
+                yield name, table[i]
             except Exception as e:  # noqa: BLE001 - a row whose image does not decode
-                _bad(DataError(f"{name}: cannot decode the row ({_reason(e)})"), skip_bad, ds.warnings)
-                continue
-            label = labels[row[label_column]] if has_label else (0 if part == split else -1)
-            if part == split and label == 1:
-                continue  # train on normal images only
-            mask = row[mask_column] if mask_column else None
-            samples.append(Sample(name, image=row[image_column], label=label,
-                                  mask=None if mask is None else np.asarray(mask),
-                                  category=str(row[category_column]) if category_column else "default"))
-        target.extend(validate(samples, skip_bad, ds.warnings))
-    if not ds.train:
-        raise DataError(f"{where}: no normal training images in split {split!r}")
-    return ds
+                _bad(DataError(f"{name}: cannot decode the row ({_reason(e)})"), skip_bad, warn)
+        return
+    import datasets
+
+    # undecoded cells ({"bytes", "path"}): written to files as they are, decoded once when checked
+    for col, feat in table.features.items():
+        if isinstance(feat, datasets.Image):
+            table = table.cast_column(col, datasets.Image(decode=False))
+    it = iter(table)
+    i = 0
+    while limit is None or i < limit:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - the network or a damaged file: the stream cannot go on
+            raise DataError(scrub(f"{where}/{part}: cannot read row {i} ({type(e).__name__}: {_reason(e)})",
+                                  token)) from None
+        yield f"{part}/{i:05d}", row
+        i += 1
+
+
+def _hf_sample(row: dict, name: str, label: int, image_column: str, mask_column: str | None,
+               category_column: str | None, spool: Path | None, token: str | None) -> Sample:
+    """A Sample of one row: in memory, or with ``spool`` its image (and mask) written to ``spool`` + extension."""
+    category = str(row[category_column]) if category_column else "default"
+    mask = row[mask_column] if mask_column else None
+    if spool is None:
+        return Sample(name, image=row[image_column], label=label, mask=None if mask is None else np.asarray(mask),
+                      category=category)
+    s = Sample(name, path=_spool(row[image_column], spool, name, token), label=label, category=category)
+    if isinstance(mask, dict):  # an image column, undecoded
+        s.mask_path = _spool(mask, spool.with_name(spool.name + "_mask"), f"{name} (mask)", token)
+    elif mask is not None:
+        s.mask = np.asarray(mask)
+    return s
 
 
 def load_data(spec: str, categories: Sequence[str] | None = None, skip_bad: bool = False, axis: str = "z",

@@ -45,6 +45,7 @@ class HfSource:
     mask_column: str = ""
     category_column: str = ""
     limit: int | None = 200
+    streaming: bool = True  # read only the rows used (a Space must not download a whole dataset)
 
     def choice(self) -> dict:
         return {"kind": "hf", **self.__dict__}
@@ -161,6 +162,7 @@ def build(user: gr.State) -> SimpleNamespace:
             hf_split = gr.Textbox(label="Train split", value="train")
             hf_test_split = gr.Textbox(label="Test split", value="test")
             hf_limit = gr.Number(label="Max images per split", value=200, precision=0)
+            hf_stream = gr.Checkbox(label="Stream: download only the rows read", value=True)
         with gr.Row():
             hf_image = gr.Textbox(label="Image column", value="image")
             hf_label = gr.Textbox(label="Label column", value="label")
@@ -177,9 +179,9 @@ def build(user: gr.State) -> SimpleNamespace:
     def load_upload(user, category, zip_file, train, test, masks, unmasked):
         return on_load_upload(user, category, Upload(zip_file, train or [], test or [], masks or [], bool(unmasked)))
 
-    def load_hf(user, category, repo, config, split, test_split, limit, image, label, mask, cat_col, token):
+    def load_hf(user, category, repo, config, split, test_split, limit, stream, image, label, mask, cat_col, token):
         return on_load_hf(user, category, HfSource(repo, config, split, test_split, image, label, mask, cat_col,
-                                                   None if limit in (None, "") else int(limit)), token)
+                                                   None if limit in (None, "") else int(limit), bool(stream)), token)
 
     source.change(on_source_change, source, [g_demo, g_upload, g_folder, g_hf])
     loaded = [
@@ -187,7 +189,7 @@ def build(user: gr.State) -> SimpleNamespace:
         upload_btn.click(show(load_upload), [user, category, zip_file, train_files, test_files, mask_files,
                                              unmasked_normal], outputs),
         folder_btn.click(show(on_load_folder), [user, category, folder], outputs),
-        hf_btn.click(show(load_hf), [user, category, hf_repo, hf_config, hf_split, hf_test_split, hf_limit, hf_image,
-                                     hf_label, hf_mask, hf_category, hf_token], outputs),
+        hf_btn.click(show(load_hf), [user, category, hf_repo, hf_config, hf_split, hf_test_split, hf_limit, hf_stream,
+                                     hf_image, hf_label, hf_mask, hf_category, hf_token], outputs),
     ]
     return SimpleNamespace(outputs=outputs, loaded=loaded, category=category)

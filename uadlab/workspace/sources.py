@@ -3,6 +3,7 @@ Face datasets. A source is a JSON-able *choice* (``{"kind": "demo" | "upload" | 
 the current one is kept in ``data.json`` (never a token) and its Dataset in a process-wide LRU."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -53,10 +54,15 @@ def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None)
         repo = hub_id(choice.get("repo"), "dataset")
         opt = lambda k: (str(choice.get(k) or "").strip() or None)  # noqa: E731
         cap = limits().upload_images
+        streaming = bool(choice.get("streaming", True))
+        # streamed rows become files of this user's workspace, one folder per dataset choice (any category)
+        key = json.dumps({k: v for k, v in choice.items() if k != "category"}, sort_keys=True)
         ds = load_hf(repo, split=opt("split") or "train", test_split=opt("test_split"),
                      image_column=opt("image_column") or "image", label_column=opt("label_column"),
                      mask_column=opt("mask_column"), category_column=opt("category_column"), config=opt("config"),
-                     token=token or None, limit=min(int(choice.get("limit") or cap), cap), skip_bad=True)
+                     token=token or None, limit=min(int(choice.get("limit") or cap), cap), skip_bad=True,
+                     streaming=streaming, spool=uploads.parent / "hf" / hashlib.sha256(key.encode()).hexdigest()[:16]
+                     if streaming else None)
     else:
         raise DataError(f"unknown data source {kind!r}")
     cat = choice.get("category")

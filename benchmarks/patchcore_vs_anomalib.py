@@ -80,6 +80,7 @@ from uadlab.methods.patchcore import PatchCore, neighbourhood_mean
 from uadlab.metrics import image_metrics, pixel_metrics
 
 IMAGE_SIZE = 224
+DUMMY = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)  # anomalib's forward reads only its shape (the maps' output size)
 ANOMALIB_BATCH = 32  # anomalib's default train/eval batch size
 
 
@@ -185,28 +186,22 @@ def run_anomalib(model, train: PatchFeatures, test: PatchFeatures, layers: list[
                  seed: int) -> dict[str, Any]:
     from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
 
-    idx = list(model.layers)
     torch.manual_seed(seed)  # KCenterGreedy's start and the sparse projection draw from torch's and numpy's RNGs
     np.random.seed(seed)
-    fed = model.feature_extractor
-    dummy = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)  # forward reads only its shape (the map's output size)
-    model.train()
     t0 = time.perf_counter()
+    _anomalib_embed(model, train, layers)
+    embed_s = time.perf_counter() - t0
+    n_patches, dim = sum(len(e) for e in model.embedding_store), model.embedding_store[0].shape[1]
     with torch.no_grad():
-        for maps in _batches(train, layers, idx):
-            fed.maps = maps
-            model(dummy.expand(len(next(iter(maps.values()))), -1, -1, -1))
-        embed_s = time.perf_counter() - t0
-        n_patches, dim = sum(len(e) for e in model.embedding_store), model.embedding_store[0].shape[1]
         model.subsample_embedding(coreset)
     fit_s = time.perf_counter() - t0
     model.eval()
     scores, maps_out = [], []
     t0 = time.perf_counter()
     with torch.no_grad():
-        for maps in _batches(test, layers, idx):
-            fed.maps = maps
-            out = model(dummy.expand(len(next(iter(maps.values()))), -1, -1, -1))
+        for maps in _batches(test, layers, list(model.layers)):
+            model.feature_extractor.maps = maps
+            out = model(DUMMY.expand(len(next(iter(maps.values()))), -1, -1, -1))
             scores.append(out.pred_score.reshape(-1))
             maps_out.append(out.anomaly_map[:, 0])
     score_s = time.perf_counter() - t0
@@ -216,6 +211,15 @@ def run_anomalib(model, train: PatchFeatures, test: PatchFeatures, layers: list[
                 scores=torch.cat(scores).float(), maps=torch.cat(maps_out).float())
 
 
+def _anomalib_embed(model, train: PatchFeatures, layers: list[str]) -> None:
+    """anomalib's training-mode ``forward`` over all batches: pooling, ``generate_embedding``, store."""
+    model.train()
+    with torch.no_grad():
+        for maps in _batches(train, layers, list(model.layers)):
+            model.feature_extractor.maps = maps
+            model(DUMMY.expand(len(next(iter(maps.values()))), -1, -1, -1))
+
+
 def run_anomalib_capped(model, train: PatchFeatures, layers: list[str], coreset: float, steps: int,
                         seed: int) -> dict[str, Any]:
     """anomalib's fit time when the full run would take hours: its embedding, then its ``KCenterGreedy`` on the
@@ -223,16 +227,9 @@ def run_anomalib_capped(model, train: PatchFeatures, layers: list[str], coreset:
     update over all N rows), so the full selection is extrapolated linearly from the difference."""
     from anomalib.models.components.sampling import KCenterGreedy
 
-    idx = list(model.layers)
-    fed = model.feature_extractor
-    dummy = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
-    model.train()
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for maps in _batches(train, layers, idx):
-            fed.maps = maps
-            model(dummy.expand(len(next(iter(maps.values()))), -1, -1, -1))
-        embedding = torch.vstack(model.embedding_store)
+    _anomalib_embed(model, train, layers)
+    embedding = torch.vstack(model.embedding_store)
     embed_s = time.perf_counter() - t0
     n_total, times = int(len(embedding) * coreset), []
     for k in (steps, 2 * steps):

@@ -111,35 +111,41 @@ def _report(interface: str, outcomes: dict[str, str | None], n_a: int) -> None:
 
 
 # ---- (a) Python API ----------------------------------------------------------------------------------------------
-def _api(k: B.Kind, path):
+def _api(k: B.Kind, path, streaming: bool = False):
     if k.kind == "image":
         return load_files([str(path)])
     if k.kind in ("masked", "folder", "zip"):
         return load_data(str(path))
     if k.kind == "hf":
         if path is None:  # the token kind: a private repository on the (simulated) Hub
-            return load_hf("someone/private", token=B.SPACED_TOKEN)
-        return load_hf(str(path), local=True)
+            return load_hf("someone/private", token=B.SPACED_TOKEN, streaming=streaming)
+        return load_hf(str(path), local=True, streaming=streaming)
     if k.kind == "run":
         return Run.load(path)
     raise AssertionError(k.kind)
 
 
-def test_api(tmp_path, good_run, fake_hub):
+@pytest.mark.parametrize("streaming", [False, True], ids=["all", "hf-streaming"])
+def test_api(tmp_path, good_run, fake_hub, streaming):
+    """Every kind; with ``streaming`` the Hugging Face kinds read as a stream end as without it."""
     outcomes, (kinds, n_a) = {}, _inputs("api", tmp_path, good_run)
+    if streaming:
+        kinds, n_a = [(k, p) for k, p in kinds if k.kind == "hf"], n_a + sum(k.kind != "hf" for k, _ in kinds)
     for k, path in kinds:
         message = result = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = _api(k, path)
+                result = _api(k, path, streaming)
         except UadlabError as e:
             message = str(e)
         except Exception as e:  # noqa: BLE001 - counted as a failure of the kind
             outcomes[k.name] = f"raised {type(e).__name__} (not UadlabError): {e}"
             continue
         outcomes[k.name] = _judge(k, message, result, tmp_path)
-    _report("API", outcomes, n_a)
+        if streaming and result is not None and not all(s.image is None and s.path for s in result.train):
+            outcomes[k.name] = "streamed samples hold their images in memory"
+    _report("API, streaming" if streaming else "API", outcomes, n_a)
 
 
 # ---- (b) CLI -------------------------------------------------------------------------------------------------------
@@ -269,29 +275,6 @@ def test_app(app, tmp_path, good_run, fake_hub, monkeypatch):  # noqa: F811
             outcome = "the next call failed"
         outcomes[k.name] = outcome
     _report("app", outcomes, n_a)
-
-
-def test_api_hf_streaming(tmp_path, good_run, fake_hub):
-    """Every Hugging Face kind read with ``streaming=True`` ends as without it: same messages, same samples."""
-    outcomes, (kinds, _) = {}, _inputs("api", tmp_path, good_run)
-    kinds = [(k, p) for k, p in kinds if k.kind == "hf"]
-    for k, path in kinds:
-        message = result = None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = load_hf("someone/private" if path is None else str(path), local=path is not None,
-                                 token=B.SPACED_TOKEN if path is None else None, streaming=True)
-        except UadlabError as e:
-            message = str(e)
-        except Exception as e:  # noqa: BLE001 - counted as a failure of the kind
-            outcomes[k.name] = f"raised {type(e).__name__} (not UadlabError): {e}"
-            continue
-        outcomes[k.name] = _judge(k, message, result, tmp_path)
-        if result is not None:
-            assert all(s.image is None and s.path for s in result.train + result.test), "streamed samples are files"
-    assert len(outcomes) >= 8
-    _report("API, streaming", outcomes, 0)
 
 
 # ---- skip-bad, runs list, labels ------------------------------------------------------------------------------------

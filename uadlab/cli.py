@@ -78,7 +78,7 @@ def _data_args(p: argparse.ArgumentParser, help: str = "demo | FOLDER | ZIP | hf
 
 def _hf(a) -> dict:
     """Keyword arguments of ``load_data`` for a Hugging Face dataset."""
-    return {"streaming": True} if a.hf_streaming and a.data.startswith("hf:") else {}
+    return {"streaming": True, "progress": _progress_bar()} if a.hf_streaming and a.data.startswith("hf:") else {}
 
 
 def feature_cache(a):

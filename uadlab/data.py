@@ -43,6 +43,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import medical
 from .errors import DataError, short_reason as _reason
+from .progress import Progress, ProgressFn, Stages
 from .safety import clean_token, scrub
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -682,7 +683,7 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
             label_column: str | None = "label", mask_column: str | None = None, category_column: str | None = None,
             config: str | None = None, token: str | None = None, limit: int | None = None,
             skip_bad: bool = False, local: bool = False, streaming: bool = False,
-            spool: str | os.PathLike | None = None) -> Dataset:
+            spool: str | os.PathLike | None = None, progress: ProgressFn | None = None) -> Dataset:
     """A Hugging Face dataset through ``datasets`` (Hub id; with ``local`` also a folder on this machine).
 
     The train split keeps only normal images (label 0, or all when there is no label column); labels follow
@@ -696,6 +697,7 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
             and the samples read those files, as a folder's do. Without it, ``datasets`` downloads and caches
             the whole dataset and the samples hold their images in memory.
         spool: the folder for streamed images; None: a temporary folder owned by the dataset (removed with it).
+        progress: reports the rows read per split (streaming), with the total where the dataset tells it.
     """
     import datasets
 
@@ -736,10 +738,12 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
         owner = tempfile.TemporaryDirectory(prefix="uadlab-hf-")
         spool = owner.name
     ds = Dataset(where, owner=owner)
+    stages = Stages(progress, [1] * len(parts))
     try:
         for part, target in ((split, ds.train), (test_split, ds.test)):
             if part in parts:
-                rows = _hf_rows(dd[part], part, limit, streaming, where, token, ds.warnings, skip_bad)
+                report = stages.stage(f"reading {part} of {where}", "rows")
+                rows = _hf_rows(dd[part], part, limit, streaming, where, token, ds.warnings, skip_bad, report)
                 for name, row in rows:
                     try:  # a stream meets its label values as it goes
                         if has_label and row[label_column] not in labels:
@@ -771,7 +775,7 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
 
 
 def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: str, token: str | None,
-             warn: list[str], skip_bad: bool) -> Iterable[tuple[str, dict]]:
+             warn: list[str], skip_bad: bool, report: ProgressFn) -> Iterable[tuple[str, dict]]:
     """(name, row) of the first ``limit`` rows of one split; a row that does not decode is bad input."""
     if not streaming:
         for i in range(len(table) if limit is None else min(limit, len(table))):
@@ -787,6 +791,9 @@ def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: s
     for col, feat in table.features.items():
         if isinstance(feat, datasets.Image):
             table = table.cast_column(col, datasets.Image(decode=False))
+    info = table.info.splits.get(part) if table.info and table.info.splits else None
+    known = [n for n in (limit, getattr(info, "num_examples", None)) if n]
+    total = min(known) if known else 0  # 0: a stream of unknown length
     it = iter(table)
     i = 0
     while limit is None or i < limit:
@@ -799,6 +806,7 @@ def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: s
                                   token)) from None
         yield f"{part}/{i:05d}", row
         i += 1
+        report(Progress(i, total))
 
 
 def _hf_sample(row: dict, name: str, label: int, image_column: str, mask_column: str | None,

@@ -43,7 +43,8 @@ class Progress:
     @property
     def text(self) -> str:
         """e.g. ``fitting patchcore: 120/400 steps, loss 0.0123, about 35 s left``."""
-        parts = [f"{self.done}/{self.total} {self.unit}".strip()] if self.total else []
+        parts = [f"{self.done}/{self.total} {self.unit}".strip()] if self.total else \
+            [f"{self.done} {self.unit}".strip()] if self.done else []  # a count without a known total
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4g}")
         if self.eta_s is not None and self.done < self.total:

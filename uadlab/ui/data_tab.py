@@ -10,7 +10,7 @@ from .. import safety as S
 from ..data import DataError, Dataset
 from ..demo import CATEGORIES
 from ..workspace import Workspace, describe, source_label, thumbnail
-from .common import in_panel, open_workspace, ui_errors
+from .common import in_panel, open_workspace, reporter, ui_errors
 
 SOURCES = ["Demo (offline)", "Upload", "Local folder", "Hugging Face dataset"]
 UPLOAD_TYPES = ["image", ".dcm", ".nii", ".gz"]  # images, DICOM files, NIfTI volumes (.nii, .nii.gz)
@@ -70,11 +70,12 @@ def data_view(ws: Workspace, ds: Dataset, choice: dict):
     return md, preview, bad, gr.update(choices=["all"] + cats, value=category)
 
 
-def _open(ws: Workspace, choice: dict, category: str | None, token: str | None = None, new_upload: bool = False):
+def _open(ws: Workspace, choice: dict, category: str | None, token: str | None = None, new_upload: bool = False,
+          progress=None):
     choice["category"] = category or "all"
     if choice["kind"] != "demo" and category in CATEGORIES:
         choice["category"] = "all"  # the demo's default category means nothing for other data
-    return data_view(ws, ws.data.set(choice, token=token, new_upload=new_upload), choice)
+    return data_view(ws, ws.data.set(choice, token=token, new_upload=new_upload, progress=progress), choice)
 
 
 @ui_errors
@@ -103,8 +104,9 @@ def on_load_folder(user: str, category: str, folder: str):
 
 
 @ui_errors
-def on_load_hf(user: str, category: str, source: HfSource, hf_token: str | None):
-    return _open(open_workspace(user), source.choice(), category, token=S.clean_token(hf_token))
+def on_load_hf(user: str, category: str, source: HfSource, hf_token: str | None, progress=gr.Progress()):
+    return _open(open_workspace(user), source.choice(), category, token=S.clean_token(hf_token),
+                 progress=reporter(progress))
 
 
 @ui_errors
@@ -179,9 +181,11 @@ def build(user: gr.State) -> SimpleNamespace:
     def load_upload(user, category, zip_file, train, test, masks, unmasked):
         return on_load_upload(user, category, Upload(zip_file, train or [], test or [], masks or [], bool(unmasked)))
 
-    def load_hf(user, category, repo, config, split, test_split, limit, stream, image, label, mask, cat_col, token):
+    def load_hf(user, category, repo, config, split, test_split, limit, stream, image, label, mask, cat_col, token,
+                progress=gr.Progress()):
         return on_load_hf(user, category, HfSource(repo, config, split, test_split, image, label, mask, cat_col,
-                                                   None if limit in (None, "") else int(limit), bool(stream)), token)
+                                                   None if limit in (None, "") else int(limit), bool(stream)), token,
+                          progress)
 
     source.change(on_source_change, source, [g_demo, g_upload, g_folder, g_hf])
     loaded = [

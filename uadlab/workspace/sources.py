@@ -19,6 +19,7 @@ from PIL import Image
 from .. import medical
 from ..data import (IMAGE_EXTS, DataError, Dataset, Sample, file_stem, load_files, load_hf, load_mvtec, load_unpacked,
                     safe_extract_zip)
+from ..progress import ProgressFn
 from ..safety import confine, hub_id, limits, resolve_local_folder
 from .session import ID_RE, LRU
 
@@ -34,8 +35,9 @@ def demo_kwargs() -> dict[str, Any]:
     return json.loads(raw) if raw.strip() else {}
 
 
-def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None) -> Dataset:
-    """A dataset from a data choice, category applied."""
+def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None,
+                progress: ProgressFn | None = None) -> Dataset:
+    """A dataset from a data choice, category applied (``progress``: the rows of a streamed dataset)."""
     kind = choice.get("kind")
     if kind == "demo":
         from ..demo import make_demo
@@ -62,7 +64,7 @@ def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None)
                      mask_column=opt("mask_column"), category_column=opt("category_column"), config=opt("config"),
                      token=token or None, limit=min(int(choice.get("limit") or cap), cap), skip_bad=True,
                      streaming=streaming, spool=uploads.parent / "hf" / hashlib.sha256(key.encode()).hexdigest()[:16]
-                     if streaming else None)
+                     if streaming else None, progress=progress)
     else:
         raise DataError(f"unknown data source {kind!r}")
     cat = choice.get("category")
@@ -173,15 +175,17 @@ class DataSources:
         except (OSError, json.JSONDecodeError):
             return None
 
-    def dataset(self, choice: dict[str, Any] | None = None, token: str | None = None) -> Dataset:
+    def dataset(self, choice: dict[str, Any] | None = None, token: str | None = None,
+                progress: ProgressFn | None = None) -> Dataset:
         """The dataset of ``choice`` (default: the current one), cached per user."""
         choice = choice or self.choice()
         if choice is None:
             raise DataError("no data loaded yet: choose a data source in the Data tab")
         key = (self.ws.user, json.dumps(choice, sort_keys=True))
-        return _DATASETS.get(key, lambda: open_source(choice, self.uploads, token))
+        return _DATASETS.get(key, lambda: open_source(choice, self.uploads, token, progress))
 
-    def set(self, choice: dict[str, Any], token: str | None = None, new_upload: bool = False) -> Dataset:
+    def set(self, choice: dict[str, Any], token: str | None = None, new_upload: bool = False,
+            progress: ProgressFn | None = None) -> Dataset:
         """Open a data source, make it the current one (saved to disk, without any token) and return it.
 
         Args:
@@ -191,7 +195,7 @@ class DataSources:
         choice = {k: v for k, v in choice.items() if k != "token"}
         _DATASETS.drop(lambda k: k == (self.ws.user, json.dumps(choice, sort_keys=True)))
         try:
-            ds = self.dataset(choice, token)
+            ds = self.dataset(choice, token, progress)
             if not ds.train and not ds.test:
                 raise DataError(f"{ds.name}: no usable images")
         except Exception:

@@ -46,10 +46,13 @@ def good_run(tmp_path_factory, tiny_demo) -> Path:
 
 
 @pytest.fixture
-def fake_hub(monkeypatch):
+def fake_hub(monkeypatch, tmp_path):
     """``datasets.load_dataset`` as the Hub would answer: ids under ``uadlab-test/`` open registered local
-    folders; any other id fails with the token in the error, as an HTTP header error does."""
+    folders (under ``tmp_path``, which stands for the download cache, where the Hub's files would be); any
+    other id fails with the token in the error, as an HTTP header error does."""
     import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
 
     served: dict[str, str] = {}
     real = datasets.load_dataset

@@ -211,6 +211,25 @@ def test_hf_streaming_stops_at_the_limit(monkeypatch):
         load_hf("someone/endless", streaming=True)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_rows_cannot_name_files_of_this_machine(tmp_path, monkeypatch, streaming):
+    """A Hub dataset whose image cells hold a path instead of bytes reads that path only where ``datasets``
+    downloads to: anything else on a shared server (another user's images) is refused, naming the row."""
+    datasets = pytest.importorskip("datasets")
+    secret = _png(tmp_path / "someone_elses.png", np.full((16, 16, 3), 7, np.uint8))
+    feats = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64")})
+    rows = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": str(secret)}], "label": [0]}, features=feats)
+    rows = rows.cast_column("image", datasets.Image())
+    fake = lambda *a, streaming=False, **k: datasets.IterableDatasetDict(train=rows.to_iterable_dataset()) \
+        if streaming else datasets.DatasetDict(train=rows)  # noqa: E731
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    with pytest.raises(DataError, match=r"train/00000: the row names a file of this machine"):
+        load_hf("someone/crafted", streaming=streaming)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))  # a file datasets downloaded
+    ds = load_hf("someone/crafted", streaming=streaming)  # kept: a streamed dataset owns its files
+    assert np.asarray(ds.train[0].load())[0, 0, 0] == 7
+
+
 def test_load_data_errors(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_data(str(tmp_path / "missing"))

@@ -647,26 +647,50 @@ def _open_hf(repo_id: str, config: str | None, token: str | None, local: bool, s
 _FORMAT_EXT = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp", "WEBP": ".webp"}
 
 
-def _spool(cell: Any, dest: Path, name: str, token: str | None) -> str:
-    """Writes one undecoded image cell (``{"bytes", "path"}``) to ``dest`` + the extension of its format.
+def _cell_image(cell: Any, name: str, token: str | None, local: bool) -> tuple[bytes, Image.Image]:
+    """The bytes and the (lazily decoded) image of one undecoded image cell (``{"bytes", "path"}``).
 
-    The bytes are written as they are (no re-encoding; 16-bit PNGs stay 16-bit); formats that folders do not
-    read become PNG. Cells holding only a path (image folders) are read from it. Returns the file's path.
+    A cell with only a path (image folders) is read from it: a URL of the dataset's host, a file that
+    ``datasets`` downloaded into its caches, or with ``local`` any file of this machine. A Hub dataset whose
+    cell names another file of this machine is refused: on a shared server it would read other files (other
+    users' images) into this user's data.
     """
     data = cell.get("bytes") if isinstance(cell, dict) else None
-    if data is None and isinstance(cell, dict) and cell.get("path"):
+    path = cell.get("path") if isinstance(cell, dict) else None
+    if data is None and path:
+        if not local and ("://" not in path or path.startswith("file:")) and not _in_hf_cache(path):
+            raise DataError(f"{name}: the row names a file of this machine instead of holding an image")
         from datasets import DownloadConfig
         from datasets.utils.file_utils import xopen
 
-        with xopen(cell["path"], "rb", download_config=DownloadConfig(token=token)) as f:
-            data = f.read()
+        try:
+            with xopen(path, "rb", download_config=DownloadConfig(token=token)) as f:
+                data = f.read()
+        except Exception as e:  # noqa: BLE001 - gone, unreachable or refused
+            raise DataError(scrub(f"{name}: cannot read the image ({type(e).__name__}: {_reason(e)})",
+                                  token)) from None
     if not data:
         raise DataError(f"{name}: the row holds no image")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.verify()  # the header and (for PNG) the checksums; a full decode follows in ``validate``
+        Image.open(io.BytesIO(data)).verify()  # the header and (PNG) the checksums; ``validate`` decodes it all
+        return data, Image.open(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged bytes
         raise DataError(f"{name}: cannot decode the row ({_reason(e)})") from None
+
+
+def _in_hf_cache(path: str) -> bool:
+    """Whether ``path`` lies in the caches where ``datasets`` and ``huggingface_hub`` put downloaded files."""
+    import datasets
+    from huggingface_hub import constants
+
+    real = Path(path.removeprefix("file://")).resolve()
+    return any(real.is_relative_to(Path(d).resolve())
+               for d in (datasets.config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE))
+
+
+def _spool(data: bytes, img: Image.Image, dest: Path) -> str:
+    """Writes an image's bytes to ``dest`` + the extension of its format, as they are (no re-encoding: a
+    16-bit PNG stays 16-bit); formats that folders do not read become PNG. Returns the file's path."""
     ext = _FORMAT_EXT.get(img.format)
     out = dest.with_suffix(ext or ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -674,7 +698,7 @@ def _spool(cell: Any, dest: Path, name: str, token: str | None) -> str:
     if ext:
         tmp.write_bytes(data)
     else:
-        Image.open(io.BytesIO(data)).save(tmp, format="PNG")
+        img.save(tmp, format="PNG")
     os.replace(tmp, out)
     return str(out)
 
@@ -688,7 +712,8 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
 
     The train split keeps only normal images (label 0, or all when there is no label column); labels follow
     ``label_mapping`` (class names, never indices). The token is stripped, used for this call only, and never
-    appears in a message.
+    appears in a message. Images are read from the cells' bytes (see ``_cell_image``: a Hub dataset cannot make
+    this machine read its own files).
 
     Args:
         limit: read at most this many rows of each split.
@@ -743,7 +768,7 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
         for part, target in ((split, ds.train), (test_split, ds.test)):
             if part in parts:
                 report = stages.stage(f"reading {part} of {where}", "rows")
-                rows = _hf_rows(dd[part], part, limit, streaming, where, token, ds.warnings, skip_bad, report)
+                rows = _hf_rows(dd[part], part, limit, streaming, where, token, report)
                 for name, row in rows:
                     try:  # a stream meets its label values as it goes
                         if has_label and row[label_column] not in labels:
@@ -754,8 +779,8 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
                     if part == split and label == 1:
                         continue  # train on normal images only
                     try:
-                        s = _hf_sample(row, name, label, image_column, mask_column, category_column,
-                                       None if spool is None else Path(spool, *name.split("/")), token)
+                        s = _hf_sample(row, name, label, (image_column, mask_column, category_column),
+                                       None if spool is None else Path(spool, *name.split("/")), token, local)
                     except DataError as e:
                         _bad(e, skip_bad, ds.warnings)
                         continue
@@ -775,22 +800,19 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
 
 
 def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: str, token: str | None,
-             warn: list[str], skip_bad: bool, report: ProgressFn) -> Iterable[tuple[str, dict]]:
-    """(name, row) of the first ``limit`` rows of one split; a row that does not decode is bad input."""
-    if not streaming:
-        for i in range(len(table) if limit is None else min(limit, len(table))):
-            name = f"{part}/{i:05d}"
-            try:
-                yield name, table[i]
-            except Exception as e:  # noqa: BLE001 - a row whose image does not decode
-                _bad(DataError(f"{name}: cannot decode the row ({_reason(e)})"), skip_bad, warn)
-        return
+             report: ProgressFn) -> Iterable[tuple[str, dict]]:
+    """(name, row) of the first ``limit`` rows of one split, image cells undecoded (``{"bytes", "path"}``)."""
     import datasets
 
-    # undecoded cells ({"bytes", "path"}): written to files as they are, decoded once when checked
     for col, feat in table.features.items():
         if isinstance(feat, datasets.Image):
             table = table.cast_column(col, datasets.Image(decode=False))
+    if not streaming:
+        n = len(table) if limit is None else min(limit, len(table))
+        for i in range(n):
+            yield f"{part}/{i:05d}", table[i]
+            report(Progress(i + 1, n))
+        return
     info = table.info.splits.get(part) if table.info and table.info.splits else None
     known = [n for n in (limit, getattr(info, "num_examples", None)) if n]
     total = min(known) if known else 0  # 0: a stream of unknown length
@@ -809,17 +831,24 @@ def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: s
         report(Progress(i, total))
 
 
-def _hf_sample(row: dict, name: str, label: int, image_column: str, mask_column: str | None,
-               category_column: str | None, spool: Path | None, token: str | None) -> Sample:
-    """A Sample of one row: in memory, or with ``spool`` its image (and mask) written to ``spool`` + extension."""
-    category = str(row[category_column]) if category_column else "default"
-    mask = row[mask_column] if mask_column else None
+def _hf_sample(row: dict, name: str, label: int, columns: tuple[str, str | None, str | None],
+               spool: Path | None, token: str | None, local: bool) -> Sample:
+    """A Sample of one row: its image in memory, or with ``spool`` written to ``spool`` + extension (the mask
+    too, when it is an image column)."""
+    image_column, mask_column, category_column = columns
+    data, img = _cell_image(row[image_column], name, token, local)
+    s = Sample(name, label=label, category=str(row[category_column]) if category_column else "default")
     if spool is None:
-        return Sample(name, image=row[image_column], label=label, mask=None if mask is None else np.asarray(mask),
-                      category=category)
-    s = Sample(name, path=_spool(row[image_column], spool, name, token), label=label, category=category)
+        s.image = img
+    else:
+        s.path = _spool(data, img, spool)
+    mask = row[mask_column] if mask_column else None
     if isinstance(mask, dict):  # an image column, undecoded
-        s.mask_path = _spool(mask, spool.with_name(spool.name + "_mask"), f"{name} (mask)", token)
+        mdata, mimg = _cell_image(mask, f"{name} (mask)", token, local)
+        if spool is None:
+            s.mask = np.asarray(mimg)
+        else:
+            s.mask_path = _spool(mdata, mimg, spool.with_name(spool.name + "_mask"))
     elif mask is not None:
         s.mask = np.asarray(mask)
     return s

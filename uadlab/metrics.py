@@ -1,9 +1,11 @@
-"""Image- and pixel-level metrics: AUROC, AP, F1-max, AUPRO; curve points for plotting."""
+"""Image- and pixel-level metrics: AUROC, AP, F1-max, AUPRO; curve points for plotting.
+
+scikit-learn and SciPy are imported on first use: with pandas and pyarrow behind them they add ~150 MB to a
+process, which a fit (the memory peak of ``uadlab fit`` / ``bench``) does not need.
+"""
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 
 def _both_classes(labels: np.ndarray) -> bool:
@@ -11,6 +13,8 @@ def _both_classes(labels: np.ndarray) -> bool:
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    from sklearn.metrics import precision_recall_curve
+
     p, r, _ = precision_recall_curve(labels, scores)
     return float(np.max(2 * p * r / np.clip(p + r, 1e-12, None)))
 
@@ -21,6 +25,8 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if not _both_classes(labels):
         return {"auroc": float("nan"), "ap": float("nan"), "f1max": float("nan")}
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     return {"auroc": float(roc_auc_score(labels, scores)), "ap": float(average_precision_score(labels, scores)),
             "f1max": f1_max(labels, scores)}
 
@@ -36,6 +42,8 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, num_thres
         masks: (N, H, W) binary ground truth.
         maps: (N, H, W) anomaly maps.
     """
+    from scipy import ndimage
+
     masks = np.asarray(masks).astype(bool)
     maps = np.asarray(maps, dtype=np.float64)
     if not masks.any() or masks.all():
@@ -111,6 +119,8 @@ def curves(labels, scores, max_points: int = 200) -> dict[str, list[float]]:
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if not _both_classes(labels):
         return {"fpr": [], "tpr": [], "precision": [], "recall": []}
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
     fpr, tpr, _ = roc_curve(labels, scores)
     p, r, _ = precision_recall_curve(labels, scores)
 

@@ -271,3 +271,41 @@ def test_tokens_are_never_echoed_logged_or_stored(app, trained, caplog):
         assert needle not in caplog.text
         assert needle.encode() not in stored + export.read_bytes() + exported
     assert str(app.W.workspace_root()) not in "".join(messages)
+
+
+def test_hf_dataset_streams_into_the_users_workspace(app, tmp_path, monkeypatch):
+    """The app streams a Hub dataset (its default): only the rows up to the limit are read, into the user's own
+    workspace (another user's data folder stays empty); stale streamed folders of other choices are pruned."""
+    import io
+    import os
+    import time
+
+    import datasets
+
+    buf = []
+    for i in range(30):
+        b = io.BytesIO()
+        Image.fromarray(np.full((32, 32, 3), 8 * i, np.uint8)).save(b, format="PNG")
+        buf.append({"bytes": b.getvalue(), "path": None})
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["good", "crack"])})
+    table = datasets.Dataset.from_dict({"image": buf, "label": [0] * 25 + [1] * 5}, features=feats)
+    calls = []
+
+    def load_dataset(repo_id, config=None, token=None, streaming=False, **kw):
+        calls.append(streaming)
+        split = table.to_iterable_dataset() if streaming else table
+        return (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)(train=split, test=split)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    user, other = app.header.on_start(None)[0], app.header.on_start(None)[0]
+    ws = app.W.Workspace(user)
+    stale = ws.dir / "hf" / "0123456789abcdef"
+    stale.mkdir(parents=True)
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    md, *_ = _load(app, user, "Hugging Face dataset", hf_repo="someone/parts", hf_limit=12)
+    assert calls and all(calls), "the app streams"
+    assert md.splitlines()[-1].split("|")[1:4] == [" 12 ", " 12 ", " 0 "], md  # 12 rows read per split
+    ds = ws.data.dataset()
+    assert all(Path(s.path).is_relative_to(ws.dir / "hf") for s in ds.train + ds.test)
+    assert not stale.exists()
+    assert not (app.W.Workspace(other).dir / "hf").exists()

@@ -77,8 +77,10 @@ def _data_args(p: argparse.ArgumentParser, help: str = "demo | FOLDER | ZIP | hf
 
 
 def _hf(a) -> dict:
-    """Keyword arguments of ``load_data`` for a Hugging Face dataset."""
-    return {"streaming": True, "progress": _progress_bar()} if a.hf_streaming and a.data.startswith("hf:") else {}
+    """Keyword arguments of ``load_data`` for a Hugging Face dataset (a progress bar of the rows read)."""
+    if not a.data.startswith("hf:"):
+        return {}
+    return {"streaming": a.hf_streaming, "progress": _progress_bar()}
 
 
 def feature_cache(a):

@@ -56,15 +56,14 @@ def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None,
         repo = hub_id(choice.get("repo"), "dataset")
         opt = lambda k: (str(choice.get(k) or "").strip() or None)  # noqa: E731
         cap = limits().upload_images
-        streaming = bool(choice.get("streaming", True))
-        # streamed rows become files of this user's workspace, one folder per dataset choice (any category)
-        key = json.dumps({k: v for k, v in choice.items() if k != "category"}, sort_keys=True)
+        spool = hf_spool(uploads, choice) if choice.get("streaming", True) else None
         ds = load_hf(repo, split=opt("split") or "train", test_split=opt("test_split"),
                      image_column=opt("image_column") or "image", label_column=opt("label_column"),
                      mask_column=opt("mask_column"), category_column=opt("category_column"), config=opt("config"),
                      token=token or None, limit=min(int(choice.get("limit") or cap), cap), skip_bad=True,
-                     streaming=streaming, spool=uploads.parent / "hf" / hashlib.sha256(key.encode()).hexdigest()[:16]
-                     if streaming else None, progress=progress)
+                     streaming=spool is not None, spool=spool, progress=progress)
+        if spool is not None and spool.exists():
+            os.utime(spool)  # in use: not pruned (``DataSources._prune_streamed``)
     else:
         raise DataError(f"unknown data source {kind!r}")
     cat = choice.get("category")
@@ -73,6 +72,13 @@ def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None,
             raise DataError(f"{ds.name}: no category {cat!r} (have {', '.join(ds.categories)})")
         ds = ds.category(cat)
     return ds
+
+
+def hf_spool(uploads: Path, choice: dict[str, Any]) -> Path:
+    """Where the streamed rows of a Hugging Face choice are written: this user's workspace, one folder per
+    dataset choice (whatever its category)."""
+    key = json.dumps({k: v for k, v in choice.items() if k != "category"}, sort_keys=True)
+    return uploads.parent / "hf" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _confined(ds: Dataset, folder: Path) -> Dataset:
@@ -194,6 +200,9 @@ class DataSources:
         """
         choice = {k: v for k, v in choice.items() if k != "token"}
         _DATASETS.drop(lambda k: k == (self.ws.user, json.dumps(choice, sort_keys=True)))
+        if choice.get("kind") == "hf":
+            self._prune_streamed(keep=hf_spool(self.uploads, choice))
+            self.ws.check_disk()  # streamed rows are written into the workspace
         try:
             ds = self.dataset(choice, token, progress)
             if not ds.train and not ds.test:
@@ -206,6 +215,13 @@ class DataSources:
         tmp.write_text(json.dumps(choice))
         os.replace(tmp, self.ws.dir / "data.json")
         return ds
+
+    def _prune_streamed(self, keep: Path, idle_s: float = 3600) -> None:
+        """Remove the streamed rows of other Hugging Face choices unused for ``idle_s``: they can be streamed
+        again, and would otherwise fill the workspace's disk quota."""
+        for d in (self.uploads.parent / "hf").glob("*"):
+            if d != keep and d.is_dir() and time.time() - d.stat().st_mtime > idle_s:
+                shutil.rmtree(d, ignore_errors=True)
 
     def categories(self, choice: dict[str, Any]) -> list[str]:
         """Every category of the choice's source (the choice itself may be one of them)."""

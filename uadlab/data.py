@@ -722,7 +722,7 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
             and the samples read those files, as a folder's do. Without it, ``datasets`` downloads and caches
             the whole dataset and the samples hold their images in memory.
         spool: the folder for streamed images; None: a temporary folder owned by the dataset (removed with it).
-        progress: reports the rows read per split (streaming), with the total where the dataset tells it.
+        progress: reports the rows read per split, out of the total where the dataset tells it.
     """
     import datasets
 

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(a.threads)
     ds = load_mvtec(a.data, categories=[a.category])
     spec = backbone_spec(OFFLINE_DEFAULT, SIZE)
-    heads = {m: get_method_class(m).from_preset("quick", knn="exact") for m in a.methods.split(",")}
-    layers = sorted({l for h in heads.values() for l in h.layers_for(spec)})
+    methods = a.methods.split(",")
+    layers = sorted({l for m in methods for l in get_method_class(m).from_preset("quick").layers_for(spec)})
     bb = Backbone(OFFLINE_DEFAULT, layers=layers, image_size=SIZE)
     sizes = [int(x) for x in a.sizes.split(",")]
     train_all = bb.extract([s.load() for s in ds.train[:max(sizes)]], batch_size=16)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       for s in ds.test])
     rows = []
     for n in sizes:
-        for name in heads:
+        for name in methods:
             head = get_method_class(name).from_preset("quick", knn="exact")
             mine = head.layers_for(spec)
             t0 = time.perf_counter()

@@ -54,7 +54,8 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
     callback per fit and per evaluation (the CLI's progress bar). ``data_kwargs`` go to ``load_data`` (e.g.
     ``streaming=True`` for a Hugging Face dataset)."""
     methods = config.methods
-    ds = data if isinstance(data, Dataset) else load_data(data, categories=categories, **(data_kwargs or {}))
+    data_kwargs = data_kwargs or {}
+    ds = data if isinstance(data, Dataset) else load_data(data, categories=categories, **data_kwargs)
     cats = list(categories) if categories else ds.categories
     cache = cache or FeatureCache(default_cache_dir())
     trained = [m for m in methods if not get_method_class(m).zero_shot]
@@ -85,7 +86,7 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
             for c in gcats:
                 test = [s for s in ds.test if s.category == c]
                 emit(run, c, test, backbone_ms(run, test))
-    pool = load_data(data, **(data_kwargs or {})) if zero_shot and categories and not isinstance(data, Dataset) else ds
+    pool = load_data(data, **data_kwargs) if zero_shot and categories and not isinstance(data, Dataset) else ds
     for c in cats if zero_shot else []:
         aux = auxiliary_set(pool, [c])  # the other categories' labelled test images, never c's
         run = make(zero_shot)

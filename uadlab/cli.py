@@ -157,8 +157,8 @@ def _type_name(hint) -> str:
 class ProgressBar:
     """A one-line progress bar on stderr: the whole job's share, the stage, its counts and ETA."""
 
-    def __init__(self, stream=sys.stderr, width: int = 24) -> None:
-        self.stream, self.width, self.stage = stream, width, None
+    def __init__(self, stream=None, width: int = 24) -> None:
+        self.stream, self.width, self.stage = stream or sys.stderr, width, None
 
     def __call__(self, p: Progress) -> None:
         if self.stage is not None and p.stage.split(":")[0] != self.stage:
@@ -201,10 +201,65 @@ def cmd_score(a) -> int:
     run = Run.load(a.run)
     p = Path(a.images)
     samples = load_data(str(p)).train if p.is_dir() else load_files([str(p)])
-    out = run.score(samples)
+    out = run.score(samples, progress=_progress_bar())
     rows = [{"image": s.name, **{m: float(sc.scores[i]) for m, sc in out.items()}} for i, s in enumerate(samples)]
+    if a.out:
+        written = write_heatmaps(run, samples, out, Path(a.out))
+        print(f"wrote {written} heatmap files to {a.out}", file=sys.stderr)
     print(json.dumps(rows, indent=2))
     return 0
+
+
+def _file_name(name: str) -> str:
+    """A sample's name as a file name: its stem, without folders or odd characters (``a/b c.png`` -> ``a_b_c``)."""
+    import re
+
+    stem = re.sub(r"\.(png|jpe?g|bmp|tiff?|dcm|nii|nii\.gz)$", "", name.split("#")[0], flags=re.I)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "image"
+
+
+def write_heatmaps(run, samples, scored, out: Path) -> int:
+    """Write each image's heatmap per method into ``out``: a PNG in the viewer's colours (viridis on the
+    calibrated scale 0..VMAX, 1 = the normal limit) at the image's own size; for the slices of a NIfTI volume
+    or a DICOM series, one NIfTI volume per method aligned with the input (calibrated values, same affine);
+    ``scores.csv`` holds every image score. Returns the number of files written."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from . import medical, viz
+
+    out.mkdir(parents=True, exist_ok=True)
+    methods = list(scored)
+    volumes: dict[tuple, list[int]] = {}
+    n = 0
+    for i, s in enumerate(samples):
+        src = s.source
+        if src is not None:  # a slice: "nifti" file + axis, or a DICOM series ("<series>/<instance>")
+            key = ("nifti", src.path, src.axis) if hasattr(src, "axis") else ("dicom", s.name.rsplit("/", 1)[0])
+            volumes.setdefault(key, []).append(i)
+            continue
+        shape = s.load().size[::-1]
+        for m in methods:
+            heat = medical.to_input_geometry(scored[m].maps[i], shape, run.backbone.resize, run.backbone.image_size)
+            Image.fromarray(viz.colormap(heat)).save(out / f"{_file_name(s.name)}_{m}_heatmap.png")
+            n += 1
+    for key, idx in volumes.items():
+        ref = key[1] if key[0] == "nifti" else [samples[i].source for i in idx]
+        stem = _file_name(samples[idx[0]].name if key[0] == "nifti" else key[1])
+        for m in methods:
+            heat = {(samples[i].source.index if key[0] == "nifti" else j):
+                    medical.to_input_geometry(scored[m].maps[i], samples[i].load().size[::-1], run.backbone.resize,
+                                              run.backbone.image_size) for j, i in enumerate(idx)}
+            medical.export_nifti(heat, ref, "xyz"[key[2]] if key[0] == "nifti" else "z",
+                                 path=out / f"{stem}_{m}_heatmap.nii.gz")
+            n += 1
+    with open(out / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", *methods])
+        w.writerows([s.name, *(f"{float(scored[m].scores[i]):.6g}" for m in methods)] for i, s in enumerate(samples))
+    return n + 1
 
 
 def cmd_eval(a) -> int:
@@ -214,7 +269,7 @@ def cmd_eval(a) -> int:
 
     run = Run.load(a.run)
     ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, **_hf(a))
-    res = run.evaluate(ds.test)
+    res = run.evaluate(ds.test, progress=_progress_bar())
     rows = [{"method": m, "category": ",".join(ds.categories), **{k: v for k, v in r.items() if k != "curves"},
              "backbone_ms": None, "peak_rss_mb": None} for m, r in res.items()]
     print(markdown(rows))
@@ -267,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score images with a saved run")
     p.add_argument("--run", required=True)
     p.add_argument("images", help="an image or a folder of images")
+    p.add_argument("--out", default=None, help="write the heatmaps into this folder: a PNG per image and method "
+                   "(the viewer's colours, the image's own size), a NIfTI per volume and method, scores.csv")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("eval", help="metrics of a saved run on a labelled test set")

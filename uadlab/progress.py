@@ -25,7 +25,7 @@ class Progress:
         stage: what runs ("extracting features: normal images", "fitting patchcore").
         loss: the training loss at this step, if any.
         overall: fraction of the whole job in [0, 1], when the job knows its stages.
-        eta_s: estimated seconds left in this stage (from its rate so far).
+        eta_s: estimated seconds left in this stage, from its measured rate (None until a few units are done).
     """
 
     done: int
@@ -65,9 +65,34 @@ def quiet(_: Progress) -> None:
     """A ProgressFn that reports nothing."""
 
 
+MIN_UNITS = 3  # units counted since a count's first report before its rate gives an ETA
+MIN_SECONDS = 0.5  # and that long: a rate over a few milliseconds says nothing
+
+
+class Rate:
+    """The ETA of one count from its measured rate: from the count's FIRST report on (the time before it, a
+    backbone loading or a projection, is not the count's rate), and only once a few units are done.
+
+    A count is (stage, unit, total): when another one starts (the coreset, then the index) it is measured anew.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock, self.key, self.t0, self.done0 = clock, None, 0.0, 0
+
+    def eta(self, p: Progress) -> float | None:
+        now, key = self.clock(), (p.stage, p.unit, p.total)
+        if key != self.key or p.done < self.done0:
+            self.key, self.t0, self.done0 = key, now, p.done
+            return None
+        units, elapsed = p.done - self.done0, now - self.t0
+        if p.total <= 0 or units < MIN_UNITS or elapsed < MIN_SECONDS:
+            return None
+        return elapsed / units * max(p.total - p.done, 0)
+
+
 class Stages:
     """Split a job into weighted stages; every event of a stage is re-emitted with its stage name, its place
-    in the whole job (``overall``) and an ETA from the stage's own rate.
+    in the whole job (``overall``) and an ETA from the measured rate of its current count (``Rate``).
 
     Args:
         report: where events go (None: nowhere).
@@ -84,18 +109,21 @@ class Stages:
         self.index, self.overall = 0, 0.0
 
     def stage(self, name: str, unit: str = "") -> ProgressFn:
-        """The callback for the next stage (announced at once with 0 done)."""
+        """The callback for the next stage (announced at once with 0 done).
+
+        An event carrying its own ``overall`` (a nested job: an evaluation's extraction, then scoring) moves
+        the bar by that share, else by its counts; the ETA comes from the measured rate of the current count.
+        """
         a, b = self.bounds[min(self.index, len(self.bounds) - 1)]
         self.index += 1
-        t0 = time.monotonic()
+        rate = Rate()
 
         def emit(p: Progress) -> None:
-            elapsed = time.monotonic() - t0
-            eta = elapsed / p.done * (p.total - p.done) if p.done > 0 and p.total > 0 else None
+            frac = p.fraction if p.overall is None else min(max(p.overall, 0.0), 1.0)
             # a stage may count several things in turn (a coreset, then an index): the bar never goes back
-            self.overall = max(self.overall, a + (b - a) * p.fraction)
+            self.overall = max(self.overall, a + (b - a) * frac)
             self.report(replace(p, stage=f"{name}: {p.stage}" if p.stage else name, unit=p.unit or unit,
-                                overall=self.overall, eta_s=eta))
+                                overall=self.overall, eta_s=rate.eta(p)))
 
         self.overall = max(self.overall, a)
         self.report(Progress(0, 0, unit, name, overall=self.overall))

@@ -8,7 +8,8 @@
     hub_tab.py      Hub: push a head, load one and score images
     explain_tab.py  Explain: one method's explanation of one image
     viewer.py       the heatmap viewer (viewer.js, viewer.css): linked zoom, overlays, threshold, keyboard
-    common.py       errors (kept in their panel), the session's workspace, progress
+    common.py       errors (kept in their panel), the session's workspace, progress (a live status line)
+    api.py          the scripting API: /train, /score, /compare, /evaluate (every other event is private)
 
 Callbacks are plain functions of a few typed inputs (the tests call them); they reach the package through
 ``uadlab.workspace``. Per-session state holds ids, never models; the browser keeps a random workspace id so
@@ -25,7 +26,7 @@ import gradio as gr
 
 from .. import safety as S
 from ..workspace import browser_secret, default_selection, examples, start_sweeper
-from . import annotate_tab, compare_tab, data_tab, explain_tab, header, hub_tab, train_tab
+from . import annotate_tab, api, compare_tab, data_tab, explain_tab, header, hub_tab, train_tab
 from .common import open_workspace, ui_errors
 
 CSS = """
@@ -65,6 +66,7 @@ def build_app() -> gr.Blocks:
         example_md = gr.Markdown(elem_id="example-status")
         example_stage = gr.State("none")
         ticker = gr.Timer(2.0, active=True)
+        api.build()  # /train, /score, /compare, /evaluate for gradio_client (README); nothing on screen
         with gr.Tabs(overflow_behavior="wrap"):  # every screen stays one tap away on a phone
             with gr.Tab("1 · Data", id="data"):
                 data = data_tab.build(user)
@@ -103,6 +105,7 @@ def build_app() -> gr.Blocks:
         refresh.click(*runs)
         run.change(on_run_change, [user, run], [compare.names, hub.method, explain.name, explain.method, run_info]
                    ).then(*compare.show).then(*annotate.show).then(*annotate.summary)
+    api.hide_internal(demo)  # the screens' events are theirs: a client sees the four named endpoints only
     return demo
 
 

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import logging
+import threading
+import time
 import traceback
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 
 from .. import safety as S
 from ..errors import UadlabError
-from ..progress import ProgressFn
+from ..progress import Progress, ProgressFn, format_seconds
 from ..workspace import Workspace, valid_user_id
 
 log = logging.getLogger("uadlab.app")
@@ -48,18 +51,76 @@ def error_text(message: str) -> str:
 
 def in_panel(fn: Callable, status: int, n_outputs: int) -> Callable:
     """Wire ``fn`` so that its error shows in its own panel: output ``status`` gets the message, the other
-    outputs keep what they show (instead of gradio blanking every output with "Error")."""
+    outputs keep what they show (instead of gradio blanking every output with "Error"). Generators too."""
+
+    def shown(e: gr.Error):
+        out = [gr.skip()] * n_outputs
+        out[status] = error_text(e.message)
+        return tuple(out) if n_outputs > 1 else out[0]
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streamed(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error as e:
+                yield shown(e)
+
+        return streamed
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except gr.Error as e:
-            out = [gr.skip()] * n_outputs
-            out[status] = error_text(e.message)
-            return tuple(out) if n_outputs > 1 else out[0]
+            return shown(e)
 
     return wrapper
+
+
+class LiveStatus:
+    """A ProgressFn that keeps the job's last event; ``html()`` is the status line a screen shows while the
+    job runs: a bar of the whole job, the stage with its counts and ETA, and the time so far (it ticks, so the
+    line visibly moves even while one step computes without reporting)."""
+
+    def __init__(self, what: str = "working") -> None:
+        self.what, self.last, self.t0 = what, None, time.monotonic()
+
+    def __call__(self, p: Progress) -> None:
+        self.last = p
+
+    def html(self) -> str:
+        p = self.last
+        frac = 0.0 if p is None else p.overall if p.overall is not None else p.fraction
+        text = self.what if p is None or not p.text else p.text
+        return (f'<div class="uad-progress" role="status" aria-live="polite"><progress max="1000" '
+                f'value="{round(frac * 1000)}"></progress> <b>{frac * 100:.0f}%</b> · {html.escape(text)} · '
+                f'{format_seconds(time.monotonic() - self.t0)} so far</div>')
+
+
+def streamed(job: Callable[[ProgressFn], Any], live: LiveStatus, n_outputs: int, status: int = 0,
+             every: float = 0.5) -> Iterator[Any]:
+    """Run ``job(progress)`` in a thread and yield the status line (``live.html()``, other outputs kept)
+    every ``every`` seconds until it ends; then yield its result (or raise its error)."""
+    result: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            result["out"] = job(live)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+            result["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=work, daemon=True, name="uadlab-job").start()
+    while not done.wait(every):
+        out = [gr.skip()] * n_outputs
+        out[status] = live.html()
+        yield tuple(out) if n_outputs > 1 else out[0]
+    if "error" in result:
+        raise result["error"]
+    yield result["out"]
 
 
 def open_workspace(user: str | None) -> Workspace:
@@ -68,6 +129,11 @@ def open_workspace(user: str | None) -> Workspace:
     return Workspace(user)
 
 
-def reporter(progress: gr.Progress) -> ProgressFn:
-    """A ProgressFn that moves gradio's progress bar (the job's share, the stage with counts and ETA)."""
+def reporter(progress: gr.Progress | ProgressFn | None) -> ProgressFn:
+    """A ProgressFn that moves gradio's progress bar (the job's share, the stage with counts and ETA); a
+    ProgressFn (a ``LiveStatus``) is used as it is."""
+    if progress is None:
+        return lambda p: None
+    if not isinstance(progress, gr.Progress):
+        return progress
     return lambda p: progress(p.overall if p.overall is not None else p.fraction, desc=p.text)

@@ -11,7 +11,7 @@ from ..medical import WINDOW_PRESETS
 from ..methods import get_method_class, list_methods
 from ..workspace import source_label, thumbnail
 from ..viz import metrics_frame
-from .common import in_panel, open_workspace, reporter, ui_errors
+from .common import LiveStatus, in_panel, open_workspace, reporter, streamed, ui_errors
 
 DEFAULT_METHODS = [m for m in ("patchcore", "anomalydino") if m in list_methods()]
 
@@ -35,7 +35,8 @@ def on_train_data(user: str):
 @ui_errors
 def on_train(user: str, backbone: str | None, methods: list[str], preset: str, image_size: float | None,
              aux_source: str, token: str | None, window: str = "auto", progress=gr.Progress()):
-    """Train, evaluate and save a run: (status, metrics table, the new run's id)."""
+    """Train, evaluate and save a run: (status, metrics table, the new run's id). ``progress``: gradio's
+    progress or any ProgressFn (the Train button passes a ``LiveStatus``)."""
     ws = open_workspace(user)
     run_id, evaluation = ws.runs.train(methods, backbone or None, preset,
                                        None if image_size in (None, "") else int(image_size), aux_source,
@@ -71,9 +72,16 @@ def build(user: gr.State) -> SimpleNamespace:
     status = gr.Markdown(elem_id="train-status")
     table = gr.Dataframe(label="Metrics on the labelled test images", interactive=False)
     new_run = gr.State(None)
-    # progress shows on the status line only: it never covers the run picker or the form
-    trained = train_btn.click(in_panel(on_train, status=0, n_outputs=3),
+
+    def train_live(user, backbone, methods, preset, image_size, aux_source, token, window):
+        # the status line is the progress: it shows from the first second (a bar, the stage with counts and
+        # ETA, the time so far) and is replaced by the result; the form and the run picker stay usable
+        live = LiveStatus("starting: loading the data and the backbone")
+        yield from streamed(lambda report: on_train(user, backbone, methods, preset, image_size, aux_source, token,
+                                                    window, progress=report), live, n_outputs=3)
+
+    trained = train_btn.click(in_panel(train_live, status=0, n_outputs=3),
                               [user, backbone, methods, preset, image_size, aux_source, token, window],
-                              [status, table, new_run],
-                              show_progress_on=[status], concurrency_limit=S.limits().trainings)
+                              [status, table, new_run], show_progress="hidden",
+                              concurrency_limit=S.limits().trainings)
     return SimpleNamespace(trained=trained, new_run=new_run, data_outputs=[data_md, data_preview])

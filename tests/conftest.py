@@ -80,50 +80,54 @@ def load_data(app, user, source, category="all", **kw):
     return d.on_load_hf(user, category, d.HfSource(**fields), kw.get("hf_token"))
 
 
-CHROMIUM = "/usr/bin/chromium"
+# browser helpers live in tests/helpers.py (re-exported here for the tests that import them from conftest)
+from helpers import CHROMIUM, chromium_path, free_port, in_ci, viewer_shares, viewer_transforms, wheel_zoom  # noqa: E402,F401
+
+_BROWSER_SKIPPED: list[str] = []
 
 
-def free_port() -> int:
-    import socket
+def _no_browser_reason() -> str | None:
+    if not chromium_path():
+        return (f"Chromium is not installed ({CHROMIUM} missing; `apt-get install -y chromium`, as .ci/run does)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (`pip install -r requirements-dev.txt`)"
+    return None
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser():
-    """A real headless Chromium (Debian's, driven by playwright); FAILS when it is missing (.ci/run installs it)."""
-    import shutil
-
-    exe = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
-    if not exe:
-        pytest.fail(f"Chromium is not installed ({CHROMIUM} missing): run `apt-get install -y chromium` "
-                    "(.ci/run does this) -- the browser tests need a real Chromium")
+    """A real headless Chromium (Debian's, driven by playwright). Without one the browser tests SKIP with a
+    loud notice (a fresh machine passes the README's test command); under CI=true (.ci/run) they FAIL."""
+    reason = _no_browser_reason()
+    if reason:
+        if in_ci():
+            pytest.fail(f"{reason}: CI=true requires the browser tests")
+        _BROWSER_SKIPPED.append(reason)
+        pytest.skip(f"browser test skipped: {reason}")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, headless=True,
+        b = p.chromium.launch(executable_path=chromium_path(), headless=True,
                               args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         yield b
         b.close()
 
 
-# ---- the heatmap viewer in a browser page (its root has the id "viewer") ----------------------------------
-def viewer_transforms(page) -> list[str]:
-    return page.eval_on_selector_all("#viewer .uadv-panel", "els => els.map(e => e.dataset.transform)")
+def pytest_report_header(config):
+    reason = _no_browser_reason()
+    return (f"browser tests: NOT RUN -- {reason}" + (" (CI=true: they will fail)" if in_ci() else "")) if reason \
+        else f"browser tests: Chromium at {chromium_path()}"
 
 
-def viewer_shares(page) -> list[float]:
-    return page.eval_on_selector_all("#viewer .uadv-share", "els => els.map(e => parseFloat(e.dataset.share))")
-
-
-def wheel_zoom(page, stage, at: tuple[float, float] = (0.5, 0.5)) -> list[str]:
-    """Wheel up over a panel's stage until the viewer zooms past 1.5x; return every panel's transform."""
-    stage.scroll_into_view_if_needed()
-    box = stage.bounding_box()
-    page.mouse.move(box["x"] + box["width"] * at[0], box["y"] + box["height"] * at[1])
-    page.mouse.wheel(0, -400)
-    page.wait_for_function("parseFloat(document.querySelector('#viewer').dataset.zoom) > 1.5")
-    page.wait_for_timeout(100)
-    return viewer_transforms(page)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _BROWSER_SKIPPED:
+        skipped = [r for r in terminalreporter.stats.get("skipped", []) if "browser test skipped" in str(r.longrepr)]
+        bar = "!" * 100
+        terminalreporter.write_line(bar, yellow=True, bold=True)
+        terminalreporter.write_line(f"{len(skipped)} BROWSER TESTS WERE SKIPPED: {_BROWSER_SKIPPED[0]}.", yellow=True,
+                                    bold=True)
+        terminalreporter.write_line("The app was NOT tested in a browser. Install Chromium to run them; CI (CI=true, "
+                                    ".ci/run) requires them.", yellow=True, bold=True)
+        terminalreporter.write_line(bar, yellow=True, bold=True)

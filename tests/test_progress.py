@@ -42,3 +42,24 @@ def test_nested_job_moves_the_outer_bar_through_its_stages():
     assert all(b > a for a, b in zip(seen, seen[1:])), seen  # the bar moves during scoring
     assert seen[0] < 0.97 and seen[-1] == pytest.approx(0.99)
     assert events[-1].stage == "evaluating: scoring" and "5/5 images" in events[-1].text
+
+
+def test_live_status_moves_between_events_but_never_past_the_stage():
+    from uadlab.ui.common import LiveStatus
+
+    clock = Clock()
+    events: list[Progress] = []
+    stages = Stages(events.append, [1, 1])
+    stages.stage("extracting")(Progress(4, 4, "images"))
+    live = LiveStatus("starting", clock=clock)
+    assert live.shown() == 0.0 and "starting" in live.html()
+    stages.stage("fitting")  # a stage that reports nothing for a while
+    live(events[-1])
+    assert events[-1].stage_end == 1.0 and events[-1].overall == 0.5
+    seen = []
+    for t in (0.0, 1.0, 5.0, 30.0, 3600.0):
+        clock.t = t
+        seen.append(live.shown())
+    assert seen[0] == 0.5 and all(b > a for a, b in zip(seen, seen[1:])) and seen[-1] < 1.0, seen
+    html = live.html()
+    assert "50%" in html and "fitting" in html and "1 h 00 min so far" in html

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import free_port, viewer_shares, viewer_transforms, wheel_zoom
+from helpers import free_port, next_frame, resize, viewer_shares, viewer_transforms, wait_until, wheel_zoom
 from uadlab.medical import voi_window
 from uadlab.ui.viewer import Panel, ViewItem, viewer_component, viewer_html
 from uadlab.viz import curves_figure, metrics_frame
@@ -91,10 +91,6 @@ def _wait_ready(page, index: int = 0, viewer: str = "viewer") -> None:
     page.wait_for_selector(f"#{viewer}[data-state=ready][data-index='{index}']", state="attached", timeout=30_000)
 
 
-def _next_frame(page) -> None:
-    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-
-
 def _pixels(page, selector: str, points: list[tuple[int, int]], image_w: int) -> np.ndarray:
     """RGB of a panel canvas at the centres of image pixels (x, y) (zoom 1: the canvas is the image, scaled)."""
     return np.array(page.eval_on_selector(selector, """(c, [pts, w]) => pts.map(([x, y]) => {
@@ -108,22 +104,31 @@ def _set_window(page, level: float, width: float) -> None:
     page.fill("#viewer-width", str(width))
     page.wait_for_function(f"document.querySelector('#viewer').dataset.level === '{level}' && "
                            f"document.querySelector('#viewer').dataset.width === '{width}'")
-    _next_frame(page)
+    next_frame(page)
 
 
 def _window(v: np.ndarray, level: float, width: float) -> np.ndarray:
     return voi_window(level, width)(np.asarray(v, float)) * 255
 
 
-def test_viewer_in_chromium(served, browser, tmp_path_factory):
-    url, items = served
-    shots = tmp_path_factory.mktemp("viewer-shots")
+@pytest.fixture(scope="module")
+def page(served, browser, tmp_path_factory):
+    """One page at 1280 px for the module; each test leaves the viewer as it found it (view, window, item)."""
+    url, _ = served
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    errors = []
+    errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(url)
     _wait_ready(page)
+    page.shots = tmp_path_factory.mktemp("viewer-shots")
+    yield page
+    print(f"\nscreenshots: {page.shots}")
+    page.context.close()
+    assert not errors, errors
 
+
+def test_panels_and_shares(served, page):
+    _, items = served
     # panels: the original + one per method, each heatmap >= 512 px wide; caption = method and score
     panels = page.locator("#viewer .uadv-panel[data-kind=heat]")
     assert panels.count() == 3
@@ -132,12 +137,16 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     assert page.locator("#viewer .uadv-panel[data-method=patchcore] .uadv-score").inner_text() == \
         f"score {items[0].panels[0].image_score:.2f}"
     assert "1 / 2" in page.inner_text("#viewer .uadv-pos") and "img0<&>.png" in page.inner_text("#viewer .uadv-pos")
-    page.screenshot(path=str(shots / "viewer-1280.png"), full_page=True)
+    page.screenshot(path=str(page.shots / "viewer-1280.png"), full_page=True)
 
     # the share of pixels above the threshold is numpy's on the same map: the maps arrived intact
     for share, p in zip(viewer_shares(page), items[0].panels):
         assert abs(share - float((p.heat >= 1.0).mean())) < 2 / p.heat.size
 
+
+def test_linked_zoom_pan_and_enlarge(served, page):
+    _, items = served
+    panels = page.locator("#viewer .uadv-panel[data-kind=heat]")
     # linked zoom: a wheel on one panel zooms all panels identically
     before = viewer_transforms(page)
     zoomed = wheel_zoom(page, panels.nth(0).locator(".uadv-stage"), at=(0.6, 0.4))
@@ -152,7 +161,8 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     page.mouse.down()
     page.mouse.move(cx + 60, cy + 40, steps=6)
     page.mouse.up()
-    page.wait_for_timeout(100)
+    page.wait_for_function("""z => { const t = [...document.querySelectorAll('#viewer .uadv-panel')]
+        .map(e => e.dataset.transform); return t.every(x => x === t[0]) && t[0] !== z; }""", arg=zoomed[0])
     panned = viewer_transforms(page)
     assert len(set(panned)) == 1 and panned != zoomed and panned[0].split()[0] == zoomed[0].split()[0], panned
     assert page.locator("#viewer-modal").count() == 0
@@ -167,6 +177,9 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     page.keyboard.press("Escape")
     page.wait_for_selector("#viewer-modal", state="detached")
 
+
+def test_threshold_typed_and_dragged(served, page):
+    _, items = served
     # a typed threshold applies at every keystroke (input event), the slider follows
     share_before = viewer_shares(page)
     page.fill("#viewer-thr-num", "2.2")
@@ -188,8 +201,13 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     assert 0 < dragged < 1.2, dragged
     assert viewer_shares(page) != typed
     assert page.eval_on_selector("#viewer .uadv-share", "e => e.dataset.segments") != segments
-    page.screenshot(path=str(shots / "viewer-1280-threshold.png"), full_page=True)
+    page.screenshot(path=str(page.shots / "viewer-1280-threshold.png"), full_page=True)
+    page.fill("#viewer-thr-num", "1")
+    page.wait_for_function("document.querySelector('#viewer').dataset.threshold === '1'")
 
+
+def test_window_level(served, page):
+    _, items = served
     # window / level: the image panel's pixels go through the window; the identity (128 / 256) by default
     assert page.eval_on_selector("#viewer", "e => [e.dataset.level, e.dataset.width]") == ["128", "256"]
     image_canvas, img0 = "#viewer .uadv-panel[data-kind=image] canvas", items[0].image
@@ -207,7 +225,7 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     _set_window(page, 140.5, 60)
     page.uncheck("#viewer-show-heat")
     page.uncheck("#viewer-show-contour")
-    _next_frame(page)
+    next_frame(page)
     windowed = _pixels(page, image_canvas, points, img0.shape[1])
     assert np.array_equal(_pixels(page, "#viewer .uadv-panel[data-method=dinomaly] canvas", points,
                                   img0.shape[1]), windowed)
@@ -216,7 +234,7 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     # the enlarged view: the image at its own size, every pixel through the window (but the ground truth's)
     page.locator("#viewer .uadv-panel[data-kind=image] .uadv-stage").click()
     page.wait_for_selector("#viewer-modal canvas")
-    _next_frame(page)
+    next_frame(page)
     big = np.array(page.eval_on_selector("#viewer-modal canvas", """c => Array.from(
         c.getContext("2d").getImageData(0, 0, c.width, c.height).data)""")).reshape(150, 200, 4)[..., :3]
     keep = np.ones((150, 200), bool)
@@ -234,6 +252,8 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     assert (level, width) == ((lo + hi + 1) / 2, hi - lo + 1), (level, width, lo, hi)
     _set_window(page, 128, 256)
 
+
+def test_item_slider_and_keys(page):
     # → steps to the next image (the focus is in the viewer, not in an input)
     page.focus("#viewer")
     page.keyboard.press("ArrowRight")
@@ -250,6 +270,8 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
     _wait_ready(page, 0)
     assert not page.locator("#second-item").is_visible()  # one image: no slider
 
+
+def test_scan_slices(page):
     # the slices of one scan: "slice k / n"; the slider jumps, follows ← →, and a drag steps through them live
     page.locator("#slices").scroll_into_view_if_needed()
     _wait_ready(page, 0, "slices")
@@ -278,39 +300,46 @@ def test_viewer_in_chromium(served, browser, tmp_path_factory):
         c.getContext("2d").getImageData(c.width >> 1, c.height >> 1, 1, 1).data.slice(0, 3))""")
     assert shown == [40, 40, 40]  # slice 0's grey is on screen
 
+
+def test_metrics_table_sorts_numbers(page):
     # the metrics table sorts numbers as numbers (as text "0.85" would come before "0.9" in descending order)
     head = page.locator("#metrics thead th").nth(1)
     head.hover()
     head.locator("button").last.click()  # gradio 6: sorting is in the column's cell menu
     page.get_by_text("Sort descending", exact=True).click()
-    page.wait_for_timeout(300)
-    rows = page.eval_on_selector_all("#metrics [role=row], #metrics tbody:not(.sizing-body) tr",
-                                     "rs => rs.map(r => r.innerText.replace(/\\s+/g, ' ').trim()).filter(t => t)")
-    assert rows[1:] == ["c 0.951 0.8", "a 0.9", "b 0.85"], rows  # NaN cells are blank
+    rows = lambda: page.eval_on_selector_all(  # noqa: E731
+        "#metrics [role=row], #metrics tbody:not(.sizing-body) tr",
+        "rs => rs.map(r => r.innerText.replace(/\\s+/g, ' ').trim()).filter(t => t)")
+    wait_until(lambda: rows()[1:] == ["c 0.951 0.8", "a 0.9", "b 0.85"], 10, what="the rows sorted as numbers")
+    assert rows()[1:] == ["c 0.951 0.8", "a 0.9", "b 0.85"]  # NaN cells are blank
 
+
+def test_curves_have_four_subplots(page):
     # the curves: four subplots, a legend in each, 3 + 3 + 2 + 2 method lines and two chance lines
     page.wait_for_selector("#curves .js-plotly-plot .scatterlayer .trace", state="attached")
     page.locator("#curves").scroll_into_view_if_needed()
-    page.locator("#curves").screenshot(path=str(shots / "curves-1280.png"))
+    page.locator("#curves").screenshot(path=str(page.shots / "curves-1280.png"))
     assert page.locator("#curves .legend, #curves .legend2, #curves .legend3, #curves .legend4").count() == 4
     assert page.locator("#curves .scatterlayer .trace").count() == 12
 
+
+def test_phone_layout(page):
+    # a phone: no horizontal overflow, panels full width
+    resize(page, 400, 850)
+    root_w = lambda: page.eval_on_selector("#viewer", "e => e.getBoundingClientRect().width")  # noqa: E731
+    panel_w = lambda: page.locator("#viewer .uadv-panel[data-kind=heat] canvas").first.bounding_box()["width"]  # noqa: E731
+    wait_until(lambda: panel_w() >= root_w() - 1, 10, what="the panels to take the full width")
+    overflow, panel, root = page.evaluate("document.scrollingElement.scrollWidth - window.innerWidth"), panel_w(), root_w()
+    page.screenshot(path=str(page.shots / "viewer-400.png"), full_page=True)
+    print(f"\noverflow at 400: {overflow}; panel at 400: {panel:.0f} of {root:.0f}")
+    resize(page, 1280, 900)
+    assert overflow == 0
+    assert panel >= root - 1 and panel > 300
+
+
+def test_new_value_restarts_the_viewer(page):
     # a new value (a callback's output) re-starts the viewer with the new items
     page.click("#swap")
     page.wait_for_function("document.querySelector('#viewer .uadv-pos')?.textContent.includes('img1')")
     _wait_ready(page, 0)
     assert page.locator("#viewer .uadv-panel[data-kind=heat]").count() == 3
-
-    # a phone: no horizontal overflow, panels full width
-    page.set_viewport_size({"width": 400, "height": 850})
-    page.wait_for_timeout(400)
-    overflow = page.evaluate("document.scrollingElement.scrollWidth - window.innerWidth")
-    root_w = page.eval_on_selector("#viewer", "e => e.getBoundingClientRect().width")
-    panel_w = page.locator("#viewer .uadv-panel[data-kind=heat] canvas").first.bounding_box()["width"]
-    page.screenshot(path=str(shots / "viewer-400.png"), full_page=True)
-    print(f"\nscreenshots: {shots}/viewer-1280.png {shots}/viewer-1280-threshold.png {shots}/viewer-400.png"
-          f"\nheatmap_px at 1280: {min(widths):.0f}; overflow at 400: {overflow}; panel at 400: {panel_w:.0f} of "
-          f"{root_w:.0f}")
-    assert overflow == 0
-    assert panel_w >= root_w - 1 and panel_w > 300
-    assert not errors, errors

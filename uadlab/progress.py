@@ -26,6 +26,8 @@ class Progress:
         loss: the training loss at this step, if any.
         overall: fraction of the whole job in [0, 1], when the job knows its stages.
         eta_s: estimated seconds left in this stage, from its measured rate (None until a few units are done).
+        stage_end: where the running stage ends in the whole job (``overall`` reaches it when the stage is done):
+            a display may move its bar toward it while a step computes without reporting.
     """
 
     done: int
@@ -35,6 +37,7 @@ class Progress:
     loss: float | None = None
     overall: float | None = None
     eta_s: float | None = None
+    stage_end: float | None = None
 
     @property
     def fraction(self) -> float:
@@ -48,7 +51,7 @@ class Progress:
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4g}")
         if self.eta_s is not None and self.done < self.total:
-            parts.append(f"about {format_seconds(self.eta_s)} left")
+            parts.append(f"about {format_seconds(max(self.eta_s, 1.0))} left")
         body = ", ".join(parts)
         return f"{self.stage}: {body}" if self.stage and body else self.stage or body
 
@@ -122,11 +125,12 @@ class Stages:
             frac = p.fraction if p.overall is None else min(max(p.overall, 0.0), 1.0)
             # a stage may count several things in turn (a coreset, then an index): the bar never goes back
             self.overall = max(self.overall, a + (b - a) * frac)
+            end = b if p.stage_end is None else a + (b - a) * p.stage_end  # a nested job's stage, placed in ours
             self.report(replace(p, stage=f"{name}: {p.stage}" if p.stage else name, unit=p.unit or unit,
-                                overall=self.overall, eta_s=rate.eta(p)))
+                                overall=self.overall, eta_s=rate.eta(p), stage_end=max(end, self.overall)))
 
         self.overall = max(self.overall, a)
-        self.report(Progress(0, 0, unit, name, overall=self.overall))
+        self.report(Progress(0, 0, unit, name, overall=self.overall, stage_end=b))
         return emit
 
     def finish(self, name: str = "done") -> None:
@@ -136,4 +140,5 @@ class Stages:
 def within(report: ProgressFn | None, lo: float, hi: float) -> ProgressFn:
     """Map a job's ``overall`` into [lo, hi] of an outer job (a fit inside the app's training)."""
     out = report or quiet
-    return lambda p: out(replace(p, overall=None if p.overall is None else lo + (hi - lo) * p.overall))
+    inner = lambda v: None if v is None else lo + (hi - lo) * v  # noqa: E731
+    return lambda p: out(replace(p, overall=inner(p.overall), stage_end=inner(p.stage_end)))

@@ -146,7 +146,7 @@ def kcenter_greedy(z: torch.Tensor, n: int, n_starts: int = 10, seed: int = 0, p
         out[i] = j
         pending.append(j)
         torch.minimum(dC, torch.addmv(sqC, zC, z[j], alpha=-2).add_(sq[j]), out=dC)
-        if progress is not None and (i % 1000 == 0 or i == n - 1):
+        if progress is not None and (i % max(1, min(1000, n // 100)) == 0 or i == n - 1):  # every 1%
             progress(Progress(i + 1, n, "coreset points"))
     return out
 

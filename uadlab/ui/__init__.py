@@ -31,9 +31,33 @@ from .common import open_workspace, ui_errors
 
 CSS = """
 .ui-error {border-left: 4px solid #d55e00; background: #fff3eb; padding: 6px 10px; color: #5a2500;}
-/* the 2x2 curves need about 640 px: on a phone they scroll sideways inside their own panel, not the page */
-#curves {overflow-x: auto;}
-#curves .js-plotly-plot {min-width: 640px;}
+/* a long job's status line (common.LiveStatus): a bar whose stripes move while the job runs, then the text */
+.uad-progress {display: flex; flex-wrap: wrap; align-items: center; gap: 4px 8px; min-height: 2em;}
+.uad-progress progress {width: min(260px, 100%); height: 14px; accent-color: #0072b2;}
+.uad-progress progress::-webkit-progress-bar {background: #d8dde3; border-radius: 7px;}
+.uad-progress progress::-webkit-progress-value {border-radius: 7px; background-color: #0072b2;
+  background-image: linear-gradient(45deg, rgba(255,255,255,.3) 25%, transparent 25%, transparent 50%,
+  rgba(255,255,255,.3) 50%, rgba(255,255,255,.3) 75%, transparent 75%); background-size: 16px 16px;
+  animation: uad-stripes 1s linear infinite;}
+@keyframes uad-stripes {from {background-position: 0 0;} to {background-position: 16px 0;}}
+/* status lines that gradio's own progress covers must have a height to show it */
+#train-status, #hub-load-status {min-height: 2em;}
+/* tables: headers break between words, never inside one; a wide table scrolls inside its own box */
+.prose table {display: block; max-width: 100%; overflow-x: auto;}
+.prose th, .prose td, table th, table th * {word-break: normal !important; overflow-wrap: normal !important;
+  hyphens: none;}
+/* the curves fit their box (plotly resizes with it): nothing is cut at 400 px */
+#curves, #curves .js-plotly-plot {max-width: 100%;}
+/* an empty file box (before an export) takes no room */
+#export-file:not(:has(a)), #ann-export-file:not(:has(a)) {display: none;}
+/* the image editor's toolbar sits under its label, not over it */
+#ann-editor > label {position: static;}
+#ann-editor > .image-container {position: relative; height: calc(100% - 30px);}
+/* the review gallery shows all its rows (gradio caps an "auto" gallery at its first height) */
+#review {height: auto !important;}
+#review .grid-wrap.fixed-height {max-height: none !important; height: auto !important; overflow: visible;}
+/* the run picker keeps its room on a phone */
+#run-select {min-width: min(100%, 280px);}
 """
 
 
@@ -60,8 +84,8 @@ def build_app() -> gr.Blocks:
         gr.Markdown(header.INTRO)
         with gr.Row():
             run = gr.Dropdown(label="Run (used by Compare, Annotate, Hub, Explain)", choices=[], scale=5,
-                              elem_id="run-select")
-            refresh = gr.Button("↻ Runs", scale=1)
+                              min_width=280, elem_id="run-select")
+            refresh = gr.Button("↻ Runs", scale=1, min_width=90)
         run_info = gr.Markdown(elem_id="run-info")
         example_md = gr.Markdown(elem_id="example-status")
         example_stage = gr.State("none")
@@ -91,7 +115,7 @@ def build_app() -> gr.Blocks:
         images = (annotate_tab.on_images, user, annotate.idx)
 
         def data_changed(event):
-            return event.then(*train_data).then(*images).then(*annotate.show)
+            return annotate.show_after(event.then(*train_data).then(*images))
 
         data_changed(demo.load(header.on_start, browser_id, [browser_id, user, ws_id]).then(
             data_tab.on_restore_data, user, data.outputs).then(*runs))
@@ -103,8 +127,9 @@ def build_app() -> gr.Blocks:
         ticker.tick(header.on_example_tick, [user, run], [example_md, run, example_stage, ticker], show_progress="hidden")
         example_stage.change(*compare.show)  # the example's curves and metrics arrive after its heatmaps
         refresh.click(*runs)
-        run.change(on_run_change, [user, run], [compare.names, hub.method, explain.name, explain.method, run_info]
-                   ).then(*compare.show).then(*annotate.show).then(*annotate.summary)
+        annotate.show_after(run.change(on_run_change, [user, run], [compare.names, hub.method, explain.name,
+                                                                     explain.method, run_info]).then(*compare.show)
+                            ).then(*annotate.summary)
     api.hide_internal(demo)  # the screens' events are theirs: a client sees the four named endpoints only
     return demo
 

@@ -15,6 +15,7 @@ from ..workspace import describe
 from .common import in_panel, open_workspace, ui_errors
 
 SAVED_MASK = (255, 0, 0)  # the brush paints red; the saved mask is drawn in the same colour under new strokes
+REGION = (0, 190, 255)  # the predicted region: a saturated cyan, visible on grey scans and brown textures alike
 
 
 def editor_value(image: Image.Image, mask: np.ndarray | None) -> dict[str, Any]:
@@ -63,27 +64,37 @@ def review_panel(ws, run_id: str, sample: Sample, threshold: float) -> list[tupl
     for m, sc in scored.items():
         heat = sc.maps[0]
         out.append((viz.with_colorbar(viz.overlay(views[0], heat)), f"{m}: heatmap, image score {sc.scores[0]:.2f}"))
-        out.append((viz.mask_overlay(views[0], viz.predicted_mask(heat, threshold), colour=viz.CONTOUR),
+        out.append((viz.mask_overlay(views[0], viz.predicted_mask(heat, threshold), colour=REGION),
                     f"{m}: region ≥ {threshold:g}"))
     return out
 
 
 @ui_errors
-def on_annotate_show(user: str, idx: int, run_id: str | None, threshold: float):
-    """(editor, label, note, agree, disagree, review gallery, status) of the image at ``idx``."""
+def on_annotate_show(user: str, idx: int, run_id: str | None, threshold: float, with_review: bool = True):
+    """(editor, label, note, agree, disagree, review gallery, status) of the image at ``idx`` (0-based).
+    Without ``with_review`` the gallery is left as it is (``on_review`` fills it next: the editor shows at once)."""
     ws = open_workspace(user)
     s, ann, key, n = ws.annotations.at(idx)
     idx = min(max(int(idx or 0), 0), n - 1)
     heads, review, verdicts = [], [], {}
     if run_id:
         heads = list(ws.runs.get(run_id).heads)
-        review = review_panel(ws, run_id, s, float(threshold))
+        review = review_panel(ws, run_id, s, float(threshold)) if with_review else gr.skip()
         verdicts = ws.annotations.verdicts(key, s.name, run_id)
     agree = [m for m, v in verdicts.items() if v == "agree"]
     disagree = [m for m, v in verdicts.items() if v == "disagree"]
     return (editor_value(s.load(), None if ann is None else ann.mask), None if ann is None else ann.label,
             "" if ann is None else ann.note, gr.update(choices=heads, value=agree),
             gr.update(choices=heads, value=disagree), review, _status(ann, s, idx, n, ws.annotations.counts(key)))
+
+
+@ui_errors
+def on_review(user: str, idx: int, run_id: str | None, threshold: float):
+    """The review gallery of the image at ``idx``: each method's heatmap and its region at ``threshold``."""
+    if not run_id:
+        return []
+    ws = open_workspace(user)
+    return review_panel(ws, run_id, ws.annotations.at(idx)[0], float(threshold))
 
 
 @ui_errors
@@ -123,17 +134,17 @@ def on_review_summary(user: str, run_id: str | None) -> str:
 
 @ui_errors
 def on_images(user: str):
-    """The image slider for the current data (kept at the last annotated position)."""
+    """The image slider for the current data, 1 to n as the text counts (kept at the last annotated position)."""
     ws = open_workspace(user)
     n = max(len(ws.annotations.images()[0]), 1)
-    return gr.update(maximum=n - 1, value=min(ws.prefs().get("annotate_index", 0), n - 1))
+    return gr.update(minimum=1, maximum=n, value=min(ws.prefs().get("annotate_index", 0), n - 1) + 1)
 
 
 def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
-    with gr.Row():
-        prev_btn = gr.Button("◀ Previous", scale=1)
-        idx = gr.Slider(0, 1, value=0, step=1, label="Image", scale=4, elem_id="ann-index")
-        next_btn = gr.Button("Next ▶", scale=1)
+    with gr.Row(elem_id="ann-nav"):
+        prev_btn = gr.Button("◀ Previous", scale=1, min_width=100)
+        idx = gr.Slider(1, 2, value=1, step=1, label="Image", scale=4, min_width=200, elem_id="ann-index")
+        next_btn = gr.Button("Next ▶", scale=1, min_width=100)
     status = gr.Markdown(elem_id="ann-status")
     with gr.Row():
         with gr.Column(scale=3, min_width=300):
@@ -142,7 +153,7 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
                                     transforms=(), sources=(), layers=False, height=420, elem_id="ann-editor")
             gr.Markdown("The saved mask shows in red; new strokes are added to it when you save.")
         with gr.Column(scale=3, min_width=300):
-            review = gr.Gallery(label="Each method: heatmap and predicted region", columns=2, height="auto",
+            review = gr.Gallery(label="Each method: heatmap and predicted region (cyan)", columns=2, height="auto",
                                 object_fit="contain", elem_id="review")
     with gr.Row():
         label = gr.Radio(list(LABELS), label="Label", elem_id="ann-label")
@@ -156,25 +167,46 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
         clear_btn = gr.Button("Clear the saved mask")
         export_btn = gr.Button("Export annotations (MVTec zip)")
     with gr.Row():
-        export_file = gr.File(label="Export", interactive=False)
+        export_file = gr.File(label="Export", interactive=False, elem_id="ann-export-file")
         export_status = gr.Markdown()
     summary = gr.Markdown()
 
+    # the slider counts 1..n like the text; the callbacks take 0-based positions
+    def show_fast(user, pos, run_id, thr):
+        return on_annotate_show(user, int(pos or 1) - 1, run_id, thr, with_review=False)
+
+    def review_of(user, pos, run_id, thr):
+        return on_review(user, int(pos or 1) - 1, run_id, thr)
+
+    def save(user, pos, *rest):
+        return on_annotate_save(user, int(pos or 1) - 1, *rest)
+
+    def clear(user, pos, *rest):
+        return on_clear_mask(user, int(pos or 1) - 1, *rest)
+
     outputs = [editor, label, note, agree, disagree, review, status]
-    show = (in_panel(on_annotate_show, status=6, n_outputs=7), [user, idx, run, threshold], outputs)
+    # a step shows the editor at once (no scoring on its way); the methods' maps follow
+    fast = (in_panel(show_fast, status=6, n_outputs=7), [user, idx, run, threshold], outputs)
+    slow = (in_panel(review_of, status=0, n_outputs=1), [user, idx, run, threshold], review)
+
+    def show_after(event):
+        return event.then(*fast, show_progress="hidden").then(*slow, show_progress_on=[review])
+
     save_inputs = [user, idx, editor, label, note, agree, disagree, run]
     saved = lambda fn: in_panel(fn, status=0, n_outputs=1)  # noqa: E731
-    idx.release(*show)
-    prev_btn.click(lambda i: max(int(i or 0) - 1, 0), idx, idx).then(*show)
-    next_btn.click(lambda i: int(i or 0) + 1, idx, idx).then(*show)
-    threshold.input(*show, trigger_mode="always_last")  # typed or dragged: applies at once
-    save_btn.click(saved(on_annotate_save), save_inputs, status).then(*show).then(on_review_summary, [user, run], summary)
-    clear_btn.click(in_panel(on_clear_mask, status=1, n_outputs=2), [user, idx, label, note, agree, disagree, run],
+    show_after(idx.release(lambda: None))
+    show_after(prev_btn.click(lambda i: max(int(i or 1) - 1, 1), idx, idx))
+    show_after(next_btn.click(lambda i: int(i or 1) + 1, idx, idx))
+    threshold.input(*slow, trigger_mode="always_last")  # typed or dragged: applies at once
+    show_after(save_btn.click(saved(save), save_inputs, status)).then(on_review_summary, [user, run], summary)
+    clear_btn.click(in_panel(clear, status=1, n_outputs=2), [user, idx, label, note, agree, disagree, run],
                     [editor, status])
-    label.input(saved(on_annotate_save), save_inputs, status)
-    note.blur(saved(on_annotate_save), save_inputs, status)
-    def export(user):
-        return on_export(user), "Exported: the zip holds your labels and masks in the MVTec layout."
+    label.input(saved(save), save_inputs, status)
+    note.blur(saved(save), save_inputs, status)
 
-    export_btn.click(in_panel(export, status=1, n_outputs=2), user, [export_file, export_status], api_name="on_export")
-    return SimpleNamespace(idx=idx, show=show, summary=(on_review_summary, [user, run], summary))
+    def export(user):
+        return gr.update(value=on_export(user), visible=True), \
+            "Exported: the zip holds your labels and masks in the MVTec layout."
+
+    export_btn.click(in_panel(export, status=1, n_outputs=2), user, [export_file, export_status])
+    return SimpleNamespace(idx=idx, show_after=show_after, summary=(on_review_summary, [user, run], summary))

@@ -5,6 +5,7 @@ import functools
 import html
 import inspect
 import logging
+import math
 import threading
 import time
 import traceback
@@ -80,22 +81,36 @@ def in_panel(fn: Callable, status: int, n_outputs: int) -> Callable:
 
 class LiveStatus:
     """A ProgressFn that keeps the job's last event; ``html()`` is the status line a screen shows while the
-    job runs: a bar of the whole job, the stage with its counts and ETA, and the time so far (it ticks, so the
-    line visibly moves even while one step computes without reporting)."""
+    job runs: a bar of the whole job, the stage with its counts and ETA, and the time so far. Between events
+    the bar moves on toward the end of the running stage (never past it), so it never sits still while a
+    step computes without reporting; the percentage printed is the reported one."""
 
-    def __init__(self, what: str = "working") -> None:
-        self.what, self.last, self.t0 = what, None, time.monotonic()
+    def __init__(self, what: str = "working", clock: Callable[[], float] = time.monotonic) -> None:
+        self.what, self.last, self.clock = what, None, clock
+        self.t0 = self.t_last = clock()
 
     def __call__(self, p: Progress) -> None:
-        self.last = p
+        self.last, self.t_last = p, self.clock()
+
+    def shown(self) -> float:
+        """The bar's fraction now: the reported share, plus part of the way to the stage's end that grows with
+        the time since the last event (on the scale of the stage's ETA when known, else of 20 s)."""
+        p = self.last
+        if p is None:
+            return 0.0
+        frac = p.overall if p.overall is not None else p.fraction
+        if p.stage_end is None or p.stage_end <= frac:
+            return frac
+        tau = max(p.eta_s, 1.0) if p.eta_s else 20.0
+        return frac + 0.9 * (p.stage_end - frac) * (1 - math.exp(-(self.clock() - self.t_last) / tau))
 
     def html(self) -> str:
         p = self.last
         frac = 0.0 if p is None else p.overall if p.overall is not None else p.fraction
         text = self.what if p is None or not p.text else p.text
         return (f'<div class="uad-progress" role="status" aria-live="polite"><progress max="1000" '
-                f'value="{round(frac * 1000)}"></progress> <b>{frac * 100:.0f}%</b> · {html.escape(text)} · '
-                f'{format_seconds(time.monotonic() - self.t0)} so far</div>')
+                f'value="{round(self.shown() * 1000)}"></progress> <b>{frac * 100:.0f}%</b> · {html.escape(text)} · '
+                f'{format_seconds(self.clock() - self.t0)} so far</div>')
 
 
 def streamed(job: Callable[[ProgressFn], Any], live: LiveStatus, n_outputs: int, status: int = 0,

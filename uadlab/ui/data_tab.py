@@ -64,10 +64,21 @@ def data_view(ws: Workspace, ds: Dataset, choice: dict):
     preview = [(thumbnail(x), f"train · {x.name}") for x in ds.train[:8]]
     preview += [(thumbnail(x), f"test · {describe(x)} · {x.name}")
                 for x in ds.test[:: max(1, len(ds.test) // 16)][:16]]
-    bad = (f"**Skipped files ({len(ds.warnings)})**: each with its reason; fix or remove them and load again.\n\n"
-           + S.public_text("\n".join(f"- {w}" for w in ds.warnings[:50]))) if ds.warnings else "No bad files."
     category = choice.get("category") if choice.get("category") in cats else "all"
-    return md, preview, bad, gr.update(choices=["all"] + cats, value=category)
+    return md, preview, bad_files(ds.warnings), gr.update(choices=["all"] + cats, value=category)
+
+
+def bad_files(warnings: list[str]) -> str:
+    """The skipped files with their reasons, then the notes that skipped nothing (a warning is not a skip)."""
+    skipped = [w for w in warnings if w.startswith("skipped ")]
+    notes = [w for w in warnings if not w.startswith("skipped ")]
+    parts = [(f"**Skipped files ({len(skipped)})**: each with its reason; fix or remove them and load again.\n\n"
+              + S.public_text("\n".join(f"- {w[len('skipped '):]}" for w in skipped[:50])))] if skipped else \
+        ["No bad files."]
+    if notes:
+        parts.append(f"**Notes ({len(notes)})** : warnings, no file was skipped for them\n\n"
+                     + S.public_text("\n".join(f"- {w}" for w in notes[:20])))
+    return "\n\n".join(parts)
 
 
 def _open(ws: Workspace, choice: dict, category: str | None, token: str | None = None, new_upload: bool = False,

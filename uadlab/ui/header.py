@@ -7,11 +7,9 @@ from .. import safety as S
 from ..workspace import Workspace, examples, new_user_id, source_label, valid_user_id
 from .common import open_workspace, ui_errors
 
-INTRO = """# uadlab: unsupervised anomaly detection lab
-Train on **normal** images only, then see where each method finds anomalies.
-**1 Data** (the demo is ready) → **2 Train** → **3 Compare** heatmaps, curves and metrics →
-**4 Annotate & review** → **Hub** / **Explain**. Heatmaps and image scores of all methods share one calibrated
-scale: 1 = the 99.9th percentile of held-out normal pixels, so normal images stay below 1."""
+INTRO = """## uadlab: unsupervised anomaly detection lab
+Train on **normal** images only: **1 Data** → **2 Train** → **3 Compare** heatmaps, curves, metrics → **4 Annotate**
+→ **Hub** / **Explain**. All methods share one calibrated scale: 1 = the normal limit (normal images stay below)."""
 
 
 @ui_errors

@@ -33,13 +33,15 @@ def on_train_data(user: str):
 
 
 @ui_errors
-def on_train(user: str, backbone: str | None, methods: list[str], preset: str, image_size: float | None,
+def on_train(user: str, backbone: str | None, methods: list[str], preset: str, image_size: float | str | None,
              aux_source: str, token: str | None, window: str = "auto", progress=gr.Progress()):
     """Train, evaluate and save a run: (status, metrics table, the new run's id). ``progress``: gradio's
     progress or any ProgressFn (the Train button passes a ``LiveStatus``)."""
     ws = open_workspace(user)
-    run_id, evaluation = ws.runs.train(methods, backbone or None, preset,
-                                       None if image_size in (None, "") else int(image_size), aux_source,
+    side = str(image_size).strip() if image_size is not None else ""
+    if side and not side.isdigit():
+        raise gr.Error(f"image size {side!r}: a whole number of pixels, or empty for the preset's")
+    run_id, evaluation = ws.runs.train(methods, backbone or None, preset, int(side) if side else None, aux_source,
                                        S.clean_token(token), progress=reporter(progress), window=window)
     msg = f"Run **{ws.runs.label(run_id)}** trained and saved. Open **Compare** to see the heatmaps."
     if not evaluation:
@@ -55,8 +57,9 @@ def build(user: gr.State) -> SimpleNamespace:
                                info=f"empty: {OFFLINE_DEFAULT} (works offline), or the paper's with the paper preset; "
                                     "DINO backbones download their weights from the Hub (DINOv3 is gated: token)")
         preset = gr.Radio(["quick", "paper"], value="quick", label="Preset")
-        image_size = gr.Number(label="Image size (px)", value=None, precision=0,
-                               info=f"empty: the preset's ({DEFAULT_IMAGE_SIZE}, or the paper's geometry)")
+        image_size = gr.Textbox(label="Image size (px)", value="", placeholder=f"the preset's ({DEFAULT_IMAGE_SIZE})",
+                                info=f"empty: the preset's ({DEFAULT_IMAGE_SIZE}, or the paper's geometry)",
+                                elem_id="image-size")
     methods = gr.CheckboxGroup([(m + (" (zero-shot)" if get_method_class(m).zero_shot else ""), m)
                                 for m in list_methods()], value=DEFAULT_METHODS, label="Methods", elem_id="methods")
     window = gr.Dropdown(["auto", "minmax", "percentile:0.5,99.5", *WINDOW_PRESETS], value="auto",
@@ -70,15 +73,19 @@ def build(user: gr.State) -> SimpleNamespace:
         token = gr.Textbox(label="Hugging Face token (gated backbones; used once, never stored)", type="password")
     train_btn = gr.Button("Train", variant="primary", elem_id="train")
     status = gr.Markdown(elem_id="train-status")
-    table = gr.Dataframe(label="Metrics on the labelled test images", interactive=False)
+    table = gr.Dataframe(label="Metrics on the labelled test images", interactive=False, visible=False,
+                         elem_id="train-metrics")  # shown once a run has metrics
     new_run = gr.State(None)
 
     def train_live(user, backbone, methods, preset, image_size, aux_source, token, window):
         # the status line is the progress: it shows from the first second (a bar, the stage with counts and
         # ETA, the time so far) and is replaced by the result; the form and the run picker stay usable
         live = LiveStatus("starting: loading the data and the backbone")
-        yield from streamed(lambda report: on_train(user, backbone, methods, preset, image_size, aux_source, token,
-                                                    window, progress=report), live, n_outputs=3)
+        for out in streamed(lambda report: on_train(user, backbone, methods, preset, image_size, aux_source, token,
+                                                    window, progress=report), live, n_outputs=3):
+            if not isinstance(out[1], dict) and out[1] is not None:  # the result: the table shows if it has rows
+                out = (out[0], gr.update(value=out[1], visible=len(out[1]) > 0), out[2])
+            yield out
 
     trained = train_btn.click(in_panel(train_live, status=0, n_outputs=3),
                               [user, backbone, methods, preset, image_size, aux_source, token, window],

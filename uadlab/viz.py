@@ -274,6 +274,10 @@ def curves_figure(results: dict[str, dict[str, Any]], title: str = "ROC and prec
         fig.update_yaxes(title_text="true positive rate", range=[0, 1.02], row=row, col=1)
         fig.update_xaxes(title_text="recall", range=[0, 1], row=row, col=2)
         fig.update_yaxes(title_text="precision", range=[0, 1.02], row=row, col=2)
+    if not any(t.xaxis in ("x3", "x4") for t in fig.data):  # say why the pixel plots are empty
+        for col in (1, 2):
+            fig.add_annotation(text="no masks: no pixel curves", x=0.5, y=0.5, showarrow=False, row=2, col=col,
+                               font=dict(size=15, color="#555"))
     fig.update_layout(title=title, height=720, margin=dict(l=55, r=20, t=70, b=50), template="plotly_white")
     return fig
 

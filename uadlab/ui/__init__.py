@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 import gradio as gr
 
@@ -28,6 +29,8 @@ from .. import safety as S
 from ..workspace import browser_secret, default_selection, examples, start_sweeper
 from . import annotate_tab, api, compare_tab, data_tab, explain_tab, header, hub_tab, train_tab
 from .common import open_workspace, ui_errors
+
+HEAD = f"<script>{(Path(__file__).with_name('curves.js')).read_text()}</script>"  # the curves on a phone
 
 CSS = """
 .ui-error {border-left: 4px solid #d55e00; background: #fff3eb; padding: 6px 10px; color: #5a2500;}
@@ -56,6 +59,8 @@ CSS = """
 /* the review gallery shows all its rows (gradio caps an "auto" gallery at its first height) */
 #review {height: auto !important;}
 #review .grid-wrap.fixed-height {max-height: none !important; height: auto !important; overflow: visible;}
+/* an empty status line takes no room (not even the gap between blocks) */
+#example-status:not(:has(p)), #compare-status:not(:has(p, .ui-error)) {display: none;}
 /* the run picker keeps its room on a phone */
 #run-select {min-width: min(100%, 280px);}
 """
@@ -144,6 +149,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, share: bool = False, preven
     demo = build_app()
     demo.queue(default_concurrency_limit=2, max_size=32)
     demo.launch(server_name=host, server_port=port, share=share, show_error=True, theme=gr.themes.Soft(), css=CSS,
+                head=HEAD,
                 prevent_thread_lock=prevent_thread_lock, **guard)
     return demo
 

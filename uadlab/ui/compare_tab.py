@@ -58,15 +58,11 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     with gr.Row():
         names = gr.Dropdown([], multiselect=True, label="Test images (step through them with ← →)", scale=4,
                             min_width=240)
-        labels = gr.Radio(["dataset labels", "my annotations"], value="dataset labels", label="Labels for metrics",
-                          scale=2, min_width=200, elem_id="compare-labels")
-    show_btn = gr.Button("Show", variant="primary", elem_id="compare-show")
-    status = gr.Markdown(elem_id="compare-status")
-    gr.Markdown(f"Heatmaps and image scores of every method on one calibrated scale: 0 = the median normal "
-                f"pixel, **1 = the normal limit** (the 99.9th percentile of held-out normal pixels; for image "
-                f"scores, of held-out normal images). Colour scale [0, {VMAX:g}]; the threshold draws the region "
-                f"at or above it. Wheel or +/− to zoom (all panels together), drag to pan, click a panel to "
-                f"see it at the image's own resolution.")
+        with gr.Column(scale=2, min_width=200):
+            labels = gr.Radio(["dataset labels", "my annotations"], value="dataset labels",
+                              label="Labels for metrics", elem_id="compare-labels")
+            show_btn = gr.Button("Show", variant="primary", elem_id="compare-show")
+    status = gr.Markdown(elem_id="compare-status")  # the scale and the gestures: in the viewer's own note
     viewer = gr.HTML(viewer_html([]), head=HEAD, js_on_load=None, elem_id="compare-viewer")
     curves = gr.Plot(label="ROC and precision-recall, image and pixel level", elem_id="curves")
     table = gr.Dataframe(label="Metrics (sort by a column from its ⋮ menu)", interactive=False, elem_id="metrics")

@@ -8,8 +8,8 @@ from ..workspace import Workspace, examples, new_user_id, source_label, valid_us
 from .common import open_workspace, ui_errors
 
 INTRO = """## uadlab: unsupervised anomaly detection lab
-Train on **normal** images only: **1 Data** → **2 Train** → **3 Compare** heatmaps, curves, metrics → **4 Annotate**
-→ **Hub** / **Explain**. All methods share one calibrated scale: 1 = the normal limit (normal images stay below)."""
+Train on **normal** images only, then compare where each method finds anomalies; all methods share one calibrated
+scale (1 = the normal limit)."""
 
 
 @ui_errors

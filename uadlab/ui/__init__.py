@@ -60,7 +60,7 @@ CSS = """
 #review {height: auto !important;}
 #review .grid-wrap.fixed-height {max-height: none !important; height: auto !important; overflow: visible;}
 /* an empty status line takes no room (not even the gap between blocks) */
-#example-status:not(:has(p)), #compare-status:not(:has(p, .ui-error)) {display: none;}
+#example-status:not(:has(p)) {display: none;}
 /* the run picker keeps its room on a phone */
 #run-select {min-width: min(100%, 280px);}
 """

@@ -33,27 +33,39 @@
     return [up, wide];
   }
 
-  function fit(gd) {
-    const L = gd.layout;
-    if (!window.Plotly || !L || !L.xaxis || count(L) < 2) return;
-    const narrow = gd.getBoundingClientRect().width < NARROW, isNarrow = L.meta === "uad-narrow";
+  function fit(gd, resized) {
+    const L = gd.layout, box = gd.parentElement;
+    if (!window.Plotly || !L || !L.xaxis || !box || count(L) < 2 || gd.__uadBusy) return;
+    const width = Math.floor(box.getBoundingClientRect().width);
+    const narrow = width < NARROW, isNarrow = L.meta === "uad-narrow";
+    let update = null;
     if (narrow && !isNarrow) {
       const [up, wide] = narrowUpdate(gd);
-      gd.__uadWide = wide;
-      window.Plotly.relayout(gd, up);
+      gd.__uadWide = {...wide, width: null};  // wide again: plotly sizes the plot to its box
+      update = {...up, width};
     } else if (!narrow && isNarrow && gd.__uadWide) {
-      window.Plotly.relayout(gd, gd.__uadWide);
+      update = gd.__uadWide;
+    } else if (narrow && resized && Math.abs((L.width || 0) - width) > 2) {
+      update = {width};  // a narrow box changed its width: the plot follows (only on a resize, never in a loop)
     }
+    if (!update) return;
+    gd.__uadBusy = true;
+    Promise.resolve(window.Plotly.relayout(gd, update)).finally(() => { gd.__uadBusy = false; });
   }
 
   const seen = new WeakSet();
   const watch = () => document.querySelectorAll("#curves .js-plotly-plot").forEach(gd => {
-    fit(gd);
     if (seen.has(gd)) return;
     seen.add(gd);
-    new ResizeObserver(() => fit(gd)).observe(gd);
-    if (gd.on) gd.on("plotly_afterplot", () => fit(gd));  // a new figure (Plotly.react) arrives wide
+    fit(gd, false);
+    new ResizeObserver(() => fit(gd, true)).observe(gd.parentElement || gd);
+    if (gd.on) gd.on("plotly_afterplot", () => fit(gd, false));  // a new figure (Plotly.react) arrives wide
   });
-  new MutationObserver(watch).observe(document.documentElement, {childList: true, subtree: true});
+  let queued = false;  // new plots are looked for once per frame, however many nodes change
+  new MutationObserver(() => {
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => { queued = false; watch(); });
+  }).observe(document.documentElement, {childList: true, subtree: true});
   watch();
 })();

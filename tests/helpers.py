@@ -26,7 +26,11 @@ def free_port() -> int:
 
 
 def chromium_path() -> str | None:
-    """Debian's Chromium (or any ``chromium`` on PATH); None when it is not installed."""
+    """Debian's Chromium (or any ``chromium`` on PATH; ``$UADLAB_CHROMIUM`` names another binary, or a missing
+    one to see what a machine without Chromium does); None when it is not installed."""
+    chosen = os.environ.get("UADLAB_CHROMIUM")
+    if chosen:
+        return chosen if Path(chosen).exists() else None
     return CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
 
 

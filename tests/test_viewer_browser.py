@@ -112,7 +112,7 @@ def _window(v: np.ndarray, level: float, width: float) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def page(served, browser, tmp_path_factory):
+def page(browser, served, tmp_path_factory):  # browser first: without Chromium no server starts
     """One page at 1280 px for the module; each test leaves the viewer as it found it (view, window, item)."""
     url, _ = served
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()

@@ -61,8 +61,9 @@ CSS = """
 #review .grid-wrap.fixed-height {max-height: none !important; height: auto !important; overflow: visible;}
 /* an empty status line takes no room (not even the gap between blocks) */
 #example-status:not(:has(p)) {display: none;}
-/* the run picker keeps its room on a phone */
+/* the run picker keeps its room on a phone, and a long run name shows more of itself there */
 #run-select {min-width: min(100%, 280px);}
+@media (max-width: 600px) {#run-select input, .multiselect .token span {font-size: 0.82em;}}
 """
 
 

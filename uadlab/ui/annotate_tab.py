@@ -141,10 +141,10 @@ def on_images(user: str):
 
 
 def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
-    with gr.Row(elem_id="ann-nav"):
-        prev_btn = gr.Button("◀ Previous", scale=1, min_width=100)
-        idx = gr.Slider(1, 2, value=1, step=1, label="Image", scale=4, min_width=200, elem_id="ann-index")
-        next_btn = gr.Button("Next ▶", scale=1, min_width=100)
+    with gr.Row(elem_id="ann-nav"):  # on a phone the two buttons share a line, the slider takes the next
+        prev_btn = gr.Button("◀ Previous", scale=1, min_width=80)
+        next_btn = gr.Button("Next ▶", scale=1, min_width=80)
+        idx = gr.Slider(1, 2, value=1, step=1, label="Image", scale=5, min_width=300, elem_id="ann-index")
     status = gr.Markdown(elem_id="ann-status")
     with gr.Row():
         with gr.Column(scale=3, min_width=300):

@@ -11,6 +11,7 @@ from ..medical import WINDOW_PRESETS
 from ..methods import get_method_class, list_methods
 from ..workspace import source_label, thumbnail
 from ..viz import metrics_frame
+from . import jobs
 from .common import in_panel, open_workspace, reporter, ui_errors
 
 DEFAULT_METHODS = [m for m in ("patchcore", "anomalydino") if m in list_methods()]
@@ -72,8 +73,9 @@ def build(user: gr.State) -> SimpleNamespace:
     table = gr.Dataframe(label="Metrics on the labelled test images", interactive=False)
     new_run = gr.State(None)
     # progress shows on the status line only: it never covers the run picker or the form
-    trained = train_btn.click(in_panel(on_train, status=0, n_outputs=3),
+    # one training queued or running per session, checked when it is submitted (ui/jobs.py)
+    trained = train_btn.click(jobs.holding("training", in_panel(on_train, status=0, n_outputs=3)),
                               [user, backbone, methods, preset, image_size, aux_source, token, window],
-                              [status, table, new_run],
+                              [status, table, new_run], validator=jobs.validator("training", on_train),
                               show_progress_on=[status], concurrency_limit=S.limits().trainings)
     return SimpleNamespace(trained=trained, new_run=new_run, data_outputs=[data_md, data_preview])

@@ -232,16 +232,19 @@ class Runs:
         return views[0], scored[method].maps[0], dict(out or {})
 
 
+FILE_OVERHEAD = 64 * 1024  # bytes of a saved run's small files, per head and for the run
+
+
 def estimate_run_bytes(run: "Run", train: Sequence[Sample]) -> int:
     """An upper bound of the disk a run's data-sized heads will take: a memory bank (AnomalyDINO, PatchCore)
     holds at most every training patch (times the references a head adds per image, times its coreset
     ratio) in float32, at the widths the backbone gives (one image is extracted to measure them; PatchCore's
-    width is capped at its ``target_dim``). Networks (a few MB at most with the quick preset) are not
+    width is capped at its ``target_dim``), plus ``FILE_OVERHEAD`` per file set. Networks (a few MB at most with the quick preset) are not
     foreseen here: the run is checked again once saved."""
+    total = FILE_OVERHEAD * (1 + len(run.heads))  # run.json; per head its config, card and safetensors header
     if not train:
-        return 0
+        return total
     f = run.features(list(train[:1]))  # (1, C, h, w) per layer; cached, so training reuses it
-    total = 0
     for head in run.heads.values():
         if "memory_bank" not in dict(head.named_buffers()):
             continue

@@ -403,7 +403,8 @@ def load_folder(path: str | os.PathLike, label: int = 0, category: str | None = 
     samples = _samples(files, lambda p: display_name(p.relative_to(root)), "", cat, label, skip_bad, warn, empty,
                        axis=axis)
     if not samples:
-        raise DataError(f"{name}: no usable images ({len(warn)} bad files skipped)")
+        first = f"; {warn[0].removeprefix('skipped ')}" if warn else ""  # the reason, not just a count
+        raise DataError(f"{name}: no usable images ({len(warn)} bad files skipped{first})")
     return Dataset(name, train=samples if label == 0 else [], test=[] if label == 0 else samples, warnings=warn,
                    empty_slices=empty)
 

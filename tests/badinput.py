@@ -537,7 +537,8 @@ def _float_tiff(name: str, bad: float) -> Callable[[Path], Path]:
 
 
 SCAN_KINDS = [
-    Kind("float_tiff_nan", "image", _float_tiff("nan.tif", np.nan), (r"nan\.tif", r"16 of 4096 pixels are NaN or infinite")),
+    Kind("float_tiff_nan", "image", _float_tiff("nan.tif", np.nan),
+         (r"nan\.tif", r"16 of 4096 pixels are NaN or infinite")),
     Kind("float_tiff_inf", "image", _float_tiff("inf.tif", np.inf), (r"inf\.tif", r"NaN or infinite")),
     Kind("nifti_all_nan", "image", _nifti("allnan.nii.gz", lambda: np.full((16, 16, 4), np.nan, np.float32)),
          (r"allnan\.nii\.gz", r"no finite intensity", r"NaN or infinite")),

@@ -57,7 +57,8 @@ def _short(note: str, n: int = 80) -> str:
 def _status(ann: Annotation | None, s: Sample, idx: int, n: int, counts: dict) -> str:
     done = sum(counts.values())
     state = "not annotated yet" if ann is None else (
-        f"saved: **{ann.label or 'no label'}**, mask {ann.mask_pixels} px" + (f", note: {_short(ann.note)}" if ann.note else ""))
+        f"saved: **{ann.label or 'no label'}**, mask {ann.mask_pixels} px"
+        + (f", note: {_short(ann.note)}" if ann.note else ""))
     return (f"Image {idx + 1} of {n}: `{s.name}` · dataset label: {describe(s)} · {state}\n\n"
             f"Annotated in this dataset: {done} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'})")
 

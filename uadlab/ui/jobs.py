@@ -43,13 +43,15 @@ def _alive(kind: str) -> Callable[[str], bool]:
     return alive
 
 
-def validator(kind: str, fn: Callable) -> Callable:
+def validator(kind: str, fn: Callable, show_on: str | None = None) -> Callable:
     """The validator of ``fn``'s event: a ticket for one more ``kind`` job of the session, or a refusal.
 
     It takes the same inputs as ``fn`` (the first is the workspace id) and answers one ``gr.validate`` per
-    input: all valid, or the message on every input.
+    input: all valid, or the message under the input named ``show_on`` (default: under every input).
     """
     names = [p for p in inspect.signature(fn).parameters if p != "progress"]
+    if show_on is not None and show_on not in names:
+        raise ValueError(f"{fn.__name__} has no input {show_on!r} to show a refusal under")
 
     def check(*args: Any, request: gr.Request | None = None) -> list:
         user = str(args[0] or "") if args else ""
@@ -57,7 +59,7 @@ def validator(kind: str, fn: Callable) -> Callable:
         try:  # a ticket just taken is not in the queue yet: ``reserve`` asks ``alive`` only about older ones
             JOBS.reserve(f"{kind}:{user}", limits().jobs_per_session, session, kind, _alive(kind))
         except QuotaError as e:
-            return [gr.validate(False, str(e)) for _ in names]
+            return [gr.validate(show_on not in (None, n), "" if show_on not in (None, n) else str(e)) for n in names]
         return [gr.validate(True, "") for _ in names]
 
     check.job_kind = kind  # type: ignore[attr-defined]

@@ -76,6 +76,7 @@ def build(user: gr.State) -> SimpleNamespace:
     # one training queued or running per session, checked when it is submitted (ui/jobs.py)
     trained = train_btn.click(jobs.holding("training", in_panel(on_train, status=0, n_outputs=3)),
                               [user, backbone, methods, preset, image_size, aux_source, token, window],
-                              [status, table, new_run], validator=jobs.validator("training", on_train),
-                              show_progress_on=[status], concurrency_limit=S.limits().trainings)
+                              [status, table, new_run], show_progress_on=[status],
+                              validator=jobs.validator("training", on_train, show_on="methods"),
+                              concurrency_limit=S.limits().trainings)
     return SimpleNamespace(trained=trained, new_run=new_run, data_outputs=[data_md, data_preview])

@@ -37,8 +37,9 @@ from .runs import Runs
 from .session import JOBS, browser_secret, expire_workspaces, new_user_id, start_sweeper, sweep, valid_user_id
 from .sources import DataSources, dataset_key, default_selection, describe, source_label, thumbnail
 
-__all__ = ["JOBS", "Workspace", "browser_secret", "dataset_key", "default_selection", "describe", "examples", "expire_workspaces",
-           "new_user_id", "source_label", "start_sweeper", "sweep", "thumbnail", "valid_user_id", "workspace_root"]
+__all__ = ["JOBS", "Workspace", "browser_secret", "dataset_key", "default_selection", "describe", "examples",
+           "expire_workspaces", "new_user_id", "source_label", "start_sweeper", "sweep", "thumbnail", "valid_user_id",
+           "workspace_root"]
 
 
 class Workspace:

@@ -239,8 +239,9 @@ def estimate_run_bytes(run: "Run", train: Sequence[Sample]) -> int:
     """An upper bound of the disk a run's data-sized heads will take: a memory bank (AnomalyDINO, PatchCore)
     holds at most every training patch (times the references a head adds per image, times its coreset
     ratio) in float32, at the widths the backbone gives (one image is extracted to measure them; PatchCore's
-    width is capped at its ``target_dim``), plus ``FILE_OVERHEAD`` per file set. Networks (a few MB at most with the quick preset) are not
-    foreseen here: the run is checked again once saved."""
+    width is capped at its ``target_dim``), plus ``FILE_OVERHEAD`` per file set. Networks (whose size does not
+    grow with the data, and is known only once built) are not foreseen here: the run is checked again once
+    saved, and removed when it passed the quota."""
     total = FILE_OVERHEAD * (1 + len(run.heads))  # run.json; per head its config, card and safetensors header
     if not train:
         return total

@@ -44,7 +44,9 @@ import io
 import logging
 import os
 import secrets
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -59,6 +61,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 AXES = {"x": 0, "y": 1, "z": 2}  # canonical RAS+: x sagittal, y coronal, z axial slices
 MAX_VOLUME_BYTES = 2 * 1024**3  # one volume file
+VOLUME_CACHE_BYTES = 1024**3  # volumes kept in memory after reading (float32), shared by every user
 MAX_VOLUME_VOXELS = 512**3  # 134 million (512 MB as float32): read in about 15 s here; a .nii.gz of zeros
 # declaring far more is a decompression bomb (a 2 MB file of 1024x1024x256 voxels would take 1 GB and half a minute)
 FOREGROUND_TOLERANCE = 0.05  # of the p1..p99 intensity range above p1
@@ -361,15 +364,31 @@ def _canonical(img):
     return nib.as_closest_canonical(img)
 
 
-@functools.lru_cache(maxsize=2)  # an image and its mask; each volume is read once, then sliced as views
-def _volume_cached(path: str, mtime: int, size: int) -> np.ndarray:
-    """The volume of one file version (messages start with ": ", the caller puts the name in front).
+_VOLUMES: "OrderedDict[tuple[str, int, int], np.ndarray]" = OrderedDict()
+_VOLUMES_LOCK = threading.Lock()
 
-    One read of the whole file into one float32 array (nibabel applies scl_slope / scl_inter: modality
+
+def _volume_cached(path: str, mtime: int, size: int) -> np.ndarray:
+    """The volume of one file version, kept while the volumes read last hold at most ``VOLUME_CACHE_BYTES``
+    (the last two always: an image and its mask). Messages start with ": " (the caller names the file)."""
+    key = (path, mtime, size)
+    with _VOLUMES_LOCK:
+        if key in _VOLUMES:
+            _VOLUMES.move_to_end(key)
+            return _VOLUMES[key]
+    vol = _read_volume(path)  # outside the lock: another volume may be read meanwhile
+    with _VOLUMES_LOCK:
+        _VOLUMES[key] = vol
+        while len(_VOLUMES) > 2 and sum(v.nbytes for v in _VOLUMES.values()) > VOLUME_CACHE_BYTES:
+            _VOLUMES.popitem(last=False)
+    return vol
+
+
+def _read_volume(path: str) -> np.ndarray:
+    """One read of the whole file into one float32 array (nibabel applies scl_slope / scl_inter: modality
     units), never a copy per slice: ``take_slice`` hands out views. Non-finite voxels (NaN marks the outside
     of a masked brain in many pipelines) become the volume's lowest finite value; a volume with no finite
-    voxel is refused.
-    """
+    voxel is refused."""
     img = _canonical(_load_nifti(path, ""))
     try:
         vol = np.asarray(img.dataobj, dtype=np.float32)

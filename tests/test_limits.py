@@ -132,11 +132,11 @@ def test_zip_unpacks_only_images_and_says_so(tmp_path, monkeypatch):
     print(f"\nzip of 3 PNGs + 24 MiB of other members ({z.stat().st_size:,} B): workspace {before:,} -> {after:,} B")
     assert after - before < 100_000 and len(ds.train) == 3
     assert not list((ws.data.uploads / choice["id"]).rglob("*.bin"))
-    assert any("blob0.bin: not an image, mask or scan (not unpacked)" in w for w in ds.warnings)
+    assert any("blob0.bin: not an image, mask or scan (not kept)" in w for w in ds.warnings)
     assert any("readme.txt" in w for w in ds.warnings)
     # the Python API the same way
     api = load_any(str(z))
-    assert len(api.train) == 3 and sum("not unpacked" in w for w in api.warnings) == 4
+    assert len(api.train) == 3 and sum("(not kept)" in w for w in api.warnings) == 4
     skipped: list[str] = []
     safe_extract_zip(z, tmp_path / "raw", images_only=True, skipped=skipped)
     assert sorted(skipped) == ["data/blob0.bin", "data/blob1.bin", "data/blob2.bin", "data/readme.txt"]
@@ -276,3 +276,33 @@ def test_annotations_of_scans_export(tmp_path, monkeypatch):
     labelled = ws.annotations.samples(key)
     assert len(labelled) == 2 and all(s.source is not None and s.label == 1 for s in labelled)
     assert all(s.load_mask().sum() > 0 and s.load().size == s.load_mask().shape[::-1] for s in labelled)
+
+
+def test_loose_uploads_keep_only_images(tmp_path, monkeypatch):
+    from uadlab.safety import disk_usage
+
+    ws = _ws(tmp_path, monkeypatch)
+    other = tmp_path / "src" / "model.bin"
+    other.parent.mkdir(parents=True, exist_ok=True)
+    other.write_bytes(b"\0" * 2**20)
+    before = disk_usage(ws.dir)
+    ds = ws.data.set(ws.data.add_files(_pngs(tmp_path / "src", 3) + [str(other)]))
+    after = disk_usage(ws.dir)
+    assert len(ds.train) == 3 and after - before < 50_000
+    assert ds.warnings == ["skipped model.bin: not an image, mask or scan (not kept)"]
+    with pytest.raises(DataError, match=r"model\.bin: not images, masks or scans"):
+        ws.data.add_files([str(other)])
+    assert len(list(ws.data.uploads.iterdir())) == 1  # the refused upload left nothing
+
+
+def test_dicom_float_pixels_with_nan(tmp_path):
+    """Float pixel data: NaN takes the frame's lowest finite value; a frame of NaN only is refused by name."""
+    import pydicom
+    from meddata import pydicom_file
+
+    ds = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    a = ds.pixel_array.astype(np.float32)
+    a[:4, :4] = np.nan
+    assert medical.finite_or_background(a, "x")[0, 0] == np.nanmin(a)
+    with pytest.raises(DataError, match=r"frame 3: no finite intensity \(all 16 values"):
+        medical.finite_or_background(np.full((4, 4), np.inf, np.float32), "frame 3")

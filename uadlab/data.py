@@ -600,12 +600,12 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, max_b
 
 
 def skipped_warnings(names: Sequence[str], count: int | None = None, limit: int = 20) -> list[str]:
-    """Dataset warnings for the ``count`` zip members that were not unpacked: the first ``limit`` of ``names``
-    by name, then how many more."""
+    """Dataset warnings for the ``count`` uploaded files or zip members that were not kept: the first ``limit``
+    of ``names`` by name, then how many more."""
     count = len(names) if count is None else count
-    out = [f"skipped {n}: not an image, mask or scan (not unpacked)" for n in names[:limit]]
+    out = [f"skipped {n}: not an image, mask or scan (not kept)" for n in names[:limit]]
     if count > len(out):
-        out.append(f"skipped {count - len(out)} more files that are not images, masks or scans (not unpacked)")
+        out.append(f"skipped {count - len(out)} more files that are not images, masks or scans (not kept)")
     return out
 
 

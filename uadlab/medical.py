@@ -8,7 +8,8 @@ Reading (``uadlab.data`` dispatches files here by suffix):
   VOI LUT Function, per frame when given, else a VOI LUT Sequence); MONOCHROME1 is inverted LAST (inverting
   before the window would invert twice). Multi-frame files give one sample per frame. Compressed transfer
   syntaxes decode through pydicom's pixel handlers where one is installed, else a DataError names the syntax
-  and the packages that would decode it. A folder holding a series is sorted along the slice normal by
+  and the packages that would decode it. NaN / infinite values of float pixel data take the frame's lowest
+  finite value; a frame without any finite value is refused. A folder holding a series is sorted along the slice normal by
   Image Position (Patient), else by Instance Number.
 - NIfTI (nibabel, ``.nii`` / ``.nii.gz``): reoriented to the closest canonical orientation (RAS+); each
   slice of the chosen axis (``z`` = axial by default) is one sample named ``<file>#z042``, displayed with
@@ -395,7 +396,7 @@ def _read_volume(path: str) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - truncated data
         raise DataError(f": corrupt or truncated NIfTI data ({_reason(e)})") from None
     finite = np.isfinite(vol)
-    if not finite.all():
+    if not finite.all():  # in place: a copy would double the memory of a large volume
         if not finite.any():
             raise DataError(f": no finite intensity (all {vol.size} voxels are NaN or infinite)")
         vol[~finite] = vol[finite].min()
@@ -661,7 +662,21 @@ def dicom_pixels(ds, frame: int, name: str) -> Pixels:
 
         rgb = apply_color_lut(arr, ds).astype(np.float64)
         return Pixels((rgb / (65535.0 if rgb.max() > 255 else 255.0) * 255).round().astype(np.uint8))
-    return Pixels(modality_units(arr, ds, frame), file_voi(ds, frame), photometric == "MONOCHROME1")
+    return Pixels(finite_or_background(modality_units(arr, ds, frame), name), file_voi(ds, frame),
+                  photometric == "MONOCHROME1")
+
+
+def finite_or_background(a: np.ndarray, name: str) -> np.ndarray:
+    """``a`` with NaN / infinite values set to its lowest finite value (float pixel data may mark the background
+    so); DataError naming ``name`` when no value is finite."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return a
+    if not finite.any():
+        raise DataError(f"{name}: no finite intensity (all {a.size} values are NaN or infinite)")
+    a = a.copy()
+    a[~finite] = a[finite].min()
+    return a
 
 
 @dataclass(frozen=True)

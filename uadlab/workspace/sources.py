@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from PIL import Image
 
 from .. import medical
-from ..data import (SKIPPED_MEMBERS, DataError, Dataset, Sample, file_stem, is_image_name, load_files, load_hf,
-                    load_mvtec, load_unpacked, safe_extract_zip, skipped_warnings)
+from ..data import (IMAGE_EXTS, SKIPPED_MEMBERS, DataError, Dataset, Sample, file_stem, is_image_name, load_files,
+                    load_hf, load_mvtec, load_unpacked, safe_extract_zip, skipped_warnings)
 from ..progress import ProgressFn
 from ..safety import confine, hub_id, limits, resolve_local_folder
 from .session import ID_RE, LRU
@@ -90,6 +90,15 @@ def _confined(ds: Dataset, folder: Path) -> Dataset:
 
 
 def _open_upload(root: Path) -> Dataset:
+    ds = _read_upload(root)
+    skipped = root / SKIPPED_MEMBERS  # files of the upload that were not kept (not images, masks or scans)
+    if skipped.exists():
+        info = json.loads(skipped.read_text())
+        ds.warnings += skipped_warnings(info["names"], info["count"])
+    return ds
+
+
+def _read_upload(root: Path) -> Dataset:
     manifest = root / "manifest.json"
     if manifest.exists():  # loose files: train/, test/, masks/ (images, DICOM files, NIfTI volumes)
         info = json.loads(manifest.read_text())
@@ -108,14 +117,9 @@ def _open_upload(root: Path) -> Dataset:
             s.defect = "defect" if s.label == 1 else ("good" if s.label == 0 else "")
         ds = Dataset("upload", train, test, warn)
         if not ds.train and not ds.test:
-            raise DataError("the upload holds no usable images")
+            raise DataError("the upload holds no usable images" + (f" ({warn[0]})" if warn else ""))
         return ds
-    ds = load_unpacked(root, skip_bad=True, unwrap=True)  # a zip: MVTec layout or plain normal images
-    skipped = root / SKIPPED_MEMBERS
-    if skipped.exists():
-        info = json.loads(skipped.read_text())
-        ds.warnings += skipped_warnings(info["names"], info["count"])
-    return ds
+    return load_unpacked(root, skip_bad=True, unwrap=True)  # a zip: MVTec layout or plain normal images
 
 
 def scan_voxels(paths: Iterable[str | os.PathLike]) -> int:
@@ -295,13 +299,22 @@ class DataSources:
         self.ws.check_upload(sum(os.path.getsize(f) for _, files in groups for f in files or ()),
                              len(train) + len(test), voxels=scan_voxels(f for _, files in groups for f in files or ()))
         root = self.uploads / _new_upload_id()
+        skipped: list[str] = []
         try:
             for sub, files in groups:
                 (root / sub).mkdir(parents=True, exist_ok=True)
                 for f in files or ():
+                    if not (is_image_name(f) or medical.medical_kind(f)):  # other files would only take disk
+                        skipped.append(Path(f).name)
+                        continue
                     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(f).name) or "file"
                     shutil.copyfile(f, root / sub / name)
             (root / "manifest.json").write_text(json.dumps({"unmasked_test_normal": bool(unmasked_test_normal)}))
+            if skipped:
+                (root / SKIPPED_MEMBERS).write_text(json.dumps({"names": skipped[:20], "count": len(skipped)}))
+            if not any(any((root / sub).iterdir()) for sub in ("train", "test")):
+                raise DataError(f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}: not images, masks "
+                                f"or scans ({' '.join(sorted(IMAGE_EXTS))}, DICOM, NIfTI)")
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise

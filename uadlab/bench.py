@@ -6,7 +6,6 @@ features; ``backbone_ms`` and ``head_ms`` are medians per test image (batch 1) m
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -63,8 +62,7 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
     rows: list[dict[str, Any]] = []
 
     def make(ms):
-        kw = {m: v for m, v in config.method_kwargs.items() if m in ms}
-        return Run(dataclasses.replace(config, methods=list(ms), method_kwargs=kw), cache=cache)
+        return Run(config.subset(ms), cache=cache)
 
     def emit(run: Run, cat: str, test, bms: float) -> None:
         res = run.evaluate(test, progress())

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from . import settings
 from .errors import DataError, UadlabError
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
@@ -33,19 +34,6 @@ SERVED_FILES_TTL = 3600  # seconds a file handed to the browser (heatmap, export
 
 class QuotaError(ValueError):
     """A per-session or per-server limit was reached; the message says which and what to do."""
-
-
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw.replace("_", ""))
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise ValueError(f"{name}={raw!r} must not be negative")
-    return value
 
 
 @dataclass(frozen=True)
@@ -62,7 +50,7 @@ class Limits:
     @classmethod
     def from_env(cls) -> "Limits":
         d = cls()
-        n = _env_number
+        n = settings.env_number
         return cls(int(n("UADLAB_MAX_UPLOAD_BYTES", d.upload_bytes)),
                    int(n("UADLAB_MAX_UPLOAD_IMAGES", d.upload_images)),
                    int(n("UADLAB_MAX_WORKSPACE_BYTES", d.workspace_bytes)),
@@ -150,9 +138,7 @@ def scrub(text: str, secrets: str | Iterable[str] | None) -> str:
 
 
 # ---- paths ------------------------------------------------------------------------------------------------
-def workspace_root() -> Path:
-    """Where users' uploads, runs and the annotation database live (``UADLAB_WORKSPACE``, default ./workspace)."""
-    return Path(os.environ.get("UADLAB_WORKSPACE", "workspace")).resolve()
+workspace_root = settings.workspace_root
 
 
 def gradio_dirs() -> list[Path]:
@@ -166,9 +152,7 @@ def gradio_dirs() -> list[Path]:
 
 def protected_paths() -> list[Path]:
     """Folders no user may read as data: the workspace, the feature cache, gradio's folders (others' uploads)."""
-    from .pipeline import default_cache_dir
-
-    return [workspace_root(), default_cache_dir().resolve(), *gradio_dirs()]
+    return [workspace_root(), settings.feature_cache_dir().resolve(), *gradio_dirs()]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -181,11 +165,10 @@ def local_roots() -> list[Path]:
     Entries that are not folders, or that lie inside the app's own data, are ignored.
     """
     roots = []
-    for part in os.environ.get("UADLAB_LOCAL_FOLDERS", "").split(os.pathsep):
-        if part.strip():
-            p = Path(part.strip()).expanduser().resolve()
-            if p.is_dir() and not any(_inside(p, q) for q in protected_paths()):
-                roots.append(p)
+    for part in settings.local_folders():
+        p = Path(part).expanduser().resolve()
+        if p.is_dir() and not any(_inside(p, q) for q in protected_paths()):
+            roots.append(p)
     return roots
 
 

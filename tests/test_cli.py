@@ -104,7 +104,7 @@ def test_paper_preset_brings_the_papers_inputs(capsys):
     (["--image-size", "128", "--resize", "64"], "resize 64 px is smaller than image_size 128 px"),
     (["--preset", "fast"], "preset 'fast'"),
     (["--window", "sideways"], "window 'sideways'"),
-    (["--methods", "patchcore,nope"], "unknown ['nope']"),
+    (["--methods", "patchcore,nope"], "unknown method 'nope'"),
     (["--seed", "-3"], "seed -3"),
 ])
 def test_cli_refuses_bad_settings_before_any_work(tmp_path, capsys, args, message):

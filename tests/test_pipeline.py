@@ -180,7 +180,7 @@ def test_paper_preset_resolves_each_methods_backbone(capsys):
     (dict(seed=-1), "seed -1"),
     (dict(preset="fast"), "preset 'fast'"),
     (dict(methods=[]), "methods \\[\\]"),
-    (dict(methods=["patchcore", "nope"]), "unknown \\['nope'\\]"),
+    (dict(methods=["patchcore", "nope"]), "unknown method 'nope'"),
     (dict(methods=["patchcore", "patchcore"]), "each method once"),
     (dict(window="sideways"), "window 'sideways'"),
     (dict(backbone=""), "backbone ''"),
@@ -276,3 +276,29 @@ def test_a_loaded_head_scores_like_its_run(fitted, tmp_path):
     a, b = run.score(ds.test[:3])["patchcore"], one.score(ds.test[:3])["patchcore"]
     np.testing.assert_allclose(b.maps, a.maps, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(b.scores, a.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_dinomaly_paper_budget_follows_the_setting():
+    """The paper preset trains the official budget: 5,000 steps for one category, 10,000 multi-class."""
+    import torch
+
+    from uadlab.features import PatchFeatures
+    from uadlab.methods import get_method_class
+
+    class Stop(Exception):
+        pass
+
+    def stop(p):
+        if p.unit == "steps":
+            totals.append(p.total)
+            raise Stop  # the budget is known at the first step: no need to train it
+
+    g = torch.Generator().manual_seed(0)
+    feats = PatchFeatures({"stage2": torch.randn(4, 16, 4, 4, generator=g), "stage3": torch.randn(4, 32, 4, 4, generator=g)},
+                          (64, 64))
+    for category, budget in (("screw", 5_000), (None, 10_000)):
+        totals: list[int] = []
+        head = get_method_class("dinomaly").from_preset("paper", layers=["stage2", "stage3"], batch_size=2)
+        with pytest.raises(Stop):
+            head.fit(feats, progress=stop, category=category)
+        assert totals == [budget]

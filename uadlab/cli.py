@@ -158,8 +158,9 @@ def _type_name(hint) -> str:
 class ProgressBar:
     """A one-line progress bar on stderr: the whole job's share, the stage, its counts and ETA."""
 
-    def __init__(self, stream=sys.stderr, width: int = 24) -> None:
-        self.stream, self.width, self.stage = stream, width, None
+    def __init__(self, stream=None, width: int = 24) -> None:
+        # the stderr of now, not of import time (a test's captured stream may be closed since)
+        self.stream, self.width, self.stage = stream or sys.stderr, width, None
 
     def __call__(self, p: Progress) -> None:
         if self.stage is not None and p.stage.split(":")[0] != self.stage:

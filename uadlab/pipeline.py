@@ -79,7 +79,8 @@ def _check_methods(methods: Any) -> list[str]:
         raise ValueError(f"methods {methods!r}: give a non-empty list of method names ({', '.join(list_methods())})")
     unknown = [m for m in methods if m not in list_methods()]
     if unknown:
-        raise ValueError(f"methods: unknown {unknown}; known: {', '.join(list_methods())}")
+        raise ValueError(f"methods: unknown method{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(list_methods())}")
     if len(set(methods)) < len(methods):
         raise ValueError(f"methods {list(methods)}: each method once")
     return list(methods)

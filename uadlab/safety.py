@@ -5,8 +5,8 @@
 - Folders on the server are readable only under the roots listed in ``UADLAB_LOCAL_FOLDERS`` (none by
   default, so a Space never reads them); the app's own data (workspace, feature cache, gradio's upload
   folder) is never readable, served or listed, whatever the roots.
-- Tokens are stripped and checked, passed to one call and scrubbed from every message; messages show no
-  absolute server path (``public_text``).
+- Tokens (``tokens``: whose token a call sends, scrubbing) never reach a message; messages show no absolute
+  server path (``public_text``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import DataError, UadlabError
+from .errors import DataError
+from .tokens import clean as clean_token, scrub, secret_variants  # noqa: F401  (the app's names)
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 # an absolute path of 2+ parts not inside a URL ("https://h/p": its slashes follow "/" or a word character)
@@ -122,31 +123,6 @@ class Slots:
 
 
 TRAININGS = Slots()
-
-
-# ---- tokens ---------------------------------------------------------------------------------------------
-def clean_token(token: str | None) -> str | None:
-    """A pasted token without surrounding blanks (None when empty); one with blanks inside is refused unread."""
-    t = (token or "").strip()
-    if not t:
-        return None
-    if any(c.isspace() or not c.isprintable() for c in t):
-        raise UadlabError("the token has spaces or line breaks inside: paste it again (it is never shown or stored)")
-    return t
-
-
-def secret_variants(values: Iterable[object]) -> list[str]:
-    """The strings to scrub for some pasted secrets: each as given, stripped, and its longer pieces; longest first."""
-    out = {x for v in values if isinstance(v, str) and v.strip()
-           for x in (v, v.strip(), *(w for w in v.split() if len(w) >= 8))}
-    return sorted(out, key=len, reverse=True)
-
-
-def scrub(text: str, secrets: str | Iterable[str] | None) -> str:
-    """``text`` with every secret (a token as pasted, or ``secret_variants``) replaced by ``***``."""
-    for s in secret_variants([secrets] if isinstance(secrets, str) or secrets is None else secrets):
-        text = text.replace(s, "***")
-    return text
 
 
 # ---- paths ------------------------------------------------------------------------------------------------

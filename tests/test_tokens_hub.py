@@ -198,3 +198,66 @@ def test_app_refuses_backbones_it_does_not_list(app, tmp_path, name):
     assert "secret_key_q7" not in e.value.message and str(tmp_path) not in e.value.message
     assert public_backbone("dinov2_vits14") == "dinov2_vits14" and public_backbone("") is None
     assert public_backbone("vit_small_patch16_224.augreg_in21k") == "vit_small_patch16_224.augreg_in21k"
+
+
+# ---- the served app: gradio's own texts, monitoring ------------------------------------------------------------
+def _http(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, str]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(method, path, json.dumps(body) if body is not None else None,
+                 {"Content-Type": "application/json"} if body is not None else {})
+    r = conn.getresponse()
+    out = r.status, r.read().decode("utf-8", "replace")
+    conn.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(app):
+    import socket
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UADLAB_EXAMPLE", "0")
+    mp.delenv("UADLAB_MONITORING", raising=False)
+    mp.setenv("HF_TOKEN", SERVER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.serve("127.0.0.1", port, prevent_thread_lock=True)
+    yield port
+    demo.close()
+    mp.undo()
+
+
+def test_monitoring_is_off_unless_the_operator_turns_it_on(app, served, monkeypatch):
+    status, text = _http(served, "GET", "/monitoring/summary")
+    assert status == 403 and "not enabled" in text
+    assert app.S.launch_guard()["enable_monitoring"] is False
+    monkeypatch.setenv("UADLAB_MONITORING", "1")
+    assert app.S.launch_guard()["enable_monitoring"] is True
+
+
+def test_gradio_errors_show_no_server_path(app, served):
+    """A client that sends a file path of the server (here inside the workspace, a blocked path) gets gradio's
+    refusal through the app's filter: no blocked path, no working directory, no workspace."""
+    status, text = _http(served, "GET", "/config")
+    config = json.loads(text)
+    files = {c["id"] for c in config["components"] if c.get("type") == "file"}
+    dep = next(d for d in config["dependencies"] if files & set(d.get("inputs", [])))
+    probe = str(app.W.workspace_root() / "users" / "probe.png")
+    data = [[{"path": probe, "meta": {"_type": "gradio.FileData"}}] if i in files else None for i in dep["inputs"]]
+    status, text = _http(served, "POST", "/gradio_api/queue/join",
+                         {"data": data, "fn_index": dep["id"], "session_hash": "tokensprobe01", "trigger_id": None,
+                          "event_data": None})
+    assert status == 200, text
+    status, text = _http(served, "GET", "/gradio_api/queue/data?session_hash=tokensprobe01")
+    done = [json.loads(line[6:]) for line in text.splitlines()
+            if line.startswith("data: ") and '"process_completed"' in line]
+    assert done and done[0]["success"] is False
+    message = done[0]["output"]["error"]
+    assert "Cannot move" in message and "blocked_paths" in message  # gradio's text, filtered
+    for server_path in (str(app.W.workspace_root()), os.getcwd(), *app.S.launch_guard()["blocked_paths"]):
+        assert server_path not in message, message
+    status, text = _http(served, "GET", "/gradio_api/file=" + probe)  # an HTTP error answer, filtered whole
+    assert status == 403 and str(app.W.workspace_root()) not in text

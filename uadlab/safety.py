@@ -238,12 +238,78 @@ def public_text(text: str, root: Path | None = None) -> str:
 
 
 # ---- serving ------------------------------------------------------------------------------------------------
+def monitoring_enabled() -> bool:
+    """Whether gradio's traffic monitoring (``/monitoring``, its summary) is on: only when the operator sets
+    ``UADLAB_MONITORING=1`` (gradio turns it on by default, and its summary is public)."""
+    return os.environ.get("UADLAB_MONITORING", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def public_message(text: str) -> str:
+    """The one filter of every text the app shows: no token (typed or the server's), no absolute server path."""
+    return public_text(scrub(text))
+
+
+_SSE_ERROR = re.compile(rb'^event: error|"success":\s*false|"msg":\s*"(?:unexpected_error|log)"', re.M)
+
+
+class PublicErrors:
+    """ASGI middleware: gradio's own error texts pass the app's filter (``public_message``) too.
+
+    gradio words some errors with server paths (a refused file names the blocked paths or the working
+    directory). Error answers (HTTP >= 400) are filtered whole; in event streams, only the events that carry
+    an error or a log line, so that the file URLs of results stay intact.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state: dict = {"mode": None, "buf": b""}
+
+        async def filtered(message) -> None:
+            if message["type"] == "http.response.start":
+                ctype = dict(message.get("headers") or []).get(b"content-type", b"")
+                state["mode"] = ("sse" if ctype.startswith(b"text/event-stream")
+                                 else "error" if message["status"] >= 400 else None)
+                if state["mode"] == "error":  # its length changes: sent with the filtered body
+                    state["start"] = message
+                    return
+                return await send(message)
+            if message["type"] != "http.response.body" or state["mode"] is None:
+                return await send(message)
+            more = message.get("more_body", False)
+            state["buf"] += message.get("body", b"")
+            if state["mode"] == "error":
+                if more:
+                    return
+                body = public_message(state["buf"].decode("utf-8", "replace")).encode()
+                headers = [(k, v) for k, v in state["start"].get("headers") or [] if k.lower() != b"content-length"]
+                await send({**state["start"], "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                return await send({"type": "http.response.body", "body": body})
+            *events, rest = state["buf"].split(b"\n\n")
+            if not more:
+                events, rest = [*events, rest], b""
+            state["buf"] = rest
+            out = b"\n\n".join(public_message(e.decode("utf-8", "replace")).encode() if _SSE_ERROR.search(e) else e
+                                for e in events)
+            if events and more:
+                out += b"\n\n"
+            await send({**message, "body": out})
+
+        await self.app(scope, receive, filtered)
+
+
 def launch_guard() -> dict:
     """gradio ``launch`` arguments that keep the app's data off the web; refuses a layout that would serve it.
 
     The file route serves only gradio's own folders (uploads, cached copies of what callbacks return) and
     ``allowed_paths`` (none here); ``blocked_paths`` adds the workspace and feature cache as a second guard.
+    gradio's own error texts pass ``PublicErrors``; its monitoring is off unless ``UADLAB_MONITORING=1``.
     """
+    from starlette.middleware import Middleware
+
     root = workspace_root()
     tmp = Path(tempfile.gettempdir()).resolve()
     for g in gradio_dirs():
@@ -254,7 +320,8 @@ def launch_guard() -> dict:
         raise RuntimeError(f"the workspace ({root}) holds the temp folder ({tmp}) where exports are written: "
                            "choose another UADLAB_WORKSPACE")
     blocked = [str(p) for p in protected_paths() if not any(_inside(g, p) for g in gradio_dirs())]
-    return {"blocked_paths": blocked, "max_file_size": limits().upload_bytes}
+    return {"blocked_paths": blocked, "max_file_size": limits().upload_bytes,
+            "enable_monitoring": monitoring_enabled(), "app_kwargs": {"middleware": [Middleware(PublicErrors)]}}
 
 
 def export_path(name: str) -> Path:

@@ -261,3 +261,23 @@ def test_gradio_errors_show_no_server_path(app, served):
         assert server_path not in message, message
     status, text = _http(served, "GET", "/gradio_api/file=" + probe)  # an HTTP error answer, filtered whole
     assert status == 403 and str(app.W.workspace_root()) not in text
+
+
+def test_a_loaded_head_cannot_name_a_server_folder_as_its_backbone(app, tmp_path, monkeypatch):
+    """A head's config.json is the author's: ``backbone: local-dir:DIR`` is refused before anything reads DIR."""
+    import gradio as gr
+
+    from uadlab.methods import create_method
+
+    target = tmp_path / "secret"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"architecture": "resnet18", "secret_key_q7": 1}))
+    head = create_method("anomalydino", backbone=f"local-dir:{target}")
+    head.save_pretrained(tmp_path / "head")
+    (tmp_path / "head" / "uadlab_info.json").write_text(json.dumps({"method": "anomalydino"}))
+    monkeypatch.setenv("UADLAB_LOCAL_FOLDERS", str(tmp_path))
+    img = tmp_path / "probe.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    with pytest.raises(gr.Error, match="not a backbone this app offers") as e:
+        app.hub.on_hub_score("head", "", "auto", [str(img)])
+    assert "secret_key_q7" not in e.value.message and str(target) not in e.value.message

@@ -9,6 +9,7 @@ once with an empty token field and once with the visitor's token.
 from __future__ import annotations
 
 import io
+import re
 import json
 import os
 import subprocess
@@ -281,3 +282,36 @@ def test_a_loaded_head_cannot_name_a_server_folder_as_its_backbone(app, tmp_path
     with pytest.raises(gr.Error, match="not a backbone this app offers") as e:
         app.hub.on_hub_score("head", "", "auto", [str(img)])
     assert "secret_key_q7" not in e.value.message and str(target) not in e.value.message
+
+
+def _http_error(cls, status: int):
+    import httpx
+
+    return cls(f"HTTP {status} for Bearer {SERVER}", response=httpx.Response(status, request=httpx.Request("GET", "http://h/x")))
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("gated", "the repository is gated; accept its terms"),
+    ("missing", "not found on the Hub, or private"),
+    ("refused", r"refused the credentials \(HTTP 401\)"),
+    ("other_http", r"the Hub answered HTTP 500"),
+    ("no_cache", "not reachable and it is not in the local cache; use the offline default"),
+    ("connection", r"cannot reach the Hugging Face Hub \(ConnectionError\); use the offline default"),
+    ("invalid", "is not a valid repository id"),
+    ("offline", "not reachable here \\(offline mode"),
+])
+def test_one_translation_of_hub_failures(monkeypatch, kind, expected):
+    """Every Hub failure of data, heads and backbones reads as one line naming the repository, without a token."""
+    from huggingface_hub import errors as E
+
+    from uadlab import tokens
+
+    monkeypatch.setenv("HF_TOKEN", SERVER)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if kind == "offline" else "0")
+    e = {"gated": lambda: _http_error(E.GatedRepoError, 403), "missing": lambda: _http_error(E.RepositoryNotFoundError, 404),
+         "refused": lambda: _http_error(E.HfHubHTTPError, 401), "other_http": lambda: _http_error(E.HfHubHTTPError, 500),
+         "no_cache": lambda: E.LocalEntryNotFoundError("not cached"), "connection": lambda: ConnectionError(SERVER),
+         "invalid": lambda: E.HFValidationError("bad id"), "offline": lambda: ConnectionError("down")}[kind]()
+    msg = tokens.hub_message(e, "load", "owner/name", VISITOR, hint="use the offline default")
+    assert re.search(expected, msg), msg
+    assert "owner/name" in msg and SERVER not in msg and "\n" not in msg

@@ -41,10 +41,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import medical
+from . import medical, tokens
 from .errors import DataError, short_reason as _reason
 from .progress import Progress, ProgressFn, Stages
-from . import tokens
 from .tokens import scrub
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import UadlabError
 from . import tokens
+from .errors import UadlabError
 from .methods import Method, get_method_class
 
 EXAMPLE_FILE = "example_heatmap.png"

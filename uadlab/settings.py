@@ -12,6 +12,7 @@ test's ``monkeypatch.setenv``) applies at once.
 ``UADLAB_EXAMPLE``              ``0`` / ``false`` / ``no`` / ``off``: no example run in the app
 ``UADLAB_DEMO``                 arguments of the app's demo data as JSON (e.g. smaller for tests)
 ``UADLAB_DEBUG``                set: the CLI shows tracebacks of internal errors
+``UADLAB_MONITORING``           ``1`` / ``true`` / ``yes`` / ``on``: gradio's traffic monitoring (off by default)
 ``UADLAB_MAX_*``, ``UADLAB_EXPIRE_DAYS``  the app's limits (``safety.Limits``), read by ``env_number``
 =============================== =====================================================================
 """
@@ -100,3 +101,8 @@ def demo_settings() -> str:
 def debug() -> bool:
     """``UADLAB_DEBUG`` set: internal errors show their traceback."""
     return bool(os.environ.get("UADLAB_DEBUG"))
+
+
+def monitoring_enabled() -> bool:
+    """``UADLAB_MONITORING`` on (gradio's traffic monitoring and its public summary; off unless the operator sets it)."""
+    return os.environ.get("UADLAB_MONITORING", "").strip().lower() in ("1", "true", "yes", "on")

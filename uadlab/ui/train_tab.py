@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from .. import safety as S
-from ..backbones import OFFLINE_DEFAULT, SHORT_NAMES
+from ..backbones import OFFLINE_DEFAULT, SHORT_NAMES, public_backbone
 from ..medical import WINDOW_PRESETS, Window
 from ..settings import DEFAULT_IMAGE_SIZE, MAX_SIDE, MIN_SIDE
 from ..methods import get_method_class, list_methods
@@ -39,7 +39,7 @@ def on_train(user: str, backbone: str | None, methods: list[str], preset: str, i
     """Train, evaluate and save a run: (status, metrics table, the new run's id). The form's values are only
     parsed here (empty = not chosen); ``RunConfig`` checks them, before any work, as for the CLI."""
     ws = open_workspace(user)
-    run_id, evaluation = ws.runs.train(methods, backbone or None, preset,
+    run_id, evaluation = ws.runs.train(methods, public_backbone(backbone), preset,
                                        None if image_size in (None, "") else image_size, aux_source,
                                        S.clean_token(token), progress=reporter(progress), window=window or None)
     msg = f"Run **{ws.runs.label(run_id)}** trained and saved. Open **Compare** to see the heatmaps."

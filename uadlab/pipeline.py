@@ -69,8 +69,8 @@ class Inputs:
 
 
 CALIBRATION_MODES = ("refit", "holdout")
-PRESETS = ("quick", "paper", "tiny")
-WEIGHT_SOURCES = ("default", "hub", "packaged", "random")  # else a weights file (of one backbone)  # what the CLI and the app offer; a method may know more ("default")
+PRESETS = ("quick", "paper", "tiny")  # what the CLI and the app offer; a method may know more ("default")
+WEIGHT_SOURCES = ("default", "hub", "packaged", "random")  # else a weights file (of one backbone)
 
 
 def _check_methods(methods: Any) -> list[str]:

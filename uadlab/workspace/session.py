@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .. import settings
 from ..safety import TRAININGS, QuotaError, limits, remove_stale_exports, workspace_root
 from ..store import AnnotationStore
 
@@ -36,7 +37,7 @@ def browser_secret(root: str | Path | None = None) -> str:
     From ``UADLAB_BROWSER_SECRET`` or a file created once in the workspace root (``.browser_secret``);
     a random key per start (gradio's default) would make every browser lose its workspace on a restart.
     """
-    env = os.environ.get("UADLAB_BROWSER_SECRET")
+    env = settings.browser_secret()
     if env:
         return env
     root = Path(root) if root is not None else workspace_root()

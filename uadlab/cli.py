@@ -157,6 +157,8 @@ def _type_name(hint) -> str:
 class ProgressBar:
     """A one-line progress bar on stderr: the whole job's share, the stage, its counts and ETA."""
 
+    open_line = False  # a bar's line is drawn but not ended: a message must start on the next line
+
     def __init__(self, stream=None, width: int = 24) -> None:
         # the stderr of now, not of import time (a test's captured stream may be closed since)
         self.stream, self.width, self.stage = stream or sys.stderr, width, None
@@ -170,6 +172,7 @@ class ProgressBar:
         self.stream.write(f"\r[{bar:{self.width}s}] {frac * 100:5.1f}% {p.text[:90]:90s}")
         if frac >= 1:
             self.stream.write("\n")
+        ProgressBar.open_line = frac < 1
         self.stream.flush()
 
 
@@ -309,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         if settings.debug():
             raise
         error = f"internal error ({type(e).__name__}: {e}); set UADLAB_DEBUG=1 for the traceback"
+    if ProgressBar.open_line:  # the error on a line of its own, not after a bar that stopped half-way
+        sys.stderr.write("\n")
+        ProgressBar.open_line = False
     print(f"uadlab {a.cmd}: error: {' '.join(str(error).split())}", file=sys.stderr)
     return 2
 

@@ -101,6 +101,58 @@ def write_dicom(folder: str | Path, patient_name: str, patient_id: str, instance
     return path
 
 
+def write_seg(folder: str | Path, sources: list[Path], masks: list[np.ndarray], name: str = "seg.dcm",
+              fractional: bool = False) -> Path:
+    """A DICOM Segmentation (one segment, BINARY 1-bit or FRACTIONAL 8-bit) with one frame per mask, frame k
+    referencing ``sources[k]`` by its SOP Instance UID (Derivation Image Sequence), as SEG writers do; it
+    carries the source's patient tags (a SEG belongs to its patient)."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import pack_bits
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    refs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sources]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "SEG"
+    for k in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID"):
+        setattr(ds, k, refs[0].get(k, ""))
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = generate_uid(), 99, 1
+    ds.SegmentationType = "FRACTIONAL" if fractional else "BINARY"
+    if fractional:
+        ds.SegmentationFractionalType, ds.MaximumFractionalValue = "PROBABILITY", 255
+    seg = Dataset()
+    seg.SegmentNumber, seg.SegmentLabel, seg.SegmentAlgorithmType = 1, "lesion", "MANUAL"
+    ds.SegmentSequence = Sequence([seg])
+    ds.Rows, ds.Columns = masks[0].shape
+    ds.NumberOfFrames = len(masks)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.BitsAllocated = ds.BitsStored = 8 if fractional else 1
+    ds.HighBit = ds.BitsStored - 1
+    frames = []
+    for r in refs:
+        src = Dataset()
+        src.ReferencedSOPClassUID, src.ReferencedSOPInstanceUID = r.SOPClassUID, r.SOPInstanceUID
+        der = Dataset()
+        der.SourceImageSequence = Sequence([src])
+        item, ident = Dataset(), Dataset()
+        ident.ReferencedSegmentNumber = 1
+        item.DerivationImageSequence = Sequence([der])
+        item.SegmentIdentificationSequence = Sequence([ident])
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    stack = np.stack([np.asarray(m) for m in masks])
+    ds.PixelData = (stack.astype(np.uint8).tobytes() if fractional else pack_bits(stack > 0))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     counts = [int(v) for v in sys.argv[2:5]] or [4, 2, 3]

@@ -100,9 +100,12 @@ def _open_upload(root: Path) -> Dataset:
             stem = file_stem(p)
             masks[stem[:-5] if stem.endswith("_mask") else stem] = str(p)
         train = load_files(files("train"), label=0, skip_bad=True, warn=warn)
-        masked = [p for p in files("test") if file_stem(p) in masks]
-        unmasked = [p for p in files("test") if file_stem(p) not in masks]
-        test = (load_files(masked, label=1, masks=masks, skip_bad=True, warn=warn)  # slices without lesion: 0
+        # DICOM SEG masks pair with the DICOM test files by SOP Instance UID, not by name: read them together
+        segs = [p for p in files("masks") if medical.medical_kind(p) == "dicom"]
+        paired = lambda p: file_stem(p) in masks or bool(segs and medical.medical_kind(p) == "dicom")  # noqa: E731
+        masked = [p for p in files("test") if paired(p)]
+        unmasked = [p for p in files("test") if not paired(p)]
+        test = (load_files(masked + segs if masked else [], label=1, masks=masks, skip_bad=True, warn=warn)  # no lesion: 0
                 + load_files(unmasked, label=0 if info.get("unmasked_test_normal") else -1, skip_bad=True, warn=warn))
         for s in test:
             s.defect = "defect" if s.label == 1 else ("good" if s.label == 0 else "")

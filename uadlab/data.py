@@ -297,7 +297,8 @@ class Dataset:
     @property
     def has_masks(self) -> bool:
         anomalous = [s for s in self.test if s.label == 1]
-        return bool(anomalous) and all(s.mask is not None or s.mask_path is not None for s in anomalous)
+        return bool(anomalous) and all(s.mask is not None or s.mask_path is not None
+                                       or getattr(s.source, "finding", None) is not None for s in anomalous)  # a SEG
 
     def summary(self) -> dict:
         return {"name": self.name, "categories": self.categories, "train": len(self.train),

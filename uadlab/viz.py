@@ -179,7 +179,7 @@ def viewer_colorbar(width: int, vmax: float = VMAX, threshold: float | None = No
         values.append(vmax)
     xs = lambda v: x0 + (x1 - x0) * min(max(v / vmax, 0), 1)  # noqa: E731
     for v in values:
-        text = "1 = normal limit" if v == 1 else f"{v:g}"
+        text = "1 = normal limit" if v == 1 and width >= 300 else f"{v:g}"  # a narrow bar: plain numbers
         tw = d.textlength(text, font=f)
         x = xs(v)
         d.line([x, top + bar_h, x, top + bar_h + 3], fill="black")

@@ -175,10 +175,11 @@ def viewer_volume_scores(handle: str) -> dict:
 
 @ui_errors
 def on_export_maps(user: str, run_id: str | None, names: list[str], threshold: float, progress=gr.Progress(),
-                   scope: str = EXPORT_SCOPES[0]) -> str:
+                   scope: str = EXPORT_SCOPES[0], window: str = "") -> str:
     """A zip of what the viewer shows: every test image's (or the shown images') heatmaps in the viewer's
     colours at their own resolution, overlays with the colour bar, regions at the viewer's ``threshold``, a CSV
-    of scores and decisions, and the volumes' maps as NIfTI (same affine)."""
+    of scores and decisions, and the volumes' maps as NIfTI (same affine). ``window`` is the viewer's window /
+    level as ``KIND:LEVEL/WIDTH`` (KIND = HU, values or grey; empty: the run's window)."""
     if not run_id:
         raise gr.Error("no run selected: train one in the Train tab")
     if scope not in EXPORT_SCOPES:
@@ -189,7 +190,18 @@ def on_export_maps(user: str, run_id: str | None, names: list[str], threshold: f
     t = float(threshold)
     if not np.isfinite(t):
         raise gr.Error(f"threshold {threshold}: a number is needed")
-    return str(open_workspace(user).runs.export_maps(run_id, chosen, t, VMAX, progress=reporter(progress)))
+    display = None
+    if window:
+        kind, _, lw = str(window).partition(":")
+        level, _, width = lw.partition("/")
+        try:
+            display = (kind, float(level), float(width))
+        except ValueError:
+            raise gr.Error(f"window {window!r}: expected KIND:LEVEL/WIDTH") from None
+        if kind not in ("HU", "values", "grey") or not (np.isfinite(display[1]) and display[2] > 0):
+            raise gr.Error(f"window {window!r}: expected HU, values or grey, a level and a positive width")
+    return str(open_workspace(user).runs.export_maps(run_id, chosen, t, VMAX, progress=reporter(progress),
+                                                     display=display))
 
 
 @ui_errors
@@ -204,11 +216,12 @@ def on_compare(user: str, run_id: str | None, names: list[str], labels: str):
     return viewer, viz.curves_figure(results) if results else None, viz.metrics_frame(results)
 
 
-# the export takes the viewer's threshold as it is on screen (the viewer is client-side)
+# the export takes the viewer's threshold and window as they are on screen (the viewer is client-side)
 READ_VIEWER_THRESHOLD = """(...args) => {
   const v = document.querySelector('#viewer');
   const t = v ? parseFloat(v.dataset.threshold) : NaN;
   if (isFinite(t)) args[3] = t;
+  args[5] = v && v.dataset.unit && v.dataset.level ? `${v.dataset.unit}:${v.dataset.level}/${v.dataset.width}` : "";
   return args;
 }"""
 
@@ -236,6 +249,7 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
         export_btn = gr.Button("Export heatmaps as shown (viewer's colours and threshold; CSV of scores)",
                                min_width=200, elem_id="export-btn")
         export_threshold = gr.Number(1.0, visible=False)  # replaced by the viewer's threshold at the click
+        export_window = gr.Textbox("", visible=False)  # and by its window / level
     export_file = gr.File(label="Export", interactive=False, height=100, elem_id="export-file")
     export_status = gr.Markdown()
 
@@ -246,9 +260,10 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     show_btn.click(*show)
     labels.change(*show)
 
-    def export(user, run_id, names, threshold, scope, progress=gr.Progress()):
-        return on_export_maps(user, run_id, names, threshold, progress, scope), ""
+    def export(user, run_id, names, threshold, scope, window, progress=gr.Progress()):
+        return on_export_maps(user, run_id, names, threshold, progress, scope, window), ""
 
-    export_btn.click(in_panel(export, status=1, n_outputs=2), [user, run, names, export_threshold, export_scope],
+    export_btn.click(in_panel(export, status=1, n_outputs=2),
+                     [user, run, names, export_threshold, export_scope, export_window],
                      [export_file, export_status], show_progress_on=[export_status], js=READ_VIEWER_THRESHOLD)
     return SimpleNamespace(names=names, show=show)

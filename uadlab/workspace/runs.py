@@ -162,8 +162,13 @@ class Runs:
         return compare_grid(rows, [method], "heatmap", cell=200)
 
     def export_maps(self, run_id: str, names: Sequence[str] | None = None, threshold: float = 1.0, vmax: float = 3.0,
-                    progress: ProgressFn | None = None, opacity: float = 0.5) -> Path:
+                    progress: ProgressFn | None = None, opacity: float = 0.5,
+                    display: tuple[str, float, float] | None = None) -> Path:
         """A zip of what the viewer shows, for the named test images (None: every test image of the run).
+
+        ``display`` = (kind, level, width) is the viewer's window / level: for scans of that kind (their unit,
+        "HU" or "values") their values through it, for ordinary images ("grey") their grey values through
+        DICOM's LINEAR window; the other images through the run's window, as the viewer starts them.
 
         Per image and method, at the image's own resolution (the part the network sees, as in the viewer):
         ``<method>/<image>_heatmap.png`` (the viewer's colours: viridis on [0, ``vmax``] calibrated units),
@@ -198,9 +203,12 @@ class Runs:
             step = stages.stage(f"heatmaps of {len(chosen)} images", "images")
             rows = []
             for i, s in enumerate(chosen):
-                image = s.load()
+                bound = run.window.bind([s])[0]  # what the network and the viewer see
+                image = bound.load()
                 left, top, right, bottom = run.backbone.view_box(image.size)
                 view = np.asarray(image.crop((left, top, right, bottom)).convert("RGB"))
+                if display is not None:
+                    view = _displayed(bound, view, image.size, (left, top, right, bottom), display)
                 size = viz.fit_size(view.shape[1], view.shape[0], 2048)  # the viewer's enlarged view (FULL_MAX)
                 if size != (view.shape[1], view.shape[0]):
                     view = np.asarray(Image.fromarray(view).resize(size, Image.LANCZOS))
@@ -250,7 +258,9 @@ class Runs:
                 f"Heatmaps of run {run_id} as the viewer shows them, {len(chosen)} test images.\n"
                 "Calibrated units: 0 = the median normal pixel, 1 = the normal limit. Colours: viridis on "
                 f"[0, {vmax:g}] (colourbar.png); regions and decisions at the threshold {threshold:g}; overlays at "
-                f"opacity {opacity:g}. Images at their own resolution (the part the network sees).\n"
+                f"opacity {opacity:g}. Images at their own resolution (the part the network sees)"
+                + (f", windowed as in the viewer: level {display[1]:g}, width {display[2]:g} "
+                   f"({'grey values' if display[0] == 'grey' else display[0]})" if display else "") + ".\n"
                 "scores.csv: per image its label and, per method, the calibrated image score, the decision "
                 "(score >= threshold) and the share of pixels >= threshold.\n"
                 "volumes/: per NIfTI volume or DICOM series the calibrated maps and regions of every slice, aligned "
@@ -292,6 +302,27 @@ def export_name(name: str) -> str:
     (no scan suffixes, no characters a file system or a shell minds)."""
     name = re.sub(r"\.(nii\.gz|nii|dcm|dicom|png|jpe?g|bmp|tiff?|webp)(?=#|/|$)", "", name, flags=re.I)
     return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_.") or "image"
+
+
+def _displayed(s: Sample, view: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int],
+               display: tuple[str, float, float]) -> np.ndarray:
+    """``view`` (RGB of the crop ``box``) through the viewer's window ``display`` = (kind, level, width) when
+    the image is of that kind (as viewer.js: a scan's values by clip((v - (L - W / 2)) / W), MONOCHROME1
+    inverted after; grey values by DICOM's LINEAR window)."""
+    from ..medical import voi_window
+
+    kind, level, width = display
+    px = s.pixels()
+    scan = px is not None and not px.colour and px.values.shape[:2] == size[::-1]
+    if scan and kind == (px.unit or "values"):
+        left, top, right, bottom = box
+        v = voi_window(level, width, "LINEAR_EXACT")(np.asarray(px.values, np.float64)[top:bottom, left:right])
+        g = np.floor(v * 255 + 0.5)
+        g = 255 - g if px.invert else g
+        return np.repeat(g.astype(np.uint8)[..., None], 3, 2)
+    if not scan and kind == "grey" and (level, width) != (128, 256):
+        return np.floor(voi_window(level, width, "LINEAR")(view.astype(np.float64)) * 255 + 0.5).astype(np.uint8)
+    return view
 
 
 def _png_bytes(a: np.ndarray) -> bytes:

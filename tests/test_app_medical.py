@@ -135,3 +135,29 @@ def test_a_volume_is_browsed_whole_and_exported_as_shown(app, tmp_path):
     shown = Path(compare_tab.on_export_maps(user, run_id, names, 1.25, lambda *a, **k: None, "the images shown"))
     with zipfile.ZipFile(shown) as zf:
         assert len(list(csv.DictReader(io.StringIO(zf.read("scores.csv").decode())))) == len(names)
+
+
+def test_dicom_upload_with_png_masks_and_a_seg(app, tmp_path):
+    """Loose DICOM files uploaded with masks: PNGs named after the .dcm files pair by name, a DICOM SEG by the
+    SOP Instance UIDs it references; either way the test slices get labels and masks (pixel metrics possible)."""
+    from meddata import write_ct_series, write_seg
+
+    train, _ = write_ct_series(tmp_path / "train", "PID-1", 4, seed=1)
+    test, masks = write_ct_series(tmp_path / "test", "PID-2", 5, seed=2, lesion_slices=(1, 2), series_number=7)
+    seg = write_seg(tmp_path / "seg", test[1:3], masks[1:3])
+    user = app.header.on_start(None)[0]
+    load_data(app, user, "Upload", train_files=[str(p) for p in train], test_files=[str(p) for p in test],
+              mask_files=[str(seg)])
+    ds = app.W.Workspace(user).data.dataset(app.W.Workspace(user).data.choice())
+    assert [s.label for s in ds.test] == [0, 1, 1, 0, 0] and ds.has_masks
+    assert int(ds.test[1].load_mask().sum()) == int(masks[1].sum()) > 0
+    pngs = tmp_path / "png"
+    pngs.mkdir()
+    for f, m in zip(test[1:3], masks[1:3]):
+        Image.fromarray(m * 255).save(pngs / f"{f.stem}_mask.png")
+    load_data(app, user, "Upload", train_files=[str(p) for p in train], test_files=[str(p) for p in test],
+              mask_files=[str(p) for p in pngs.iterdir()], unmasked_normal=True)
+    ds = app.W.Workspace(user).data.dataset(app.W.Workspace(user).data.choice())
+    labels = {s.name: s.label for s in ds.test}
+    assert sorted(labels.values()) == [0, 0, 0, 1, 1] and ds.has_masks
+    assert all(int(s.load_mask().sum()) > 0 for s in ds.test if s.label == 1)

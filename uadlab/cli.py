@@ -60,7 +60,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", help="quick | paper | tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", default="auto", help="intensity window of DICOM / NIfTI / 16-bit images: auto (the "
-                   "DICOM file's own, else each image's min/max), minmax, percentile[:LO,HI] (fitted on the training "
+                   "DICOM file's own, else a 0.5-99.5 %% percentile window fitted on the training images), minmax, percentile[:LO,HI] (fitted on the training "
                    "images, default 0.5,99.5), brain, soft_tissue, lung, bone (CT presets), or CENTRE/WIDTH")
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a method hyperparameter, e.g. dinomaly.dropout=0 or dinomaly.groups='\"dense\"' "

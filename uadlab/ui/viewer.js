@@ -438,9 +438,10 @@
       this.maxBtn = button("▲ highest score", "jump to the slice with the highest image score (first method)",
                            () => this.jumpToMax());
       this.maxBtn.id = `${id}-slice-max`;
-      this.volBar.append(el("span", "", "slice"), button("◀", "previous slice of the volume", () => this.stepSlice(-1)),
-                         track, button("▶", "next slice of the volume", () => this.stepSlice(1)), this.sliceText,
-                         this.maxBtn);
+      const slide = el("span", "uadv-group uadv-slide"); // the slider and its arrows stay on one line
+      slide.append(el("span", "", "slice"), button("◀", "previous slice of the volume (↓)", () => this.stepSlice(-1)),
+                   track, button("▶", "next slice of the volume (↑)", () => this.stepSlice(1)));
+      this.volBar.append(slide, this.sliceText, this.maxBtn);
       this.volBar.hidden = true;
       bar.append(nav, thr, layers, win, view);
 

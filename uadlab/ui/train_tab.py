@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from .. import safety as S
-from ..backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, SHORT_NAMES
+from ..backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, SHORT_NAMES, public_backbone
 from ..medical import WINDOW_PRESETS
 from ..methods import get_method_class, list_methods
 from ..workspace import source_label, thumbnail
@@ -37,7 +37,7 @@ def on_train(user: str, backbone: str | None, methods: list[str], preset: str, i
              aux_source: str, token: str | None, window: str = "auto", progress=gr.Progress()):
     """Train, evaluate and save a run: (status, metrics table, the new run's id)."""
     ws = open_workspace(user)
-    run_id, evaluation = ws.runs.train(methods, backbone or None, preset,
+    run_id, evaluation = ws.runs.train(methods, public_backbone(backbone), preset,
                                        None if image_size in (None, "") else int(image_size), aux_source,
                                        S.clean_token(token), progress=reporter(progress), window=window)
     msg = f"Run **{ws.runs.label(run_id)}** trained and saved. Open **Compare** to see the heatmaps."

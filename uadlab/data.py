@@ -21,6 +21,9 @@ Rules:
   sample per slice or frame, read by ``uadlab.medical`` (intensities, windows, empty slices, patient safety).
   A NIfTI test volume's mask is ``ground_truth/<defect>/<name>_mask.nii.gz``; its slices are anomalous where
   the mask marks something and normal elsewhere (without a mask, every slice of a defect folder is anomalous).
+  A DICOM file's mask is a PNG named after it (``ground_truth/<defect>/<file>_mask.png``, as for images), or
+  a DICOM SEG in ``ground_truth/<defect>/`` or beside the series (paired by SOP Instance UID; the slices it
+  covers are anomalous where it marks something, normal elsewhere).
 
 Bad files raise a ``DataError`` that names the file (relative to the dataset) and the problem, or with
 ``skip_bad`` are skipped and listed in ``Dataset.warnings`` with the reason.

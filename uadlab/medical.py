@@ -9,7 +9,10 @@ Reading (``uadlab.data`` dispatches files here by suffix):
   before the window would invert twice). Multi-frame files give one sample per frame. Compressed transfer
   syntaxes decode through pydicom's pixel handlers where one is installed, else a DataError names the syntax
   and the packages that would decode it. A folder holding a series is sorted along the slice normal by
-  Image Position (Patient), else by Instance Number.
+  Image Position (Patient), else by Instance Number. DICOM SEG objects among the files are masks, not
+  images: each SEG frame pairs with the image frame its Derivation Image Sequence references by SOP Instance
+  UID; the slices of a series a SEG covers are anomalous where it marks something and normal elsewhere
+  (``DicomFrame.seg`` / ``finding``). PNG masks named after ``.dcm`` files pair in ``uadlab.data``.
 - NIfTI (nibabel, ``.nii`` / ``.nii.gz``): reoriented to the closest canonical orientation (RAS+); each
   slice of the chosen axis (``z`` = axial by default) is one sample named ``<file>#z042``, displayed with
   anterior (axial, x/y slices: superior) at the top. A label volume of the same shape is the mask volume:

@@ -3,6 +3,7 @@ linked zoom, overlays, a threshold applied at once), ROC and PR curves, the metr
 from __future__ import annotations
 
 import functools
+import re
 import secrets
 import threading
 from collections import OrderedDict
@@ -24,16 +25,15 @@ EXPORT_SCOPES = ("all test images", "the images shown")
 
 
 def _slice_label(s: Any) -> str:
-    """A slice in its volume's own numbering: ``z 12`` (NIfTI index along the axis), ``instance 7`` (DICOM)."""
+    """A slice in its volume's own numbering: ``z 12`` (NIfTI index along the axis), ``instance 7`` (DICOM
+    Instance Number, ``instance 7 frame 3`` in a multi-frame file)."""
     src = s.source
     if hasattr(src, "axis") and hasattr(src, "index"):
         return f"{'xyz'[src.axis]} {src.index}"
-    tail = s.name.rsplit("/", 2)
-    if len(tail) >= 2 and tail[-1].startswith("frame"):
-        return f"{tail[-2].replace('instance', 'instance ').replace(' 0', ' ').lstrip()} frame {int(tail[-1][5:])}"
-    last = tail[-1]
-    return f"instance {int(last[8:].split('-')[0])}" if last.startswith("instance") and last[8:].split('-')[0].isdigit() \
-        else last
+    m = re.search(r"instance(\d+)(?:-\d+)?(?:/frame(\d+))?$", s.name)
+    if m:
+        return f"instance {int(m[1])}" + (f" frame {int(m[2])}" if m[2] else "")
+    return s.name.rsplit("/", 1)[-1]
 
 
 class _Volumes:

@@ -659,6 +659,7 @@
       this.closeModal();
       this.shown = i;
       this.cur = it;
+      this.pos.textContent = `${this.noun} ${i + 1} / ${n}  ${it.name}  ${it.label}`; // a fetched slice's own label
       this.assetsNow = a;
       this.srcPx.clear();
       this.windowedOf.clear();

@@ -93,14 +93,15 @@ def _view_item(run: Any, s: Any, heat: dict[str, tuple[np.ndarray, float]]) -> V
                     values=values, unit=unit or "", window=window, invert=invert)
 
 
-def view_items(ws: Workspace, run_id: str, names: list[str], volumes: dict[str, Volume] | None = None
-               ) -> list[ViewItem]:
+def view_items(ws: Workspace, run_id: str, names: list[str], volumes: dict[str, Volume] | None = None,
+               keep: bool = True) -> list[ViewItem]:
     """The chosen test images at their own resolution (the part the network sees), every method's map and
     image score, and the ground truth. With ``volumes`` (filled here), the slices of a volume or DICOM series
-    name their volume: the viewer then browses all its slices (those not chosen computed when reached)."""
+    name their volume: the viewer then browses all its slices (those not chosen computed when reached).
+    ``keep``: keep the scores in the run's cache (not for single slices of a browsed volume)."""
     run = ws.runs.get(run_id)
     samples = ws.runs.test_samples(run_id, names)
-    scored, _ = ws.runs.scored(run_id, samples)
+    scored, _ = ws.runs.scored(run_id, samples, keep=keep)
     test = ws.runs.dataset(run_id).test if volumes is not None else []
     keys: dict[tuple, str] = {}
     items = []
@@ -154,7 +155,7 @@ def viewer_slice(request: list) -> dict:
             _SLICES.move_to_end((handle, k))
             return _SLICES[(handle, k)]
     ws = open_workspace(user)
-    item = view_items(ws, run_id, [names[k]])[0]
+    item = view_items(ws, run_id, [names[k]], keep=False)[0]
     item.volume, item.slice_pos = "v", k  # the viewer keeps it under the volume it asked for
     payload = item_payload(item)
     with _SLICES_LOCK:

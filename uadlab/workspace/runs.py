@@ -120,9 +120,10 @@ class Runs:
         return run.meta.get("evaluation") or {}
 
     # ---- scoring and pictures --------------------------------------------------------------------------------
-    def scored(self, run_id: str, samples: Sequence[Sample], progress: ProgressFn | None = None
+    def scored(self, run_id: str, samples: Sequence[Sample], progress: ProgressFn | None = None, keep: bool = True
                ) -> tuple[dict[str, "Scored"], list[np.ndarray]]:
-        """({method: Scored}, views) of ``samples`` under a run; cached per (user, run, images)."""
+        """({method: Scored}, views) of ``samples`` under a run; cached per (user, run, images) unless ``keep`` is
+        False (one slice of a browsed volume: it must not push the shown images out of the cache)."""
         run = self.get(run_id)
         key = (self.ws.user, run_id, id(run), tuple(s.name for s in samples), tuple(s.content_key()[:8] for s in samples))
 
@@ -130,7 +131,7 @@ class Runs:
             views = [run.backbone.view(s.load()) for s in samples]
             return run.score(list(samples), progress=progress), views
 
-        return _SCORED.get(key, make)
+        return _SCORED.get(key, make) if keep else _SCORED.peek(key) or make()
 
     def test_samples(self, run_id: str, names: Sequence[str]) -> list[Sample]:
         by_name = {s.name: s for s in self.dataset(run_id).test}

@@ -81,7 +81,7 @@ def _view_item(run: Any, s: Any, heat: dict[str, tuple[np.ndarray, float]]) -> V
     image = bound.load()
     left, top, right, bottom = run.backbone.view_box(image.size)
     mask = s.load_mask()
-    px = bound.pixels()
+    px = bound.pixels() if bound.has_intensities() else None  # 8-bit images: no second read
     values = unit = window = None
     invert = False
     if px is not None and not px.colour and px.values.shape[:2] == (image.height, image.width):

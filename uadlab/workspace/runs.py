@@ -264,8 +264,8 @@ class Runs:
                    f"({'grey values' if display[0] == 'grey' else display[0]})" if display else "") + ".\n"
                 "scores.csv: per image its label and, per method, the calibrated image score, the decision "
                 "(score >= threshold) and the share of pixels >= threshold.\n"
-                "volumes/: per NIfTI volume or DICOM series the calibrated maps and regions of every slice, aligned "
-                "with the input (same shape and affine).\n"))
+                + ("volumes/: per NIfTI volume or DICOM series the calibrated maps and regions of every slice, "
+                   "aligned with the input (same shape and affine).\n" if volumes else "")))
         return out
 
     def explain(self, run_id: str, name: str, method: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -313,7 +313,7 @@ def _displayed(s: Sample, view: np.ndarray, size: tuple[int, int], box: tuple[in
     from ..medical import voi_window
 
     kind, level, width = display
-    px = s.pixels()
+    px = s.pixels() if s.has_intensities() else None
     scan = px is not None and not px.colour and px.values.shape[:2] == size[::-1]
     if scan and kind == (px.unit or "values"):
         left, top, right, bottom = box

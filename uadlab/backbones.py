@@ -27,6 +27,7 @@ from . import tokens
 from .errors import UadlabError
 from .features import PatchFeatures
 from .progress import Progress, ProgressFn
+from .settings import DEFAULT_IMAGE_SIZE  # noqa: F401 - re-exported: the network input side by default
 from .tokens import Token
 
 # short name -> timm model name (with pretrained tag)
@@ -45,7 +46,6 @@ SHORT_NAMES: dict[str, str] = {
 }
 OFFLINE_DEFAULT = "efficientnet_lite0"
 PIXELS = "pixels"  # the pseudo-layer of input intensities
-DEFAULT_IMAGE_SIZE = 224  # the network input side (centre crop) unless a preset or the user says otherwise
 
 
 class BackboneWeightsError(UadlabError, RuntimeError):
@@ -166,8 +166,10 @@ class Backbone(torch.nn.Module):
             raise ValueError(f"{self.name}: unknown layers {bad}; this backbone has {sorted(ok)}")
 
     def _load(self, weights: str, token: Token, cnn_idx):
-        if weights == "random":
-            return _build(self.model_name, self.image_size, None, cnn_idx)
+        if weights == "random":  # seeded: "random" names one set of weights, so the feature cache key holds
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return _build(self.model_name, self.image_size, None, cnn_idx)
         if weights == "packaged":
             if self.model_name != "tf_efficientnet_lite0":
                 raise BackboneWeightsError(

@@ -45,7 +45,8 @@ def prepare_head(run, method: str, folder: str | Path, example_image: Image.Imag
     cfg = run.config
     metrics = _finite_metrics((getattr(run, "meta", {}).get("evaluation") or {}).get(method)
                               or head.fit_info.get("metrics") or {})
-    head.fit_info.update(method=method, image_size=cfg.image_size, resize=cfg.resize, weights=cfg.weights,
+    inputs = cfg.inputs_of(method)  # the head's own backbone geometry (a paper preset may give each its own)
+    head.fit_info.update(method=method, image_size=inputs.image_size, resize=inputs.resize, weights=cfg.weights,
                          sigma=cfg.sigma, score_mode=cfg.score_mode, metrics=metrics)
     if method in run.calibration:
         head.fit_info["calibration"] = run.calibration[method].to_dict()
@@ -92,7 +93,7 @@ def push_head(run, method: str, repo_id: str, token: tokens.Token = None, privat
         try:
             url = api.create_repo(repo_id, token=token, private=bool(private), exist_ok=True, repo_type="model")
             api.upload_folder(repo_id=repo_id, folder_path=tmp, token=token, repo_type="model",
-                              commit_message=f"uadlab: {method} head on {run.config.backbone}")
+                              commit_message=f"uadlab: {method} head on {run.heads[method].backbone}")
         except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
             raise HubError(tokens.hub_message(e, "push to", repo_id, token)) from None
     return str(url)

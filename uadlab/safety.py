@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from . import settings
 from .errors import DataError
 from .tokens import clean as clean_token, scrub, secret_variants  # noqa: F401  (the app's names)
 
@@ -34,19 +35,6 @@ SERVED_FILES_TTL = 3600  # seconds a file handed to the browser (heatmap, export
 
 class QuotaError(ValueError):
     """A per-session or per-server limit was reached; the message says which and what to do."""
-
-
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw.replace("_", ""))
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise ValueError(f"{name}={raw!r} must not be negative")
-    return value
 
 
 @dataclass(frozen=True)
@@ -63,7 +51,7 @@ class Limits:
     @classmethod
     def from_env(cls) -> "Limits":
         d = cls()
-        n = _env_number
+        n = settings.env_number
         return cls(int(n("UADLAB_MAX_UPLOAD_BYTES", d.upload_bytes)),
                    int(n("UADLAB_MAX_UPLOAD_IMAGES", d.upload_images)),
                    int(n("UADLAB_MAX_WORKSPACE_BYTES", d.workspace_bytes)),
@@ -126,9 +114,7 @@ TRAININGS = Slots()
 
 
 # ---- paths ------------------------------------------------------------------------------------------------
-def workspace_root() -> Path:
-    """Where users' uploads, runs and the annotation database live (``UADLAB_WORKSPACE``, default ./workspace)."""
-    return Path(os.environ.get("UADLAB_WORKSPACE", "workspace")).resolve()
+workspace_root = settings.workspace_root
 
 
 def gradio_dirs() -> list[Path]:
@@ -142,9 +128,7 @@ def gradio_dirs() -> list[Path]:
 
 def protected_paths() -> list[Path]:
     """Folders no user may read as data: the workspace, the feature cache, gradio's folders (others' uploads)."""
-    from .pipeline import default_cache_dir
-
-    return [workspace_root(), default_cache_dir().resolve(), *gradio_dirs()]
+    return [workspace_root(), settings.feature_cache_dir().resolve(), *gradio_dirs()]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -157,11 +141,10 @@ def local_roots() -> list[Path]:
     Entries that are not folders, or that lie inside the app's own data, are ignored.
     """
     roots = []
-    for part in os.environ.get("UADLAB_LOCAL_FOLDERS", "").split(os.pathsep):
-        if part.strip():
-            p = Path(part.strip()).expanduser().resolve()
-            if p.is_dir() and not any(_inside(p, q) for q in protected_paths()):
-                roots.append(p)
+    for part in settings.local_folders():
+        p = Path(part).expanduser().resolve()
+        if p.is_dir() and not any(_inside(p, q) for q in protected_paths()):
+            roots.append(p)
     return roots
 
 
@@ -241,7 +224,7 @@ def public_text(text: str, root: Path | None = None) -> str:
 def monitoring_enabled() -> bool:
     """Whether gradio's traffic monitoring (``/monitoring``, its summary) is on: only when the operator sets
     ``UADLAB_MONITORING=1`` (gradio turns it on by default, and its summary is public)."""
-    return os.environ.get("UADLAB_MONITORING", "").strip().lower() in ("1", "true", "yes", "on")
+    return settings.monitoring_enabled()
 
 
 def public_message(text: str) -> str:

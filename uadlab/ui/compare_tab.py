@@ -16,6 +16,7 @@ import numpy as np
 from .. import viz
 from ..viz import VMAX  # the colour scale: [0, VMAX] calibrated units (1 = the normal limit)
 from ..workspace import Workspace
+from ..workspace.session import LRU
 from ..workspace.runs import _volume_of
 from .common import in_panel, open_workspace, reporter, ui_errors
 from .viewer import HEAD, JS_ON_LOAD, Panel, ViewItem, Volume, item_payload, viewer_html
@@ -69,9 +70,8 @@ class _Volumes:
 
 
 VOLUMES = _Volumes()
-_SLICES: "OrderedDict[tuple[str, int], dict]" = OrderedDict()  # (handle, k) -> payload: moving back is instant
-_SLICES_MAX = 256
-_SLICES_LOCK = threading.Lock()
+# (user, handle, k) -> payload: moving back is instant; dropped with the user's workspace when it expires
+_SLICES = LRU(256)
 
 
 def _view_item(run: Any, s: Any, heat: dict[str, tuple[np.ndarray, float]]) -> ViewItem:
@@ -150,19 +150,13 @@ def viewer_slice(request: list) -> dict:
     k = int(k)
     if not 0 <= k < len(names):
         raise ValueError(f"slice {k} is outside the volume (0..{len(names) - 1})")
-    with _SLICES_LOCK:
-        if (handle, k) in _SLICES:
-            _SLICES.move_to_end((handle, k))
-            return _SLICES[(handle, k)]
-    ws = open_workspace(user)
-    item = view_items(ws, run_id, [names[k]], keep=False)[0]
-    item.volume, item.slice_pos = "v", k  # the viewer keeps it under the volume it asked for
-    payload = item_payload(item)
-    with _SLICES_LOCK:
-        _SLICES[(handle, k)] = payload
-        while len(_SLICES) > _SLICES_MAX:
-            _SLICES.popitem(last=False)
-    return payload
+
+    def make() -> dict:
+        item = view_items(open_workspace(user), run_id, [names[k]], keep=False)[0]
+        item.volume, item.slice_pos = "v", k  # the viewer files it under the volume it asked about
+        return item_payload(item)
+
+    return _SLICES.get((user, handle, k), make)
 
 
 @_public

@@ -130,3 +130,28 @@ def wheel_zoom(page, stage, at: tuple[float, float] = (0.5, 0.5)) -> list[str]:
         .map(e => e.dataset.transform); return t.length && t.every(x => x === t[0]) &&
         parseFloat(t[0].split(' ')[0]) > 1.5; }""")
     return viewer_transforms(page)
+
+
+# ---- the app's private events, called as its own page calls them ------------------------------------------
+def call_event(url: str, api_name: str, data: list, session: str, timeout: float = 120.0) -> list:
+    """Run one of the app's events as the browser page does (by its index in /config, on the queue of a session):
+    the screens' events are private to API clients (``ui.api``), not to the page. Returns the output values."""
+    import json
+    import urllib.request
+
+    config = json.loads(urllib.request.urlopen(url + "config", timeout=30).read())
+    index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
+    body = json.dumps({"data": data, "fn_index": index, "session_hash": session, "event_data": None,
+                       "trigger_id": None}).encode()
+    req = urllib.request.Request(url + "gradio_api/queue/join", body, {"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=30).read()
+    with urllib.request.urlopen(f"{url}gradio_api/queue/data?session_hash={session}", timeout=timeout) as stream:
+        for line in stream:
+            if not line.startswith(b"data:"):
+                continue
+            msg = json.loads(line[5:])
+            if msg.get("msg") == "process_completed":
+                if not msg.get("success"):
+                    raise RuntimeError(f"{api_name} failed: {msg.get('output')}")
+                return msg["output"]["data"]
+    raise RuntimeError(f"{api_name}: the stream ended without a result")

@@ -3,6 +3,7 @@ route of gradio that reads files, exports reach the session that asked, and /con
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import socket
@@ -134,14 +135,17 @@ def test_config_and_api_info_show_no_server_path(server):
 
 
 def test_export_reaches_its_session_from_outside_the_workspace(server):
-    """Through the HTTP API: the session opens the workspace by id and exports; the zip arrives, served from
-    gradio's cache (the workspace itself is blocked)."""
-    from gradio_client import Client
+    """Over HTTP, as the page does: the session opens the workspace by id and exports; the zip arrives, served
+    from gradio's cache (the workspace itself is blocked)."""
+    import urllib.request
 
-    client = Client(server["url"], verbose=False, download_files=str(server["cache"].parent / "downloads"))
-    client.predict(server["user"], api_name="/on_switch_workspace")
-    path = Path(client.predict(api_name="/on_export")[0])
-    with zipfile.ZipFile(path) as zf:
+    from helpers import call_event
+
+    session = "exportsession1"
+    call_event(server["url"], "on_switch_workspace", [server["user"]], session)
+    shown = call_event(server["url"], "export_annotations", [server["user"]], session)[0]
+    data = urllib.request.urlopen(shown["value"]["url"] if "value" in shown else shown["url"], timeout=30).read()
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
         assert any("/test/anomalous/" in n for n in zf.namelist())
     assert not (server["app"].W.workspace_root() / "users" / server["user"] / "exports").exists()
 

@@ -9,6 +9,7 @@
     explain_tab.py  Explain: one method's explanation of one image
     viewer.py       the heatmap viewer (viewer.js, viewer.css): linked zoom, overlays, threshold, keyboard
     common.py       errors (kept in their panel), the session's workspace, progress (a live status line)
+    jobs.py         per-session limits of long jobs, checked when submitted (one training queued or running)
     api.py          the scripting API: /train, /score, /compare, /evaluate (every other event is private)
 
 Callbacks are plain functions of a few typed inputs (the tests call them); they reach the package through
@@ -27,7 +28,7 @@ import gradio as gr
 
 from .. import safety as S
 from ..workspace import browser_secret, default_selection, examples, start_sweeper
-from . import annotate_tab, api, compare_tab, data_tab, explain_tab, header, hub_tab, train_tab
+from . import annotate_tab, api, compare_tab, data_tab, explain_tab, header, hub_tab, jobs, train_tab
 from .common import open_workspace, ui_errors
 
 HEAD = f"<script>{(Path(__file__).with_name('curves.js')).read_text()}</script>"  # the curves on a phone
@@ -137,6 +138,7 @@ def build_app() -> gr.Blocks:
                                                                      explain.method, run_info]).then(*compare.show)
                             ).then(*annotate.summary)
     api.hide_internal(demo)  # the screens' events are theirs: a client sees the four named endpoints only
+    jobs.bind(demo)  # per-session job tickets look into this app's queue
     return demo
 
 

@@ -21,7 +21,7 @@ from ..data import load_files
 from ..demo import CATEGORIES
 from ..methods import list_methods
 from ..workspace import Workspace, default_selection, new_user_id, valid_user_id
-from . import data_tab, train_tab
+from . import data_tab, jobs, train_tab
 from .. import safety as S
 from .common import reporter, ui_errors
 
@@ -121,8 +121,10 @@ def build() -> SimpleNamespace:
         table = gr.Dataframe(label="table")
         heatmaps = gr.Gallery(label="heatmaps", format="png")
         go = [gr.Button(f"api {n}") for n in PUBLIC]
-    go[0].click(api_train, [workspace, data, methods, preset, zip_file], [out_ws, out_run, table], api_name="train",
-                concurrency_limit=S.limits().trainings)
+    # the same limits as the Train button: one training per workspace queued or running (ui/jobs.py)
+    go[0].click(jobs.holding("training", api_train), [workspace, data, methods, preset, zip_file],
+                [out_ws, out_run, table], api_name="train", concurrency_limit=S.limits().trainings,
+                validator=jobs.validator("training", api_train, show_on="methods"))
     go[1].click(api_score, [workspace, run, images], [table, heatmaps], api_name="score")
     go[2].click(api_compare, [workspace, run, names], [table, heatmaps], api_name="compare")
     go[3].click(api_evaluate, [workspace, run, labels], table, api_name="evaluate")
@@ -134,8 +136,11 @@ def hide_internal(demo: gr.Blocks) -> None:
     not callable by name) and gives up a public name it took by chance (a screen's ``compare`` callback)."""
     public = {api_train: "train", api_score: "score", api_compare: "compare", api_evaluate: "evaluate"}
     for fn in demo.fns.values():
-        if fn.fn in public:
-            fn.api_name, fn.api_visibility = public[fn.fn], "public"
+        own = fn.fn
+        while own not in public and hasattr(own, "__wrapped__"):  # /train runs under a job ticket (jobs.holding)
+            own = own.__wrapped__
+        if own in public:
+            fn.api_name, fn.api_visibility = public[own], "public"
         else:
             fn.api_visibility = "private"
             if fn.api_name in PUBLIC:

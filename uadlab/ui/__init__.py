@@ -97,7 +97,6 @@ def build_app() -> gr.Blocks:
         example_md = gr.Markdown(elem_id="example-status")
         example_stage = gr.State("none")
         ticker = gr.Timer(2.0, active=True)
-        api.build()  # /train, /score, /compare, /evaluate for gradio_client (README); nothing on screen
         with gr.Tabs(overflow_behavior="wrap"):  # every screen stays one tap away on a phone
             with gr.Tab("1 · Data", id="data"):
                 data = data_tab.build(user)
@@ -115,6 +114,7 @@ def build_app() -> gr.Blocks:
             ws_id = gr.Textbox(label="Your workspace id (keep it private; paste another id to open a workspace "
                                      "shared with you)", elem_id="ws-id")
             switch = gr.Button("Open this workspace")
+        api.build()  # /train, /score, /compare, /evaluate for gradio_client (README); nothing on screen
 
         # -- across screens
         runs = (header.on_refresh_runs, [user, run], run)

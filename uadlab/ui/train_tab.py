@@ -35,14 +35,16 @@ def on_train_data(user: str):
 
 
 @ui_errors
-def on_train(user: str, backbone: str | None, methods: list[str], preset: str, image_size: float | None,
+def on_train(user: str, backbone: str | None, methods: list[str], preset: str, image_size: float | str | None,
              aux_source: str, token: str | None, window: str | None = None, progress=gr.Progress()):
     """Train, evaluate and save a run: (status, metrics table, the new run's id). The form's values are only
     parsed here (empty = not chosen); ``RunConfig`` checks them, before any work, as for the CLI. ``progress``:
     gradio's progress or any ProgressFn (the Train button passes a ``LiveStatus``)."""
     ws = open_workspace(user)
+    size = image_size.strip() if isinstance(image_size, str) else image_size  # the form's text; RunConfig checks
+    size = int(size) if isinstance(size, str) and size.isdigit() else size
     run_id, evaluation = ws.runs.train(methods, public_backbone(backbone), preset,
-                                       None if image_size in (None, "") else image_size, aux_source,
+                                       None if size in (None, "") else size, aux_source,
                                        S.clean_token(token), progress=reporter(progress), window=window or None)
     msg = f"Run **{ws.runs.label(run_id)}** trained and saved. Open **Compare** to see the heatmaps."
     if not evaluation:
@@ -58,9 +60,9 @@ def build(user: gr.State) -> SimpleNamespace:
                                info=f"empty: {OFFLINE_DEFAULT} (works offline), or the paper's with the paper preset; "
                                     "DINO backbones download their weights from the Hub (DINOv3 is gated: token)")
         preset = gr.Radio(["quick", "paper"], value="quick", label="Preset")
-        image_size = gr.Number(label="Image size (px)", value=None,
-                               info=f"{MIN_SIDE} to {MAX_SIDE} px; empty: the preset's ({DEFAULT_IMAGE_SIZE}, or "
-                                    "each method's paper geometry)", elem_id="image-size")
+        image_size = gr.Textbox(label="Image size (px)", value="", placeholder=f"the preset's ({DEFAULT_IMAGE_SIZE})",
+                                info=f"{MIN_SIDE} to {MAX_SIDE} px; empty: the preset's ({DEFAULT_IMAGE_SIZE}, or "
+                                     "each method's paper geometry)", elem_id="image-size")
     methods = gr.CheckboxGroup([(m + (" (zero-shot)" if get_method_class(m).zero_shot else ""), m)
                                 for m in list_methods()], value=DEFAULT_METHODS, label="Methods", elem_id="methods")
     window = gr.Dropdown(["auto", "minmax", "percentile:0.5,99.5", *WINDOW_PRESETS], value=Window().spec,

@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import medical, tokens
+from .fsio import replacing
 from .errors import DataError, short_reason as _reason
 from .progress import Progress, ProgressFn, Stages
 from .tokens import scrub
@@ -755,12 +756,11 @@ def _spool(data: bytes, img: Image.Image, dest: Path) -> str:
     ext = _FORMAT_EXT.get(img.format)
     out = dest.with_suffix(ext or ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.urandom(4).hex()}.tmp")  # another load of the same rows may read ``out``
-    if ext:
-        tmp.write_bytes(data)
-    else:
-        img.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    with replacing(out) as tmp:  # another load of the same rows may read ``out``
+        if ext:
+            tmp.write_bytes(data)
+        else:
+            img.save(tmp, format="PNG")
     return str(out)
 
 

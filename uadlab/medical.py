@@ -45,9 +45,7 @@ import io
 import logging
 import os
 import secrets
-import threading
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -56,7 +54,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError, short_reason as _reason
-from .safety import scrub
+from .lru import LRU
+from .tokens import scrub
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -365,24 +364,13 @@ def _canonical(img):
     return nib.as_closest_canonical(img)
 
 
-_VOLUMES: "OrderedDict[tuple[str, int, int], np.ndarray]" = OrderedDict()
-_VOLUMES_LOCK = threading.Lock()
+_VOLUMES: "LRU[np.ndarray]" = LRU(None, weigh=lambda v: v.nbytes, budget=VOLUME_CACHE_BYTES, keep=2)
 
 
 def _volume_cached(path: str, mtime: int, size: int) -> np.ndarray:
     """The volume of one file version, kept while the volumes read last hold at most ``VOLUME_CACHE_BYTES``
     (the last two always: an image and its mask). Messages start with ": " (the caller names the file)."""
-    key = (path, mtime, size)
-    with _VOLUMES_LOCK:
-        if key in _VOLUMES:
-            _VOLUMES.move_to_end(key)
-            return _VOLUMES[key]
-    vol = _read_volume(path)  # outside the lock: another volume may be read meanwhile
-    with _VOLUMES_LOCK:
-        _VOLUMES[key] = vol
-        while len(_VOLUMES) > 2 and sum(v.nbytes for v in _VOLUMES.values()) > VOLUME_CACHE_BYTES:
-            _VOLUMES.popitem(last=False)
-    return vol
+    return _VOLUMES.get((path, mtime, size), lambda: _read_volume(path))
 
 
 def _read_volume(path: str) -> np.ndarray:

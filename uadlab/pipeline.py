@@ -30,6 +30,7 @@ from .backbones import OFFLINE_DEFAULT, Backbone, backbone_spec, shared_backbone
 from .data import Dataset, Sample
 from .errors import DataError
 from .features import FeatureCache, PatchFeatures
+from .fsio import write_atomic
 from .medical import Window
 from .methods import Method, get_method_class, list_methods
 from .postprocess import Calibration, check_score_mode, upsample
@@ -649,9 +650,7 @@ class Run:
         self.meta.update(extra or {})
         meta = {**self.meta, "run_id": self.run_id, "config": self.config.to_dict(), "info": self.info,
                 "calibration": {k: v.to_dict() for k, v in self.calibration.items()}, "created": time.time()}
-        tmp = self.dir / "run.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2, default=_jsonable))
-        os.replace(tmp, self.dir / "run.json")  # atomic: a crash never leaves half a run.json
+        write_atomic(self.dir / "run.json", json.dumps(meta, indent=2, default=_jsonable))  # never half a run.json
         return self.dir
 
     @classmethod

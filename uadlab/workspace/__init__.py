@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..fsio import write_atomic
 from ..safety import QuotaError, disk_usage, limits, megabytes, workspace_root
 from ..store import AnnotationStore
 from . import examples
@@ -73,9 +74,7 @@ class Workspace:
 
     def set_pref(self, key: str, value: Any) -> None:
         prefs = {**self.prefs(), key: value}
-        tmp = self.dir / "prefs.json.tmp"
-        tmp.write_text(json.dumps(prefs))
-        os.replace(tmp, self.dir / "prefs.json")
+        write_atomic(self.dir / "prefs.json", json.dumps(prefs))  # two tabs may write at once
 
     # ---- quotas -------------------------------------------------------------------------------------------------
     def check_upload(self, size: int, images: int, unpacked: int | None = None, voxels: int = 0) -> int:

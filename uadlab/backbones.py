@@ -23,10 +23,10 @@ from PIL import Image
 
 from . import tokens
 from .errors import UadlabError
-from .features import PatchFeatures
+from .features import PIXELS, PatchFeatures
 from .lru import LRU
 from .progress import Progress, ProgressFn
-from .settings import DEFAULT_IMAGE_SIZE  # noqa: F401 - re-exported: the network input side by default
+from .settings import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT
 from .tokens import Token
 
 # short name -> timm model name (with pretrained tag)
@@ -43,8 +43,6 @@ SHORT_NAMES: dict[str, str] = {
     "efficientnet_lite0": "tf_efficientnet_lite0",
     "wide_resnet50_2": "wide_resnet50_2.tv_in1k",  # torchvision's ImageNet weights, as in PatchCore; stage2/3 = layer2/3
 }
-OFFLINE_DEFAULT = "efficientnet_lite0"
-PIXELS = "pixels"  # the pseudo-layer of input intensities
 
 
 class BackboneWeightsError(UadlabError, RuntimeError):

@@ -20,6 +20,9 @@ from .fsio import replacing, write_atomic
 from .progress import Progress, ProgressFn
 
 
+PIXELS = "pixels"  # the pseudo-layer of input intensities: (B, 1, S, S) grey values in [0, 1]
+
+
 
 @dataclass
 class PatchFeatures:

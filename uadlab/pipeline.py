@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
-from .backbones import OFFLINE_DEFAULT, Backbone, backbone_spec, shared_backbone
+from .backbones import Backbone, backbone_spec, shared_backbone
 from .data import Dataset, Sample
 from .errors import DataError
 from .features import FeatureCache, PatchFeatures
@@ -35,7 +35,7 @@ from .medical import Window
 from .methods import Method, get_method_class, list_methods
 from .postprocess import Calibration, check_score_mode, upsample
 from .progress import Progress, ProgressFn, Stages
-from .settings import DEFAULT_IMAGE_SIZE, check_side, feature_cache_dir
+from .settings import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, check_side, feature_cache_dir
 
 default_cache_dir = feature_cache_dir  # the feature cache's default folder (``UADLAB_CACHE``)
 

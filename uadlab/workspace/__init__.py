@@ -31,12 +31,12 @@ from typing import Any
 
 from ..fsio import write_atomic
 from ..safety import QuotaError, disk_usage, limits, megabytes, workspace_root
-from ..store import AnnotationStore
 from . import examples
 from .annotations import Annotations
 from .runs import Runs
 from .session import JOBS, browser_secret, expire_workspaces, new_user_id, start_sweeper, sweep, valid_user_id
 from .sources import DataSources, dataset_key, default_selection, describe, source_label, thumbnail
+from .store import AnnotationStore
 
 __all__ = ["JOBS", "Workspace", "browser_secret", "dataset_key", "default_selection", "describe", "examples",
            "expire_workspaces", "new_user_id", "source_label", "start_sweeper", "sweep", "thumbnail", "valid_user_id",

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from .. import lru, settings
 from ..safety import TRAININGS, QuotaError, limits, remove_stale_exports, workspace_root
-from ..store import AnnotationStore
+from .store import AnnotationStore
 
 _USER_RE = re.compile(r"^[0-9a-f]{8,64}$")
 ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")  # upload and run ids (they become folder names)

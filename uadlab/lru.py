@@ -32,6 +32,11 @@ class LRU(Generic[V]):
         self.put(key, value)
         return value
 
+    def peek(self, key: Hashable) -> V | None:
+        """The value of ``key`` or None, without making one (and without marking it used)."""
+        with self._lock:
+            return self._d.get(key)
+
     def put(self, key: Hashable, value: V) -> None:
         with self._lock:
             self._d[key] = value

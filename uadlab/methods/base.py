@@ -163,6 +163,12 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         features with ``references_augmented=True``."""
         return list(samples)
 
+    def refit_kwargs(self) -> dict[str, Any]:
+        """What a refit of this method on all normal images takes from this fit (``fit`` keyword arguments):
+        trained heads pass the epoch count they selected on held-out normals, so the shipped head is the
+        selected one; {} for the rest."""
+        return {}
+
     def explain(self, features: PatchFeatures) -> dict[str, Any]:
         """Optional: named explanation images (numpy arrays) for ONE image; methods without any return {}."""
         return {}

@@ -330,7 +330,7 @@ class SpatialAR(Method):
         x_all = self._tokens(features)  # (N, C, h, w)
         if self.net is None:
             self._build(x_all.shape[1], self.dilations or [self.grid_dilation(x_all.shape[-2:])] * 4)
-            self._hub_mixin_config.update(in_dim=self.in_dim, dilations=self.dilations)  # config.json rebuilds it
+            self.record_config(in_dim=self.in_dim, dilations=self.dilations)  # config.json rebuilds it
         elif x_all.shape[1] != self.in_dim:
             raise ValueError(f"spatial_ar: features have {x_all.shape[1]} channels, the model expects {self.in_dim}")
         x_val = self._tokens(val_features) if val_features is not None and len(val_features) else None

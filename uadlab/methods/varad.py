@@ -404,7 +404,7 @@ class VarAD(Method):
         dims = [t.shape[-1] for t in tokens]
         if self.hier is None:
             self._build(dims)
-            self._hub_mixin_config["in_dims"] = dims  # so config.json rebuilds the modules
+            self.record_config(in_dims=dims)  # so config.json rebuilds the modules
         elif dims != self.in_dims:
             raise ValueError(f"varad: layer widths {dims} differ from in_dims {self.in_dims}")
         for t, hier in zip(tokens, self.hier):  # per-channel statistics of the normal tokens

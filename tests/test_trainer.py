@@ -50,3 +50,37 @@ def test_config_is_checked():
         TrainConfig(epochs=1, batch_size=1, patience=0)
     assert TrainConfig(epochs=40, batch_size=8, max_steps=120).planned_epochs(16) == 40
     assert TrainConfig(epochs=40, batch_size=8, max_steps=120).planned_epochs(100) == 9  # 13 steps an epoch
+
+
+def test_an_interrupted_training_resumes_to_the_same_result(tmp_path):
+    """A checkpoint after every epoch; a second start of the same training continues from it and ends where an
+    uninterrupted one ends (weights, optimiser, scheduler, batch order, selection); the file goes when done."""
+    def run(ckpt=None, stop_at=None, key="k"):
+        net, x, y = _toy()
+        opt = torch.optim.AdamW(net.parameters(), lr=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + 0.1 * s))
+        calls = [0]
+
+        def loss(idx, g):
+            calls[0] += 1
+            if stop_at is not None and calls[0] > stop_at:
+                raise KeyboardInterrupt  # the process dies mid-epoch
+            noise = torch.randn(len(idx), generator=g)  # the method's own draws come from the loop's generator
+            return (net(x[idx]).squeeze(1) - y[idx] - 0.01 * noise).pow(2).mean()
+
+        val = lambda: float((net(x).squeeze(1) - y).pow(2).mean())  # noqa: E731
+        rec = train(net, opt, loss, len(x), TrainConfig(epochs=6, batch_size=8), val_loss=val, scheduler=sched,
+                    checkpoint=ckpt, key=key, checkpoint_every_s=0)
+        return net, rec
+
+    ref, ref_rec = run()
+    path = tmp_path / "ckpt.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        run(path, stop_at=13)  # 4 steps an epoch: dies in epoch 4, after the checkpoint of epoch 3
+    assert path.exists()
+    net, rec = run(path)
+    assert torch.equal(net.weight, ref.weight) and rec == ref_rec and not path.exists()
+    with pytest.raises(KeyboardInterrupt):
+        run(path, stop_at=13)
+    other, _ = run(path, key="other data")  # another training never resumes this one's state
+    assert torch.equal(other.weight, ref.weight)

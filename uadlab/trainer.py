@@ -7,15 +7,24 @@ the rest, so every trained head stops, selects and reports the same way::
     record = train(self, opt, lambda idx, g: self._loss(x[idx], g), n=len(x), cfg=cfg, val_loss=held_out)
 
 Selection never looks at test labels: the held-out images are normal training images the fit did not use.
+With a ``checkpoint`` path the loop saves its whole state after every epoch (safetensors, atomically) and
+resumes from it when the same training (``fingerprint``: data and settings) is started again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from . import distributed
 from .progress import Progress, ProgressFn
@@ -85,9 +94,76 @@ class TrainRecord:
         return asdict(self)
 
 
+def fingerprint(maps: list[torch.Tensor], config: dict[str, Any]) -> str:
+    """A short hash of the training features and the settings: a checkpoint resumes only the same training."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for m in maps:  # a strided sample of the values is enough to tell data sets apart
+        h.update(str(tuple(m.shape)).encode())
+        h.update(m.flatten()[::97].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class _Loop:
+    """The loop's own state between epochs (what a checkpoint holds besides the tensors)."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float = math.inf
+    best_epoch: int = 0
+    stale: int = 0
+    history: list[float] = field(default_factory=list)
+
+
+def _save(path: Path, key: str, module: nn.Module, opt: torch.optim.Optimizer, scheduler: Any, g: torch.Generator,
+          loop: _Loop, best_state: dict[str, torch.Tensor] | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = {f"model.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    t.update({f"best.{k}": v.contiguous() for k, v in (best_state or {}).items()})
+    for i, st in opt.state_dict()["state"].items():
+        t.update({f"opt.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).clone().contiguous()
+                  for k, v in st.items()})
+    t["rng"] = g.get_state()
+    meta = {"key": key, "loop": json.dumps(asdict(loop)),
+            "param_groups": json.dumps(opt.state_dict()["param_groups"], default=str),  # lr as scheduled now
+            "scheduler": json.dumps(scheduler.state_dict() if scheduler is not None else None, default=str)}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two trainings never share a temp file
+    save_file(t, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, key: str, module: nn.Module, opt: torch.optim.Optimizer, scheduler: Any,
+            g: torch.Generator) -> tuple[_Loop, dict[str, torch.Tensor] | None] | None:
+    """The state of a checkpoint of the same training, loaded into the objects; None when there is none."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("key") != key:
+            return None  # another training: start afresh (the file is overwritten at the first epoch)
+        t = load_file(str(path))
+    except Exception:  # a damaged file (the process died while the OS wrote it): start afresh
+        return None
+    module.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    best = {k[5:]: v for k, v in t.items() if k.startswith("best.")} or None
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    sched = json.loads(meta.get("scheduler", "null"))
+    if scheduler is not None and sched is not None:
+        scheduler.load_state_dict(sched)
+    g.set_state(t["rng"])
+    return _Loop(**json.loads(meta["loop"])), best
+
+
 def train(module: nn.Module, opt: torch.optim.Optimizer, batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
           n: int, cfg: TrainConfig, *, val_loss: Callable[[], float] | None = None, budget: int | None = None,
-          scheduler: Any = None, progress: ProgressFn | None = None) -> TrainRecord:
+          scheduler: Any = None, progress: ProgressFn | None = None, checkpoint: str | os.PathLike | None = None,
+          key: str = "", checkpoint_every_s: float = 60.0) -> TrainRecord:
     """Train ``module`` on ``n`` images in shuffled batches of image indices.
 
     Args:
@@ -101,6 +177,11 @@ def train(module: nn.Module, opt: torch.optim.Optimizer, batch_loss: Callable[[t
             images that trains the epoch count a first fit selected on held-out images).
         scheduler: stepped after every optimiser step, if given.
         progress: called after every step.
+        checkpoint: file for the loop's state after every epoch; resumed from when its ``key`` matches
+            (``fingerprint`` of the data and settings), deleted when training ends.
+        key: what identifies this training (see ``checkpoint``).
+        checkpoint_every_s: at most one checkpoint per this many seconds (at an epoch's end): short epochs
+            must not spend their time writing files.
     Returns:
         The record; the module holds the selected weights, in eval mode.
     """
@@ -109,9 +190,13 @@ def train(module: nn.Module, opt: torch.optim.Optimizer, batch_loss: Callable[[t
     epochs = budget if budget is not None else cfg.planned_epochs(n)
     selecting = budget is None and val_loss is not None
     params = [p for group in opt.param_groups for p in group["params"]]
-    total, step, history = epochs * per_epoch, 0, []
-    best, best_state, best_epoch, stale, epoch = math.inf, None, epochs, 0, 0
-    for epoch in range(1, epochs + 1):
+    total = epochs * per_epoch
+    path = Path(checkpoint) if checkpoint is not None else None
+    key = f"{key}:{budget}:{int(selecting)}"  # a refit's budget is part of what is trained
+    resumed = _resume(path, key, module, opt, scheduler, g) if path is not None else None
+    loop, best_state = resumed if resumed is not None else (_Loop(), None)
+    finished, saved_at = False, time.monotonic()
+    while loop.epoch < epochs and not finished:
         module.train()
         for idx in torch.randperm(n, generator=g).split(cfg.batch_size):
             loss = batch_loss(idx, g)
@@ -123,23 +208,30 @@ def train(module: nn.Module, opt: torch.optim.Optimizer, batch_loss: Callable[[t
             opt.step()
             if scheduler is not None:
                 scheduler.step()
-            step += 1
+            loop.step += 1
             if progress is not None:
-                progress(Progress(step, total, "steps", loss=loss.detach().item()))
-        if not selecting:
-            continue
-        module.eval()
-        with torch.no_grad():
-            v = float(val_loss())
-        history.append(v)
-        if v < best * (1 - cfg.min_delta) if math.isfinite(best) else v < best:
-            best, best_epoch, stale = v, epoch, 0
-            if cfg.select == "val_loss":
-                best_state = {k: t.detach().clone() for k, t in module.state_dict().items()}
-        else:
-            stale += 1
-            if cfg.patience is not None and stale >= cfg.patience:
-                break
+                progress(Progress(loop.step, total, "steps", loss=loss.detach().item()))
+        loop.epoch += 1
+        if selecting:
+            module.eval()
+            with torch.no_grad():
+                v = float(val_loss())
+            loop.history.append(v)
+            if v < loop.best * (1 - cfg.min_delta) if math.isfinite(loop.best) else v < loop.best:
+                loop.best, loop.best_epoch, loop.stale = v, loop.epoch, 0
+                if cfg.select == "val_loss":
+                    best_state = {k: t.detach().clone() for k, t in module.state_dict().items()}
+            else:
+                loop.stale += 1
+                finished = cfg.patience is not None and loop.stale >= cfg.patience
+        if path is not None and loop.epoch < epochs and not finished \
+                and time.monotonic() - saved_at >= checkpoint_every_s:
+            _save(path, key, module, opt, scheduler, g, loop, best_state)
+            saved_at = time.monotonic()
+    if path is not None:  # done: the weights live in the head now
+        path.unlink(missing_ok=True)
+    epoch, step, history = loop.epoch, loop.step, loop.history
+    best_epoch = loop.best_epoch or epochs
     stopped = selecting and epoch < epochs
     if best_state is not None:
         module.load_state_dict(best_state)

@@ -9,6 +9,7 @@ depend on the number of training images.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from ..backbones import OFFLINE_DEFAULT
 from .. import distributed
 from ..features import PatchFeatures
-from ..trainer import TrainConfig, train
+from ..trainer import TrainConfig, fingerprint, train
 from .base import AnomalyResult, Method, register_method
 
 MODES = ("four_way", "causal", "bidirectional", "standard")
@@ -324,7 +325,7 @@ class SpatialAR(Method):
 
     # ---- fit / score ------------------------------------------------------------------------------------
     def _fit(self, features: PatchFeatures, progress=None, val_features: PatchFeatures | None = None,
-             budget: int | None = None, **kw: Any) -> None:
+             budget: int | None = None, checkpoint_dir: str | None = None, **kw: Any) -> None:
         """Train on normal tokens; select the epoch on ``val_features`` (held-out normals), or, with ``budget``
         (a refit), train exactly that many epochs."""
         x_all = self._tokens(features)  # (N, C, h, w)
@@ -350,8 +351,11 @@ class SpatialAR(Method):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         cfg = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, max_steps=self.max_steps,
                           select=self.select, seed=self.seed)
+        # a resumable checkpoint next to the cache, per training (data and settings): an interrupted fit resumes
+        key = fingerprint([x_all] + ([x_val] if x_val is not None else []), self.config())
+        ckpt = Path(checkpoint_dir) / f"{self.name}_{key}.safetensors" if checkpoint_dir else None
         record = train(self.net, opt, batch_loss, len(x_all), cfg, budget=budget, progress=progress,
-                       val_loss=val_loss if x_val is not None else None)
+                       val_loss=val_loss if x_val is not None else None, checkpoint=ckpt, key=key)
         with torch.no_grad():
             self._fit_normal_stats(x_all)
         self.fit_info.update(record.to_dict())

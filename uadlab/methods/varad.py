@@ -12,6 +12,7 @@ only when it is installed and the tensors are on a GPU.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from ..backbones import OFFLINE_DEFAULT
 from .. import distributed
 from ..features import PatchFeatures
-from ..trainer import TrainConfig, train
+from ..trainer import TrainConfig, fingerprint, train
 from .base import AnomalyResult, Method, register_method
 
 DIRECTIONS = ("row", "col", "row_rev", "col_rev")  # scan orders of the token grid
@@ -396,7 +397,7 @@ class VarAD(Method):
 
     # ---- fit / score ----------------------------------------------------------------------------------
     def _fit(self, features: PatchFeatures, progress=None, val_features: PatchFeatures | None = None,
-             budget: int | None = None, **kw: Any) -> None:
+             budget: int | None = None, checkpoint_dir: str | None = None, **kw: Any) -> None:
         """Train on normal tokens until the discrepancy on ``val_features`` (held-out normals) stops falling for
         ``patience`` epochs (at most ``epochs``), keeping the best epoch; with ``budget`` (a refit), train
         exactly that many epochs."""
@@ -436,8 +437,11 @@ class VarAD(Method):
             return torch.cat([self._maps([t[i:i + self.batch_size] for t in val[0]], val[1]).flatten()
                               for i in range(0, len(val_features), self.batch_size)]).mean().item()
 
+        # a resumable checkpoint next to the cache, per training (data and settings): an interrupted fit resumes
+        key = fingerprint(tokens + (val[0] if val is not None else []), self.config())
+        ckpt = Path(checkpoint_dir) / f"{self.name}_{key}.safetensors" if checkpoint_dir else None
         record = train(self, opt, batch_loss, n, cfg, val_loss=val_loss if val is not None else None,
-                       budget=budget, scheduler=sched, progress=progress)
+                       budget=budget, scheduler=sched, progress=progress, checkpoint=ckpt, key=key)
         with torch.no_grad():  # the normal error per channel (all scan orders), for normalize="channel"
             dirs = torch.tensor([DIRECTIONS.index(d) for d in self.directions])
             sums = [torch.zeros_like(h.err_var) for h in self.hier]

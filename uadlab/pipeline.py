@@ -373,6 +373,7 @@ class Run:
         for name, sc in scored.items():
             normal = labels == 0
             r = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(masks, sc.maps),
+                 **M.intervals(labels, sc.scores, masks, sc.maps),  # 95% intervals, n normal / anomalous, note
                  "curves": M.curves(labels, sc.scores), "pixel_curves": M.pixel_curves(masks, sc.maps),
                  "head_ms": float(np.median(sc.head_ms)),
                  "head_mb": head_megabytes(self.heads[name]), "fit_s": self.info["fit_s"].get(name),

@@ -231,7 +231,9 @@ def bootstrap_intervals(labels: np.ndarray, scores: np.ndarray, n_resamples: int
                         seed: int = 0) -> dict[str, Interval]:
     """Percentile bootstrap intervals of AUROC and AP, ``{"auroc": Interval, "ap": Interval}``: the items are
     resampled with replacement within their class (stratified: every resample keeps the numbers of normal
-    and anomalous items). Fixed ``seed``: the same data give the same interval. NaN when a class is missing."""
+    and anomalous items). Fixed ``seed``: the same data give the same interval. NaN when a class is missing.
+    A percentile interval cannot leave the values resamples can take: when the classes separate perfectly
+    it collapses to [1, 1] whatever n is, so read it with the counts (``sample_note``)."""
     labels = np.asarray(labels).ravel().astype(np.uint8)
     if not _both_classes(labels):
         return _percentiles({"auroc": np.array([]), "ap": np.array([])}, level)

@@ -111,9 +111,10 @@ class _LazyFarthest:
         self.pending: list[torch.Tensor] = []  # points chosen since the last refresh, (p,) each
         self.pending_sq: list[torch.Tensor] = []
         if len(z):
-            self._refresh()
+            self.refresh()
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Every row's distance up to date; the candidates are the ``candidates`` farthest rows again."""
         z, sq, d, M = self.z, self.sq, self.d, len(self.z)
         if self.pending:  # all rows against the points chosen since the last refresh: one GEMM per chunk of rows
             P, sqP = torch.stack(self.pending), torch.stack(self.pending_sq)
@@ -134,7 +135,7 @@ class _LazyFarthest:
             return float("-inf"), -1
         k = int(torch.argmax(self.dC))
         if float(self.dC[k]) < self.T:  # a stale row may be farther: bring all rows up to date
-            self._refresh()
+            self.refresh()
             k = int(torch.argmax(self.dC))
         return float(self.dC[k]), int(self.C[k])
 
@@ -142,9 +143,14 @@ class _LazyFarthest:
         """A chosen point ``c`` (p,) with its squared norm (a row of any process)."""
         if not len(self.z):
             return
-        self.pending.append(c)
-        self.pending_sq.append(sq_c)
+        self.defer(c, sq_c)
         torch.minimum(self.dC, torch.addmv(self.sqC, self.zC, c, alpha=-2).add_(sq_c), out=self.dC)
+
+    def defer(self, c: torch.Tensor, sq_c: torch.Tensor) -> None:
+        """A chosen point that only the next ``refresh`` takes into account."""
+        if len(self.z):
+            self.pending.append(c)
+            self.pending_sq.append(sq_c)
 
 
 def kcenter_greedy(z: torch.Tensor, n: int, n_starts: int = 10, seed: int = 0, progress: ProgressFn | None = None,
@@ -158,9 +164,9 @@ def kcenter_greedy(z: torch.Tensor, n: int, n_starts: int = 10, seed: int = 0, p
     slower than float32. ``z`` is centred in place.
 
     ``sharded=True`` under torchrun: ``z`` is this rank's contiguous part of the N rows (rank order), and every
-    rank returns the same global indices, the one-process choice: each step, every rank's farthest row (its
-    distance, index and vector) is gathered in one collective and the farthest of all is the pick (ties: the
-    lowest index). Each rank keeps only its own rows' distances: the work and the memory are split.
+    rank returns the same global indices, the one-process choice (``_sharded_picks``: the ranks' farthest
+    rows gathered in rounds, the pick the farthest of all). Each rank keeps only its own rows' distances: the
+    work and the memory are split.
     """
     world = distributed.world_size() if sharded else 1
     if world > 1:
@@ -187,22 +193,59 @@ def kcenter_greedy(z: torch.Tensor, n: int, n_starts: int = 10, seed: int = 0, p
         if len(z) else torch.zeros(0)
     lazy = _LazyFarthest(z, sq, d, candidates)
     out = torch.empty(n, dtype=torch.long)
+    if world > 1:
+        _sharded_picks(lazy, out, offset, candidates, progress)
+        # every rank computed the same picks from the same gathered rows; rank 0's are taken so that ranks on
+        # machines that round differently (near-ties) still hold one bank
+        return distributed.all_reduce_sum(out if distributed.is_main() else torch.zeros_like(out))
     for i in range(n):
-        v, k = lazy.farthest()
-        if world > 1:  # (distance, global index, squared norm, row) of every rank's farthest row, in float64
-            pick = torch.full((z.shape[1] + 3,), float("-inf"), dtype=torch.float64)
-            if k >= 0:
-                pick[0], pick[1], pick[2], pick[3:] = v, offset + k, sq[k], z[k]
-            picks = distributed.all_gather_stack(pick)
-            best = max(range(world), key=lambda r: (picks[r, 0].item(), -picks[r, 1].item()))
-            j, c, sq_c = int(picks[best, 1]), picks[best, 3:].float(), picks[best, 2].float()
-        else:
-            j, c, sq_c = k, z[k], sq[k]
-        out[i] = j
-        lazy.add(c, sq_c)
+        k = lazy.farthest()[1]
+        out[i] = k
+        lazy.add(z[k], sq[k])
         if progress is not None and (i % 1000 == 0 or i == n - 1):
             progress(Progress(i + 1, n, "coreset points"))
     return out
+
+
+def _sharded_picks(lazy: _LazyFarthest, out: torch.Tensor, offset: int, candidates: int,
+                   progress: ProgressFn | None) -> None:
+    """The greedy picks of ``kcenter_greedy(sharded=True)``, written to ``out`` (the same on every rank).
+
+    The lazy scheme of ``_LazyFarthest`` across ranks: one all-gather brings every rank's ``candidates``
+    farthest rows (distance, global index, squared norm, vector) and its bound (the largest distance of its
+    other rows, stale, hence an upper bound). Every rank then picks from the union alone, updating the union's
+    distances itself, while the best of them is at least every rank's bound: it is then the farthest row of
+    all. When it is not, each rank brings its own rows up to date against the picks since (one matrix
+    product) and the next all-gather follows: one collective per round of picks, not per pick.
+    """
+    z = lazy.z
+    p = z.shape[1]
+    n, i = len(out), 0
+    while i < n:
+        pack = torch.full((candidates + 1, p + 3), float("-inf"), dtype=torch.float64)
+        if len(z):
+            lazy.refresh()  # this rank's rows against every pick so far; its candidates and bound anew
+            C = lazy.C
+            pack[:len(C), 0], pack[:len(C), 1] = lazy.dC, (C + offset).double()
+            pack[:len(C), 2], pack[:len(C), 3:] = lazy.sq[C], z[C]
+            pack[-1, 0] = lazy.T
+        every = distributed.all_gather_stack(pack)  # (world, candidates + 1, p + 3)
+        bound = float(every[:, -1, 0].max())
+        rows = every[:, :-1].reshape(-1, p + 3)
+        rows = rows[torch.isfinite(rows[:, 0])]
+        dG, idxG = rows[:, 0].float(), rows[:, 1].long()
+        sqG, zG = rows[:, 2].float(), rows[:, 3:].float()
+        while i < n:
+            k = int(torch.argmax(dG))
+            if float(dG[k]) < bound:  # a row outside the union may be farther: next round
+                break
+            out[i] = idxG[k]
+            c, sq_c = zG[k].clone(), sqG[k].clone()
+            torch.minimum(dG, torch.addmv(sqG, zG, c, alpha=-2).add_(sq_c), out=dG)
+            lazy.defer(c, sq_c)
+            i += 1
+            if progress is not None and (i % 1000 == 1 or i == n):
+                progress(Progress(i, n, "coreset points"))
 
 
 def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 128, n_starts: int = 10, seed: int = 0,

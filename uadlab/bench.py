@@ -35,9 +35,20 @@ INTERVALS = ["image_auroc_ci", "image_ap_ci", "pixel_auroc_ci", "pixel_ap_ci"]
 NOT_MEANINGFUL = "†"
 
 
-def backbone_ms(run: Run, samples, n: int = 8) -> float:
-    """Median backbone time per image (batch 1, no cache) over up to ``n`` images, after one warm-up."""
-    bb = run.backbone
+def backbone_ms(run: Run, samples, n: int = 8) -> dict[str, float]:
+    """Median backbone time per image (batch 1, no cache) over up to ``n`` images, after one warm-up, of each
+    head's backbone (a paper preset may give heads different ones): {method: ms}."""
+    per_bb: dict[int, float] = {}
+    out = {}
+    for name in run.heads:
+        bb = run.backbone_of(name)
+        if id(bb) not in per_bb:
+            per_bb[id(bb)] = _backbone_ms(bb, samples, n)
+        out[name] = per_bb[id(bb)]
+    return out
+
+
+def _backbone_ms(bb, samples, n: int) -> float:
     xs = [bb.transform(s.load())[None] for s in samples[:n]]
     bb(xs[0])
     times = []
@@ -103,14 +114,13 @@ def _bench_once(data, ds: Dataset, config: RunConfig, categories, multi_class: b
     rows: list[dict[str, Any]] = []
 
     def make(ms):
-        kw = {m: v for m, v in config.method_kwargs.items() if m in ms}
-        return Run(dataclasses.replace(config, methods=list(ms), method_kwargs=kw), cache=cache)
+        return Run(config.subset(ms), cache=cache)
 
-    def emit(run: Run, cat: str, test, bms: float) -> None:
+    def emit(run: Run, cat: str, test, bms: dict[str, float]) -> None:
         res = run.evaluate(test, progress())
         for name, r in res.items():
             row = {"method": name, "category": cat, **{k: r[k] for k in METRICS}, "fit_s": r["fit_s"],
-                   "backbone_ms": bms, "head_ms": r["head_ms"], "head_mb": r["head_mb"], "peak_rss_mb": peak_rss_mb(),
+                   "backbone_ms": bms[name], "head_ms": r["head_ms"], "head_mb": r["head_mb"], "peak_rss_mb": peak_rss_mb(),
                    "normal_px_over_1": r["normal_px_over_1"], "normal_img_over_1": r["normal_img_over_1"],
                    **{k: r.get(k) for k in INTERVALS + ["n_normal", "n_anomalous", "note"]}}
             rows.append(row)

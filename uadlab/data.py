@@ -7,7 +7,8 @@ Rules:
 
 - Images of any mode become 8-bit RGB: palette and grey as their colours, transparent pixels black,
   16-bit images by the full 16-bit range (value / 257, so two images keep their brightness relation),
-  32-bit integer and float images by their own range. Files over ``MAX_IMAGE_BYTES``, images over
+  32-bit integer and float images by their own range (a float image holding NaN or infinite values is
+  refused, naming the file). Files over ``MAX_IMAGE_BYTES``, images over
   ``MAX_IMAGE_PIXELS`` (decompression bombs included) and images under ``MIN_IMAGE_SIDE`` px are refused.
 - Masks: a pixel is anomalous when its value is above half of white (> 127 for 8-bit masks such as
   MVTec's 0/255, > 32767 for 16-bit ones); masks that only hold 0 and 1 use > 0. Colour masks use their
@@ -41,10 +42,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import medical
+from . import medical, tokens
 from .errors import DataError, short_reason as _reason
 from .progress import Progress, ProgressFn, Stages
-from .safety import clean_token, scrub
+from .tokens import scrub
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL_NAMES = {"good", "normal", "ok", "0", "false", "negative"}
@@ -112,7 +113,7 @@ def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
         a = np.asarray(img, dtype=np.float64) / 257.0
         img = Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
     elif img.mode in ("I", "F"):
-        a = np.asarray(img, dtype=np.float64)
+        a = _finite(np.asarray(img, dtype=np.float64), name)
         lo, hi = float(a.min()), float(a.max())
         a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo)
         img = Image.fromarray((a * 255).round().astype(np.uint8))
@@ -165,10 +166,20 @@ def open_mask(src: str | os.PathLike | np.ndarray | Image.Image, name: str | Non
     return binarize_mask(a)
 
 
-def _intensities(img: Image.Image) -> "medical.Pixels | None":
+def _finite(a: np.ndarray, name: str) -> np.ndarray:
+    """``a`` when every value is a number; a DataError naming the file when NaN or infinite values are in it
+    (they would make the whole image black: its range is not a number)."""
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise DataError(f"{name}: {int(bad.sum())} of {a.size} pixels are NaN or infinite (a float image must hold "
+                        "numbers only: replace them, e.g. by the background value)")
+    return a
+
+
+def _intensities(img: Image.Image, name: str = "image") -> "medical.Pixels | None":
     """The grey values of a 16-bit, 32-bit or float image as float32; None for 8-bit and colour modes."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        return medical.Pixels(np.asarray(img, dtype=np.float32))
+        return medical.Pixels(_finite(np.asarray(img, dtype=np.float32), name))
     return None
 
 
@@ -205,7 +216,7 @@ class Sample:
         None for 8-bit and colour images (their values already are display values)."""
         if self.source is not None:
             return self.source.pixels()
-        return _intensities(_read(self.image if self.image is not None else self.path, self.name))
+        return _intensities(_read(self.image if self.image is not None else self.path, self.name), self.name)
 
     def load(self) -> Image.Image:
         """8-bit RGB: a DICOM/NIfTI slice or a 16-bit/float grey image through the window (``auto`` without
@@ -213,15 +224,16 @@ class Sample:
         if self.source is not None:
             return to_rgb((self.window or medical.Window()).render(self.source.pixels()), self.name)
         img = _read(self.image if self.image is not None else self.path, self.name)
-        px = _intensities(img) if self.window is not None else None
+        px = _intensities(img, self.name) if self.window is not None else None
         return to_rgb(img if px is None else self.window.render(px), self.name)
 
     def load_mask(self) -> np.ndarray | None:
-        """(H, W) uint8 mask, or None. An anomalous image without a mask file is None."""
-        if self.source is not None:
-            return self.source.load_mask()
+        """(H, W) uint8 mask, or None. An anomalous image without a mask file is None. A mask given as an
+        array (an annotation's, a dataset row's) comes first, then a scan's label volume, then a mask file."""
         if self.mask is not None:
             return open_mask(self.mask, f"{self.name}: mask")
+        if self.source is not None:
+            return self.source.load_mask()
         if self.mask_path is not None:
             return open_mask(self.mask_path, f"{self.name}: mask {display_name(Path(self.mask_path).name)}")
         return None
@@ -391,7 +403,8 @@ def load_folder(path: str | os.PathLike, label: int = 0, category: str | None = 
     samples = _samples(files, lambda p: display_name(p.relative_to(root)), "", cat, label, skip_bad, warn, empty,
                        axis=axis)
     if not samples:
-        raise DataError(f"{name}: no usable images ({len(warn)} bad files skipped)")
+        first = f"; {warn[0].removeprefix('skipped ')}" if warn else ""  # the reason, not just a count
+        raise DataError(f"{name}: no usable images ({len(warn)} bad files skipped{first})")
     return Dataset(name, train=samples if label == 0 else [], test=[] if label == 0 else samples, warnings=warn,
                    empty_slices=empty)
 
@@ -492,11 +505,39 @@ def load_files(files: Sequence[str | os.PathLike], label: int = 0, category: str
 MAX_ZIP_BYTES = 2 * 1024**3
 MAX_ZIP_FILES = 50_000
 MAX_ZIP_RATIO = 200  # uncompressed / compressed of one large member: images hardly compress, bombs do
+SKIPPED_MEMBERS = ".skipped.json"  # in an unpacked upload: the members that were not unpacked (hidden: not data)
+
+
+def is_image_name(name: str) -> bool:
+    """True for a file name a dataset reads: an image extension, ``.dcm``/``.dicom``, ``.nii``/``.nii.gz``."""
+    return Path(name).suffix.lower() in IMAGE_EXTS or name.lower().endswith(medical.NIFTI_SUFFIXES
+                                                                            + medical.DICOM_SUFFIXES)
+
+
+def _image_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
+    """A zip member a dataset reads: an image, scan or mask by its name, or a suffix-less DICOM file (the
+    ``DICM`` marker at byte 128 of its first bytes)."""
+    name = info.filename.replace("\\", "/")
+    if is_image_name(name):
+        return True
+    if Path(name).suffix or info.file_size < 132:
+        return False
+    try:
+        with zf.open(info) as f:
+            return f.read(132)[128:] == b"DICM"
+    except Exception:  # noqa: BLE001 - a damaged member: not unpacked, listed as skipped
+        return False
 
 
 def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int = MAX_ZIP_BYTES,
-                     max_files: int = MAX_ZIP_FILES, max_ratio: float = MAX_ZIP_RATIO) -> Path:
+                     max_files: int = MAX_ZIP_FILES, max_ratio: float = MAX_ZIP_RATIO, images_only: bool = False,
+                     skipped: list[str] | None = None) -> Path:
     """Unpack a zip without path traversal, links, nested archives or zip bombs; return ``dest``.
+
+    Args:
+        images_only: unpack only the members a dataset reads (images, masks, DICOM and NIfTI files; see
+            ``is_image_name``): other files would only take disk. The size limit counts what is unpacked.
+        skipped: filled with the names of the members left packed (``images_only``).
 
     Raises:
         DataError: naming the zip (base name) and the offending member.
@@ -512,9 +553,6 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, max_b
         infos = zf.infolist()
         if len(infos) > max_files:
             raise DataError(f"{name}: {len(infos)} members, more than the limit of {max_files}")
-        total = sum(i.file_size for i in infos)
-        if total > max_bytes:
-            raise DataError(f"{name}: unpacks to {total / 1e6:.0f} MB, more than the limit of {max_bytes / 1e6:.0f} MB")
         for info in infos:
             member = info.filename
             target = (dest / member).resolve()
@@ -523,17 +561,27 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, max_b
                 raise DataError(f"{name}: unsafe path {member!r} (outside the target folder)")
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
                 raise DataError(f"{name}: {member!r} is a symbolic link; links are not unpacked")
+        files = [i for i in infos if not i.is_dir() and "__MACOSX" not in i.filename]
+        for info in files:  # said even when only images are unpacked: the user meant the inner images
+            if info.filename.lower().endswith((".zip", ".tar", ".gz", ".tgz", ".7z", ".rar")) \
+                    and not info.filename.lower().endswith(".nii.gz"):  # a compressed NIfTI volume is an image
+                raise DataError(f"{name}: {info.filename!r} is an archive inside the archive; nested archives are "
+                                "not unpacked: zip the images themselves")
+        if images_only:
+            kept = [i for i in files if _image_member(zf, i)]
+            if skipped is not None:
+                skipped += [display_name(i.filename) for i in files if i not in kept]
+            files = kept
+        total = sum(i.file_size for i in files)
+        if total > max_bytes:
+            raise DataError(f"{name}: unpacks to {total / 1e6:.0f} MB, more than the limit of {max_bytes / 1e6:.0f} MB")
+        for info in files:
+            member = info.filename
             if info.file_size > 8 * 1024**2 and info.file_size > max_ratio * max(info.compress_size, 1):
                 raise DataError(f"{name}: {member!r} expands {info.file_size / max(info.compress_size, 1):.0f} "
                                 f"times (a zip bomb?); the limit is {max_ratio:.0f}")
-            if not info.is_dir() and member.lower().endswith((".zip", ".tar", ".gz", ".tgz", ".7z", ".rar")) \
-                    and not member.lower().endswith(".nii.gz"):  # a compressed NIfTI volume is an image
-                raise DataError(f"{name}: {member!r} is an archive inside the archive; nested archives are not "
-                                "unpacked: zip the images themselves")
         written = 0
-        for info in infos:
-            if info.is_dir() or "__MACOSX" in info.filename:
-                continue
+        for info in files:
             target = dest / info.filename
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -549,6 +597,16 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, max_b
                     zlib.error) as e:
                 raise DataError(f"{name}: cannot unpack {info.filename!r} ({_reason(e)})") from None
     return dest
+
+
+def skipped_warnings(names: Sequence[str], count: int | None = None, limit: int = 20) -> list[str]:
+    """Dataset warnings for the ``count`` uploaded files or zip members that were not kept: the first ``limit``
+    of ``names`` by name, then how many more."""
+    count = len(names) if count is None else count
+    out = [f"skipped {n}: not an image, mask or scan (not kept)" for n in names[:limit]]
+    if count > len(out):
+        out.append(f"skipped {count - len(out)} more files that are not images, masks or scans (not kept)")
+    return out
 
 
 def load_unpacked(root: str | os.PathLike, skip_bad: bool = False,
@@ -570,15 +628,18 @@ def load_unpacked(root: str | os.PathLike, skip_bad: bool = False,
 
 def load_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, skip_bad: bool = False,
              categories: Sequence[str] | None = None) -> Dataset:
-    """A zip of an MVTec-layout dataset or of plain normal images, unpacked into ``dest``."""
+    """A zip of an MVTec-layout dataset or of plain normal images, unpacked into ``dest`` (only the images,
+    masks and scans: other members are listed in ``Dataset.warnings``)."""
     name = display_name(Path(zip_path).name)
-    root = safe_extract_zip(zip_path, dest)
+    skipped: list[str] = []
+    root = safe_extract_zip(zip_path, dest, images_only=True, skipped=skipped)
     try:
         ds = load_unpacked(root, skip_bad, categories, unwrap=True)
     except DataError as e:  # name the zip, not the folder it was unpacked into
         msg = str(e).removeprefix(f"{root.name}: ")
         raise DataError(msg if msg.startswith(name) else f"{name}: {msg}") from None
     ds.name = display_name(Path(zip_path).stem)
+    ds.warnings += skipped_warnings(skipped)
     return ds
 
 
@@ -626,7 +687,7 @@ def label_mapping(feature: Any, values: Iterable[Any], where: str, check_normal:
     return out
 
 
-def _open_hf(repo_id: str, config: str | None, token: str | None, local: bool, streaming: bool = False):
+def _open_hf(repo_id: str, config: str | None, token: str | bool, local: bool, streaming: bool = False):
     """A ``datasets.DatasetDict`` (``IterableDatasetDict`` with ``streaming``) from the Hub, or with ``local``
     from a folder (saved with ``save_to_disk``, or files that ``load_dataset`` reads: parquet, image folders)."""
     import datasets
@@ -647,7 +708,7 @@ def _open_hf(repo_id: str, config: str | None, token: str | None, local: bool, s
 _FORMAT_EXT = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp", "WEBP": ".webp"}
 
 
-def _cell_image(cell: Any, name: str, token: str | None, local: bool) -> tuple[bytes, Image.Image]:
+def _cell_image(cell: Any, name: str, token: str | bool, local: bool) -> tuple[bytes, Image.Image]:
     """The bytes and the (lazily decoded) image of one undecoded image cell (``{"bytes", "path"}``).
 
     A cell with only a path (image folders) is read from it: a URL of the dataset's host, a file that
@@ -705,14 +766,14 @@ def _spool(data: bytes, img: Image.Image, dest: Path) -> str:
 
 def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test", image_column: str = "image",
             label_column: str | None = "label", mask_column: str | None = None, category_column: str | None = None,
-            config: str | None = None, token: str | None = None, limit: int | None = None,
+            config: str | None = None, token: tokens.Token = None, limit: int | None = None,
             skip_bad: bool = False, local: bool = False, streaming: bool = False,
             spool: str | os.PathLike | None = None, progress: ProgressFn | None = None) -> Dataset:
     """A Hugging Face dataset through ``datasets`` (Hub id; with ``local`` also a folder on this machine).
 
     The train split keeps only normal images (label 0, or all when there is no label column); labels follow
-    ``label_mapping`` (class names, never indices). The token is stripped, used for this call only, and never
-    appears in a message. Images are read from the cells' bytes (see ``_cell_image``: a Hub dataset cannot make
+    ``label_mapping`` (class names, never indices). ``token``: the one to send (``True``: this machine's login;
+    None: none, whatever ``HF_TOKEN`` holds, see ``tokens``); used for this call only, never in a message. Images are read from the cells' bytes (see ``_cell_image``: a Hub dataset cannot make
     this machine read its own files).
 
     Args:
@@ -726,14 +787,14 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
     """
     import datasets
 
-    token = clean_token(token)
+    token = tokens.for_request(token)
     where = f"hf:{Path(repo_id).name if local and os.path.exists(repo_id) else repo_id}"  # no server paths
     try:
         dd = _open_hf(repo_id, config, token, local, streaming)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - every loading failure becomes one clear message
-        raise DataError(scrub(f"{where}: cannot load the dataset ({type(e).__name__}: {_reason(e)})", token)) from None
+        raise DataError(tokens.hub_message(e, "load the dataset", where, token)) from None
     if split not in dd:
         raise DataError(f"{where}: no split {split!r} (have {list(dd)})")
     if test_split is not None and test_split not in dd and test_split != "test":
@@ -799,7 +860,7 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
     return ds
 
 
-def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: str, token: str | None,
+def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: str, token: str | bool,
              report: ProgressFn) -> Iterable[tuple[str, dict]]:
     """(name, row) of the first ``limit`` rows of one split, image cells undecoded (``{"bytes", "path"}``)."""
     import datasets
@@ -832,7 +893,7 @@ def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: s
 
 
 def _hf_sample(row: dict, name: str, label: int, columns: tuple[str, str | None, str | None],
-               spool: Path | None, token: str | None, local: bool) -> Sample:
+               spool: Path | None, token: str | bool, local: bool) -> Sample:
     """A Sample of one row: its image in memory, or with ``spool`` written to ``spool`` + extension (the mask
     too, when it is an image column)."""
     image_column, mask_column, category_column = columns
@@ -867,7 +928,8 @@ def load_data(spec: str, categories: Sequence[str] | None = None, skip_bad: bool
 
         return load_mvtec(make_demo(), categories=categories, skip_bad=skip_bad)
     if spec.startswith("hf:"):
-        return load_hf(spec[3:], skip_bad=skip_bad, **{"local": True, **hf_kwargs})
+        # the caller owns this machine (CLI, notebook): its own login, if any, reads private datasets
+        return load_hf(spec[3:], skip_bad=skip_bad, **{"local": True, "token": True, **hf_kwargs})
     p = Path(spec)
     if not p.exists():
         raise DataError(f"{display_name(p.name or spec)}: no such file or folder (use 'demo', 'hf:REPO_ID', a folder "

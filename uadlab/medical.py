@@ -8,12 +8,17 @@ Reading (``uadlab.data`` dispatches files here by suffix):
   VOI LUT Function, per frame when given, else a VOI LUT Sequence); MONOCHROME1 is inverted LAST (inverting
   before the window would invert twice). Multi-frame files give one sample per frame. Compressed transfer
   syntaxes decode through pydicom's pixel handlers where one is installed, else a DataError names the syntax
-  and the packages that would decode it. A folder holding a series is sorted along the slice normal by
+  and the packages that would decode it. NaN / infinite values of float pixel data take the frame's lowest
+  finite value; a frame without any finite value is refused. A folder holding a series is sorted along the slice normal by
   Image Position (Patient), else by Instance Number.
 - NIfTI (nibabel, ``.nii`` / ``.nii.gz``): reoriented to the closest canonical orientation (RAS+); each
   slice of the chosen axis (``z`` = axial by default) is one sample named ``<file>#z042``, displayed with
   anterior (axial, x/y slices: superior) at the top. A label volume of the same shape is the mask volume:
-  any non-zero label is anomalous. A 4-D file with more than one volume is refused.
+  any non-zero label is anomalous. A 4-D file with more than one volume is refused, and so is a header that
+  declares more than ``MAX_VOLUME_VOXELS`` (checked before any data is decompressed). The volume is read once
+  (linear in its size) and sliced as views. NaN or infinite voxels (many pipelines mark the outside of a
+  masked brain with NaN) take the volume's lowest finite value; a volume with no finite voxel, or whose every
+  slice is empty (below), is refused naming the file.
 
 Empty slices: in a volume or series of two or more slices, a slice is skipped when its FOREGROUND (pixels
 above ``p1 + 5 % (p99 - p1)`` of the whole volume's 1st and 99th intensity percentiles) covers less than
@@ -40,7 +45,9 @@ import io
 import logging
 import os
 import secrets
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -55,7 +62,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 AXES = {"x": 0, "y": 1, "z": 2}  # canonical RAS+: x sagittal, y coronal, z axial slices
 MAX_VOLUME_BYTES = 2 * 1024**3  # one volume file
-MAX_VOLUME_VOXELS = 256 * 1024**2  # 1 GB as float32
+VOLUME_CACHE_BYTES = 1024**3  # volumes kept in memory after reading (float32), shared by every user
+MAX_VOLUME_VOXELS = 512**3  # 134 million (512 MB as float32): read in about 15 s here; a .nii.gz of zeros
+# declaring far more is a decompression bomb (a 2 MB file of 1024x1024x256 voxels would take 1 GB and half a minute)
 FOREGROUND_TOLERANCE = 0.05  # of the p1..p99 intensity range above p1
 MIN_FOREGROUND = 0.01  # share of a slice's pixels; below it the slice is empty
 PERCENTILES = (0.5, 99.5)
@@ -320,10 +329,31 @@ def _load_nifti(path: str, name: str):
         raise DataError(f"{name}: a 4-D file of {img.shape[3]} volumes; give one 3-D volume per file")
     if len(img.shape) not in (2, 3):
         raise DataError(f"{name}: a {len(img.shape)}-D image; a NIfTI volume must be 3-D (or 2-D)")
-    if int(np.prod(img.shape)) > MAX_VOLUME_VOXELS:
-        raise DataError(f"{name}: {'x'.join(map(str, img.shape))} voxels, more than the limit of "
-                        f"{MAX_VOLUME_VOXELS / 1e6:.0f} million")
+    if int(np.prod(img.shape)) > MAX_VOLUME_VOXELS:  # from the header: nothing decompressed yet
+        raise DataError(f"{name}: {'x'.join(map(str, img.shape))} voxels ({np.prod(img.shape) / 1e6:.0f} million), "
+                        f"more than the limit of {MAX_VOLUME_VOXELS / 1e6:.0f} million per volume")
     return img
+
+
+def declared_voxels(path: str | os.PathLike) -> int:
+    """The voxels (pixels x frames) a NIfTI or DICOM file declares in its header, without decoding its data
+    (the check of an upload's size before anything is read); 0 for other files and unreadable headers (the
+    reader reports those)."""
+    kind = medical_kind(path)
+    try:
+        if kind == "nifti":
+            import nibabel as nib
+
+            return int(np.prod(nib.load(str(path)).shape, dtype=np.int64))
+        if kind == "dicom":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = _pydicom().dcmread(str(path), stop_before_pixels=True)
+            return (_int(ds.get("Rows"), 0) * _int(ds.get("Columns"), 0) * max(1, _int(ds.get("NumberOfFrames"), 1))
+                    * max(1, _int(ds.get("SamplesPerPixel"), 1)))
+    except Exception:  # noqa: BLE001 - a damaged header: the reader names the problem later
+        return 0
+    return 0
 
 
 def _canonical(img):
@@ -335,16 +365,42 @@ def _canonical(img):
     return nib.as_closest_canonical(img)
 
 
-@functools.lru_cache(maxsize=4)
+_VOLUMES: "OrderedDict[tuple[str, int, int], np.ndarray]" = OrderedDict()
+_VOLUMES_LOCK = threading.Lock()
+
+
 def _volume_cached(path: str, mtime: int, size: int) -> np.ndarray:
-    """The volume of one file version (messages start with ": ", the caller puts the name in front)."""
+    """The volume of one file version, kept while the volumes read last hold at most ``VOLUME_CACHE_BYTES``
+    (the last two always: an image and its mask). Messages start with ": " (the caller names the file)."""
+    key = (path, mtime, size)
+    with _VOLUMES_LOCK:
+        if key in _VOLUMES:
+            _VOLUMES.move_to_end(key)
+            return _VOLUMES[key]
+    vol = _read_volume(path)  # outside the lock: another volume may be read meanwhile
+    with _VOLUMES_LOCK:
+        _VOLUMES[key] = vol
+        while len(_VOLUMES) > 2 and sum(v.nbytes for v in _VOLUMES.values()) > VOLUME_CACHE_BYTES:
+            _VOLUMES.popitem(last=False)
+    return vol
+
+
+def _read_volume(path: str) -> np.ndarray:
+    """One read of the whole file into one float32 array (nibabel applies scl_slope / scl_inter: modality
+    units), never a copy per slice: ``take_slice`` hands out views. Non-finite voxels (NaN marks the outside
+    of a masked brain in many pipelines) become the volume's lowest finite value; a volume with no finite
+    voxel is refused."""
     img = _canonical(_load_nifti(path, ""))
     try:
-        vol = np.asarray(img.dataobj, dtype=np.float32)  # scl_slope / scl_inter applied: modality units
+        vol = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as e:  # noqa: BLE001 - truncated data
         raise DataError(f": corrupt or truncated NIfTI data ({_reason(e)})") from None
-    if not np.isfinite(vol).all():
-        vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
+    finite = np.isfinite(vol)
+    if not finite.all():  # in place: a copy would double the memory of a large volume
+        if not finite.any():
+            raise DataError(f": no finite intensity (all {vol.size} voxels are NaN or infinite)")
+        vol[~finite] = vol[finite].min()
+    del finite
     vol.setflags(write=False)
     return vol
 
@@ -367,7 +423,9 @@ def nifti_volume(path: str | os.PathLike, name: str | None = None) -> np.ndarray
 def take_slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
     """Slice ``index`` of ``axis`` of a canonical volume in display orientation (rows top to bottom =
     anterior to posterior for axial slices, superior to inferior otherwise; columns = the first free axis)."""
-    return np.rot90(np.take(vol, index, axis=axis))
+    idx: list[Any] = [slice(None)] * vol.ndim
+    idx[axis] = index
+    return np.rot90(vol[tuple(idx)])  # a view: np.take would copy the whole (non C-ordered) volume per call
 
 
 def put_slice(vol: np.ndarray, axis: int, index: int, image: np.ndarray) -> None:
@@ -377,12 +435,17 @@ def put_slice(vol: np.ndarray, axis: int, index: int, image: np.ndarray) -> None
     vol[tuple(idx)] = np.rot90(image, -1)
 
 
+def foreground_threshold(values: np.ndarray) -> float | None:
+    """``p1 + FOREGROUND_TOLERANCE (p99 - p1)`` of ``values``; None for constant values (nothing stands out)."""
+    p1, p99 = np.percentile(values, [1, 99])
+    return None if p99 <= p1 else float(p1 + FOREGROUND_TOLERANCE * (p99 - p1))
+
+
 def foreground_fractions(slices: Sequence[np.ndarray]) -> np.ndarray:
     """Per slice, the share of pixels above ``p1 + FOREGROUND_TOLERANCE (p99 - p1)`` of all slices together."""
-    p1, p99 = np.percentile(np.concatenate([s.ravel() for s in slices]), [1, 99])
-    if p99 <= p1:  # a constant volume: nothing stands out
+    thr = foreground_threshold(np.concatenate([s.ravel() for s in slices]))
+    if thr is None:
         return np.zeros(len(slices))
-    thr = p1 + FOREGROUND_TOLERANCE * (p99 - p1)
     return np.array([float((s > thr).mean()) for s in slices])
 
 
@@ -428,10 +491,17 @@ def nifti_slices(path: str, name: str, mask_path: str | None = None, axis: str =
             raise DataError(f"{name}: mask volume {Path(mask_path).name} is {'x'.join(map(str, mask.shape))} "
                             f"voxels but the image is {'x'.join(map(str, vol.shape))} (after reorientation to RAS)")
     n = vol.shape[ax]
-    slices = [np.take(vol, k, axis=ax) for k in range(n)]
-    lesion = [bool((np.take(mask, k, axis=ax) > 0).any()) for k in range(n)] if mask is not None else [None] * n
-    frac = foreground_fractions(slices) if n > 1 else np.ones(1)
+    others = tuple(a for a in range(vol.ndim) if a != ax)
+    lesion = [bool(v) for v in (mask > 0).any(axis=others)] if mask is not None else [None] * n
+    if n > 1:  # one pass over the volume (the percentiles copy it once), never a copy per slice
+        thr = foreground_threshold(vol)
+        frac = np.zeros(n) if thr is None else (vol > thr).mean(axis=others)
+    else:
+        frac = np.ones(1)
     keep = [k for k in range(n) if frac[k] >= MIN_FOREGROUND or lesion[k]]
+    if not keep:
+        raise DataError(f"{name}: all {n} slices along {axis} are empty (constant intensity, or no slice with "
+                        f"{MIN_FOREGROUND:.0%} of its pixels above the background)")
     width = max(3, len(str(n - 1)))
     names = {k: f"{name}#{axis}{k:0{width}d}" for k in keep}
     return [(names[k], NiftiSlice(path, ax, k, mask_path, names[k]), lesion[k]) for k in keep], n - len(keep)
@@ -592,7 +662,21 @@ def dicom_pixels(ds, frame: int, name: str) -> Pixels:
 
         rgb = apply_color_lut(arr, ds).astype(np.float64)
         return Pixels((rgb / (65535.0 if rgb.max() > 255 else 255.0) * 255).round().astype(np.uint8))
-    return Pixels(modality_units(arr, ds, frame), file_voi(ds, frame), photometric == "MONOCHROME1")
+    return Pixels(finite_or_background(modality_units(arr, ds, frame), name), file_voi(ds, frame),
+                  photometric == "MONOCHROME1")
+
+
+def finite_or_background(a: np.ndarray, name: str) -> np.ndarray:
+    """``a`` with NaN / infinite values set to its lowest finite value (float pixel data may mark the background
+    so); DataError naming ``name`` when no value is finite."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return a
+    if not finite.any():
+        raise DataError(f"{name}: no finite intensity (all {a.size} values are NaN or infinite)")
+    a = a.copy()
+    a[~finite] = a[finite].min()
+    return a
 
 
 @dataclass(frozen=True)

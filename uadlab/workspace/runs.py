@@ -3,6 +3,7 @@ once per (run, images) and hand out what the screens show (view rows, explanatio
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -13,7 +14,7 @@ from PIL import Image
 from ..data import DataError, Dataset, Sample
 from ..methods import get_method_class, list_methods
 from ..progress import Progress, ProgressFn, Stages, quiet, within
-from ..safety import TRAININGS, export_path, limits
+from ..safety import TRAININGS, QuotaError, disk_usage, export_path, limits, megabytes
 from ..viz import GridRow, compare_grid
 from .examples import examples_dir
 from .session import ID_RE, LRU
@@ -74,9 +75,10 @@ class Runs:
 
     def train(self, methods: Sequence[str], backbone: str | None = None, preset: str = "quick",
               image_size: int | None = None, aux_source: str = "other categories", token: str | None = None,
-              progress: ProgressFn | None = None, window: str = "auto") -> tuple[str, dict[str, dict[str, Any]]]:
+              progress: ProgressFn | None = None, window: str | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
         """Fit the chosen heads on the current data, evaluate on its labelled test images, save; return
-        (run id, evaluation). ``window``: the intensity window of scans and 16-bit images (``medical.Window``)."""
+        (run id, evaluation). ``window``: the intensity window of scans and 16-bit images (``medical.Window``;
+        None: the default). The settings are checked (``RunConfig``) before any data is read."""
         from ..pipeline import Run, RunConfig
 
         if not methods:
@@ -84,6 +86,8 @@ class Runs:
         unknown = [m for m in methods if m not in list_methods()]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {list_methods()}")
+        config = RunConfig.resolve(methods, preset, backbone or None, image_size,
+                                   **({} if window is None else {"window": window}))
         choice = self.ws.data.choice()
         ds = self.ws.data.dataset(choice, token)
         if not ds.train and not all(get_method_class(m).zero_shot for m in methods):
@@ -92,8 +96,13 @@ class Runs:
         self.ws.check_disk()
         lim = limits()
         with TRAININGS.hold(self.ws.user, lim.trainings_per_workspace, lim.trainings):
-            run = Run(RunConfig.resolve(methods, preset, backbone or None, image_size or None, window=window or "auto"),
-                      workdir=self.dir, token=token or None)
+            run = Run(config, workdir=self.dir, token=token or None)
+            estimate = estimate_run_bytes(run, ds.train)
+            try:  # refused before any work: a run must not end past the quota
+                self.ws.check_disk(estimate)
+            except QuotaError as e:
+                raise QuotaError(f"{e} (an estimate of this run's saved heads; train on fewer images, or delete "
+                                 "runs or uploads)") from None
             run.fit(ds.train, within(progress, 0.0, 0.85), aux=aux)
             evaluation: dict[str, dict[str, Any]] = {}
             labelled = [s for s in ds.test if s.label in (0, 1)]
@@ -101,7 +110,13 @@ class Runs:
                 step = Stages(within(progress, 0.85, 0.99), [1]).stage(f"evaluating on {len(labelled)} labelled test images")
                 evaluation = run.evaluate(labelled, progress=step)
             run.save({"data": choice, "dataset_key": dataset_key(choice), "dataset": ds.summary(),
-                      "evaluation": evaluation})
+                      "evaluation": evaluation, "estimated_bytes": estimate})
+            size = disk_usage(run.dir)
+            try:  # the estimate bounds the data-sized heads; a network larger than foreseen must not stay either
+                self.ws.check_disk()
+            except QuotaError as e:
+                shutil.rmtree(run.dir, ignore_errors=True)
+                raise QuotaError(f"{e}: the trained run took {megabytes(size)} and was not kept") from None
         run._token = None  # the token served this call only; the cached run must not keep it
         _RUNS.put((self.ws.user, run.run_id), run)
         (progress or quiet)(Progress(1, 1, stage="saved", overall=1.0))
@@ -112,7 +127,8 @@ class Runs:
         run = self.get(run_id)
         if labels == "annotations":
             key = run.meta.get("dataset_key") or dataset_key(run.meta.get("data", {}))
-            samples = self.ws.annotations.samples(key)
+            ds = self.dataset(run_id)
+            samples = self.ws.annotations.samples(key, images=list(ds.train) + list(ds.test))
             if not samples:
                 raise ValueError("no annotations with a normal/anomalous label for this run's dataset yet: "
                                  "label some images in the Annotate tab, or use the dataset labels")
@@ -213,9 +229,37 @@ class Runs:
             raise ValueError(f"this run has no {method} head")
         sample = self.test_samples(run_id, [name])[0]
         head = run.heads[method]
-        out = head.explain(run.features([sample]).select(head.layers_for(run.backbone.spec)))
+        out = head.explain(run.head_features(method, [sample]))
         scored, views = self.scored(run_id, [sample])
         return views[0], scored[method].maps[0], dict(out or {})
+
+
+FILE_OVERHEAD = 64 * 1024  # bytes of a saved run's small files, per head and for the run
+
+
+def estimate_run_bytes(run: "Run", train: Sequence[Sample]) -> int:
+    """An upper bound of the disk a run's data-sized heads will take: a memory bank (AnomalyDINO, PatchCore)
+    holds at most every training patch (times the references a head adds per image, times its coreset
+    ratio) in float32, at the widths the backbone gives (one image is extracted to measure them; PatchCore's
+    width is capped at its ``target_dim``), plus ``FILE_OVERHEAD`` per file set. Networks (whose size does not
+    grow with the data, and is known only once built) are not foreseen here: the run is checked again once
+    saved, and removed when it passed the quota."""
+    total = FILE_OVERHEAD * (1 + len(run.heads))  # run.json; per head its config, card and safetensors header
+    if not train:
+        return total
+    f = run.features(list(train[:1]))  # (1, C, h, w) per layer; cached, so training reuses it
+    for head in run.heads.values():
+        if "memory_bank" not in dict(head.named_buffers()):
+            continue
+        maps = [f.maps[l] for l in head.layers_for(run.backbone.spec) if l in f.maps] or list(f.maps.values())
+        h, w = maps[0].shape[-2:]
+        width = sum(m.shape[1] for m in maps) * getattr(head, "patch_size", 1) ** 2
+        if getattr(head, "target_dim", None):
+            width = min(width, int(head.target_dim))
+        per_image = len(head.reference_augment(list(train[:1])))
+        ratio = float(getattr(head, "coreset_ratio", 1.0) or 1.0)
+        total += int(len(train) * per_image * h * w * width * 4 * ratio)
+    return total
 
 
 def run_label(meta: dict[str, Any]) -> str:

@@ -60,7 +60,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "backbone and input geometry, several backbones in one run if the papers differ)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--window", default=None, help="intensity window of DICOM / NIfTI / 16-bit images: auto (the "
-                   "DICOM file's own, else each image's min/max), minmax, percentile[:LO,HI] (fitted on the training "
+                   "DICOM file's own, else a 0.5-99.5 %% percentile window fitted on the training images), minmax, "
+                   "percentile[:LO,HI] (fitted on the training "
                    "images, default 0.5,99.5), brain, soft_tissue, lung, bone (CT presets), or CENTRE/WIDTH")
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a method hyperparameter, e.g. dinomaly.dropout=0 or dinomaly.groups='\"dense\"' "

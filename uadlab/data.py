@@ -22,6 +22,9 @@ Rules:
   sample per slice or frame, read by ``uadlab.medical`` (intensities, windows, empty slices, patient safety).
   A NIfTI test volume's mask is ``ground_truth/<defect>/<name>_mask.nii.gz``; its slices are anomalous where
   the mask marks something and normal elsewhere (without a mask, every slice of a defect folder is anomalous).
+  A DICOM file's mask is a PNG named after it (``ground_truth/<defect>/<file>_mask.png``, as for images), or
+  a DICOM SEG in ``ground_truth/<defect>/`` or beside the series (paired by SOP Instance UID; the slices it
+  covers are anomalous where it marks something, normal elsewhere).
 
 Bad files raise a ``DataError`` that names the file (relative to the dataset) and the problem, or with
 ``skip_bad`` are skipped and listed in ``Dataset.warnings`` with the reason.
@@ -176,9 +179,13 @@ def _finite(a: np.ndarray, name: str) -> np.ndarray:
     return a
 
 
+def _intensities_mode(mode: str) -> bool:
+    return mode.startswith("I;16") or mode in ("I", "F")
+
+
 def _intensities(img: Image.Image, name: str = "image") -> "medical.Pixels | None":
     """The grey values of a 16-bit, 32-bit or float image as float32; None for 8-bit and colour modes."""
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+    if _intensities_mode(img.mode):
         return medical.Pixels(_finite(np.asarray(img, dtype=np.float32), name))
     return None
 
@@ -218,6 +225,20 @@ class Sample:
             return self.source.pixels()
         return _intensities(_read(self.image if self.image is not None else self.path, self.name), self.name)
 
+    def has_intensities(self) -> bool:
+        """Whether ``pixels()`` gives intensities, read from the file's header only (no pixels decoded)."""
+        if self.source is not None:
+            return True
+        if self.image is not None:
+            return _intensities_mode(self.image.mode)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(self.path) as img:
+                    return _intensities_mode(img.mode)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return False
+
     def load(self) -> Image.Image:
         """8-bit RGB: a DICOM/NIfTI slice or a 16-bit/float grey image through the window (``auto`` without
         one), any other image by the rules of the module docstring."""
@@ -233,7 +254,11 @@ class Sample:
         if self.mask is not None:
             return open_mask(self.mask, f"{self.name}: mask")
         if self.source is not None:
-            return self.source.load_mask()
+            m = self.source.load_mask()
+            if m is not None or self.mask_path is None:
+                return m
+            # a DICOM file's PNG mask: named after the file, often a UID, so the message never names it
+            return open_mask(self.mask_path, f"{self.name}: mask")
         if self.mask_path is not None:
             return open_mask(self.mask_path, f"{self.name}: mask {display_name(Path(self.mask_path).name)}")
         return None
@@ -287,7 +312,8 @@ class Dataset:
     @property
     def has_masks(self) -> bool:
         anomalous = [s for s in self.test if s.label == 1]
-        return bool(anomalous) and all(s.mask is not None or s.mask_path is not None for s in anomalous)
+        return bool(anomalous) and all(s.mask is not None or s.mask_path is not None
+                                       or getattr(s.source, "finding", None) is not None for s in anomalous)  # a SEG
 
     def summary(self) -> dict:
         return {"name": self.name, "categories": self.categories, "train": len(self.train),
@@ -354,16 +380,21 @@ def _samples(files: Sequence[Path], rel: Any, where: str, category: str, label: 
     Args:
         rel: file path -> display name; where: the folder's display name with a trailing ``/`` (or "").
         empty: per category, the count of empty slices skipped (updated).
-        mask_for: file path -> its mask file or None.
+        mask_for: file path -> its mask file or None. A DICOM file pairs with a mask named after it as an
+            image does (``x.dcm`` <-> ``x_mask.png``); DICOM SEG files among ``files`` segment the frames they
+            reference (their slices are anomalous where the SEG marks something, normal elsewhere).
     """
     on_error = lambda e: _bad(e, skip_bad, warn)  # noqa: E731
     out: list[Sample] = []
     dicoms: list[str] = []
+    dicom_masks: dict[str, str] = {}
     for p in files:
         kind = medical.medical_kind(p)
         mask = mask_for(p) if mask_for else None
         if kind == "dicom":
             dicoms.append(str(p))
+            if mask is not None:
+                dicom_masks[str(p)] = mask
         elif kind == "nifti":
             try:
                 slices, n_empty = medical.nifti_slices(str(p), rel(p), mask, axis)
@@ -379,9 +410,30 @@ def _samples(files: Sequence[Path], rel: Any, where: str, category: str, label: 
     if dicoms:
         frames, n_empty = medical.dicom_slices(dicoms, where, on_error)
         empty[category] = empty.get(category, 0) + n_empty
-        out += [Sample(name, src.path, label=label, category=category, defect=defect, source=src, patient=pk)
-                for name, src, pk in frames]
+        per_file: dict[str, int] = {}
+        for _, src, _ in frames:
+            per_file[src.path] = per_file.get(src.path, 0) + 1
+        for name, src, pk in frames:
+            s = Sample(name, src.path, label=label if src.finding is None else label * int(src.finding),
+                       mask_path=dicom_masks.get(src.path), category=category, defect=defect, source=src, patient=pk)
+            if s.mask_path is not None:
+                try:
+                    _check_dicom_mask(s, per_file[src.path])
+                except DataError as e:
+                    on_error(e)
+                    continue
+            out.append(s)
     return out
+
+
+def _check_dicom_mask(s: Sample, n_frames: int) -> None:
+    """A PNG mask pairs with a single-frame DICOM file of the mask's size (a DataError naming the sample)."""
+    if n_frames > 1:
+        raise DataError(f"{s.name}: a PNG mask pairs with a single-frame DICOM file, this one has {n_frames} frames "
+                        "(give a DICOM SEG instead)")
+    m, shape = s.load_mask(), s.source.pixels().values.shape[:2]
+    if m is not None and m.shape != shape:
+        raise DataError(f"{s.name}: its mask is {m.shape[1]}x{m.shape[0]} px but the image is {shape[1]}x{shape[0]} px")
 
 
 def load_folder(path: str | os.PathLike, label: int = 0, category: str | None = None,
@@ -438,7 +490,10 @@ def _mvtec_category(cat_dir: Path, skip_bad: bool, warn: list[str], empty: dict[
                 found = [m for m in (cat_dir / "ground_truth" / d.name / f"{stem}_mask{s}" for s in sufs) if m.is_file()]
                 return str(found[0]) if found else None
 
-            test += _samples(_image_files(d, base, skip_bad, warn), rel, rel(d) + "/", cat, 0 if normal else 1,
+            gt = cat_dir / "ground_truth" / d.name  # DICOM SEG files there segment the folder's DICOM series
+            segs = [p for p in _image_files(gt, base, skip_bad, warn) if medical.medical_kind(p) == "dicom"] \
+                if gt.is_dir() and not normal else []
+            test += _samples(_image_files(d, base, skip_bad, warn) + segs, rel, rel(d) + "/", cat, 0 if normal else 1,
                              skip_bad, warn, empty, display_name(d.name), mask_for, axis)
     if not train:
         raise DataError(f"{cat}/train/good: no usable images")

@@ -9,8 +9,11 @@ Reading (``uadlab.data`` dispatches files here by suffix):
   before the window would invert twice). Multi-frame files give one sample per frame. Compressed transfer
   syntaxes decode through pydicom's pixel handlers where one is installed, else a DataError names the syntax
   and the packages that would decode it. NaN / infinite values of float pixel data take the frame's lowest
-  finite value; a frame without any finite value is refused. A folder holding a series is sorted along the slice normal by
-  Image Position (Patient), else by Instance Number.
+  finite value; a frame without any finite value is refused. A folder holding a series is sorted along the slice
+  normal by Image Position (Patient), else by Instance Number. DICOM SEG objects among the files are masks, not
+  images: each SEG frame pairs with the image frame its Derivation Image Sequence references by SOP Instance
+  UID; the slices of a series a SEG covers are anomalous where it marks something and normal elsewhere
+  (``DicomFrame.seg`` / ``finding``). PNG masks named after ``.dcm`` files pair in ``uadlab.data``.
 - NIfTI (nibabel, ``.nii`` / ``.nii.gz``): reoriented to the closest canonical orientation (RAS+); each
   slice of the chosen axis (``z`` = axial by default) is one sample named ``<file>#z042``, displayed with
   anterior (axial, x/y slices: superior) at the top. A label volume of the same shape is the mask volume:
@@ -25,9 +28,13 @@ above ``p1 + 5 % (p99 - p1)`` of the whole volume's 1st and 99th intensity perce
 1 % of it, unless its mask marks an anomaly. Skipped slices are counted (``Dataset.summary()["empty_slices"]``).
 
 Windows (``Window.parse``; a run setting fitted on the training images and applied identically to train
-and test): ``auto`` (the DICOM file's VOI, else each image's min/max; 16-bit PNG/TIFF keep the full 16-bit
-range), ``minmax`` (each image's own range), ``percentile[:LO,HI]`` (default 0.5-99.5 % of the training
-images' intensities), a named preset (``WINDOW_PRESETS``, CT Hounsfield units) or ``C/W`` (centre/width).
+and test): ``auto`` (the default: a DICOM file's own VOI; every other scan, volume and 16-bit image through a
+percentile window of 0.5-99.5 % fitted on the training images' intensities, so a 16-bit MRI is not read by
+the full 16-bit range, near black; before fitting, each image's min/max and the full 16-bit range of
+PNG/TIFF), ``minmax`` (each image's own range), ``percentile[:LO,HI]`` (default 0.5-99.5 % of the training
+images' intensities, for DICOM files too), a named preset (``WINDOW_PRESETS``, CT Hounsfield units) or
+``C/W`` (centre/width). ``Window.view_window`` gives the (centre, width) a window applies to one image in
+its modality units, where the viewer starts its own window / level.
 
 Patient safety: identifying DICOM attributes (``PHI_KEYWORDS`` and every PN, DA, DT, TM and UI value, the
 DICOM PS3.15 basic profile's people, dates, times and UIDs) are never copied out of the reader: samples are
@@ -132,13 +139,16 @@ class Pixels:
 
     Attributes:
         values: (H, W) float32 in modality units, or (H, W, 3) uint8 for colour images (no window applies).
-        voi: the file's own VOI transform (modality units -> [0, 1]), used by the ``auto`` window.
+        voi: the file's own VOI transform (modality units -> [0, 1]), used by the ``auto`` window; a
+            Window Center/Width VOI carries them as ``voi.center`` and ``voi.width``.
         invert: MONOCHROME1: high values are dark; applied after the window.
+        unit: the modality unit of ``values`` ("HU" for CT, "" for raw values such as MR's).
     """
 
     values: np.ndarray
     voi: Callable[[np.ndarray], np.ndarray] | None = None
     invert: bool = False
+    unit: str = ""
 
     @property
     def colour(self) -> bool:
@@ -162,6 +172,7 @@ def voi_window(center: float, width: float, function: str = "LINEAR") -> Callabl
         # LINEAR: y = ((x - (c - 0.5)) / (w - 1) + 0.5), clipped; w >= 1 by the standard
         return np.clip((x - (c - 0.5)) / max(w - 1.0, 1e-6) + 0.5, 0, 1)
 
+    apply.center, apply.width = c, w  # type: ignore[attr-defined]  # where a viewer starts its window
     return apply
 
 
@@ -210,34 +221,52 @@ class Window:
 
     def fit(self, samples: Sequence[Any]) -> "Window":
         """This window fitted on the training ``samples`` (objects with ``pixels()``): a percentile window
-        takes the percentiles of up to ``PIXELS_PER_IMAGE`` intensities of each; other windows are fixed.
-        Images without intensities (8-bit, colour) do not count; with none at all the window stays unfitted
-        and acts as ``auto``."""
-        if self.percentiles is None:
+        takes the percentiles of up to ``PIXELS_PER_IMAGE`` intensities of each; ``auto`` does the same with
+        ``PERCENTILES`` over the images WITHOUT a file window (a DICOM file's VOI keeps serving its own file);
+        other windows are fixed. Images without intensities (8-bit, colour) do not count (samples with
+        ``has_intensities()`` are asked that first, which reads no pixels); with none at all the window stays
+        unfitted (``auto`` then renders as before: each image's min/max, PNG/TIFF by their full range)."""
+        if self.percentiles is None and self.spec != "auto":
             return self
+        percentiles = self.percentiles or PERCENTILES
         rng = np.random.default_rng(0)
         parts = []
         for s in samples:
+            if not getattr(s, "has_intensities", lambda: True)():
+                continue
             px = s.pixels()
-            if px is None or px.colour:
+            if px is None or px.colour or (self.spec == "auto" and px.voi is not None):
                 continue
             v = px.values.ravel()
             parts.append(v if v.size <= PIXELS_PER_IMAGE else v[rng.choice(v.size, PIXELS_PER_IMAGE, replace=False)])
         if not parts:
             return self
-        lo, hi = np.percentile(np.concatenate(parts), self.percentiles)
-        return Window(self.spec, float(lo), float(max(hi, lo + 1e-6)), self.percentiles)
+        lo, hi = np.percentile(np.concatenate(parts), percentiles)
+        return Window(self.spec, float(lo), float(max(hi, lo + 1e-6)), percentiles)
 
     def display(self, px: Pixels) -> np.ndarray:
         """(H, W) float32 in [0, 1]: the window, then MONOCHROME1's inversion."""
         x = px.values.astype(np.float32, copy=False)
-        if self.lo is not None:
-            y = np.clip((x - self.lo) / (self.hi - self.lo), 0, 1)
-        elif self.spec == "auto" and px.voi is not None:
+        if self.spec == "auto" and px.voi is not None:  # the file's own window comes first under auto
             y = px.voi(x)
-        else:  # minmax, auto without a VOI, an unfitted percentile window
+        elif self.lo is not None:
+            y = np.clip((x - self.lo) / (self.hi - self.lo), 0, 1)
+        else:  # minmax, auto without a VOI and not fitted, an unfitted percentile window
             y = _minmax(x)
         return (1.0 - y if px.invert else y).astype(np.float32)
+
+    def view_window(self, px: Pixels) -> tuple[float, float]:
+        """The (centre, width) in modality units through which this window shows ``px`` (the start of a
+        viewer's window / level): a fixed or fitted range, the file's Window Center/Width under ``auto``, else
+        the image's own min/max. Not for colour images."""
+        voi = px.voi if self.spec == "auto" else None
+        if voi is not None and hasattr(voi, "center"):
+            return float(voi.center), float(voi.width)
+        if self.lo is not None and voi is None:
+            return (self.lo + self.hi) / 2, self.hi - self.lo
+        v = px.values[np.isfinite(px.values)]
+        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+        return (lo + hi) / 2, max(hi - lo, 1e-6)
 
     def render(self, px: Pixels) -> Image.Image:
         """8-bit RGB of one image (grey replicated; colour images unchanged)."""
@@ -250,17 +279,26 @@ class Window:
         return f"window={self.spec}|{self.lo!r}|{self.hi!r}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "lo": self.lo, "hi": self.hi, "description": self.describe()}
+        d = {"spec": self.spec, "lo": self.lo, "hi": self.hi, "description": self.describe()}
+        if self.percentiles is not None:
+            d["percentiles"] = list(self.percentiles)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "Window":
         if not d:
             return cls()
         w = cls.parse(d.get("spec"))
-        return cls(w.spec, d.get("lo", w.lo), d.get("hi", w.hi), w.percentiles)
+        p = d.get("percentiles")
+        return cls(w.spec, d.get("lo", w.lo), d.get("hi", w.hi), tuple(float(v) for v in p) if p else w.percentiles)
 
     def describe(self) -> str:
         if self.spec == "auto":
+            if self.lo is not None:
+                p = self.percentiles or PERCENTILES
+                return (f"auto: each DICOM file's own window (VOI); other scans and 16-bit images: percentile "
+                        f"{p[0]:g}-{p[1]:g} % of the training images' intensities: [{self.lo:.6g}, {self.hi:.6g}] "
+                        "modality units")
             return ("auto: each DICOM file's own window (VOI), else each image's min/max (16-bit PNG/TIFF: "
                     "the full 16-bit range)")
         if self.spec == "minmax":
@@ -273,8 +311,8 @@ class Window:
         return f"{self.spec}: centre {c:g}, width {w:g} ({rng})"
 
     def bind(self, samples: Sequence[Any]) -> list[Any]:
-        """Copies of ``samples`` that render through this window (``auto`` leaves them as they are)."""
-        if self.spec == "auto":
+        """Copies of ``samples`` that render through this window (an unfitted ``auto`` leaves them as they are)."""
+        if self.spec == "auto" and self.lo is None:
             return list(samples)
         return [replace(s, window=self) for s in samples]
 
@@ -662,8 +700,9 @@ def dicom_pixels(ds, frame: int, name: str) -> Pixels:
 
         rgb = apply_color_lut(arr, ds).astype(np.float64)
         return Pixels((rgb / (65535.0 if rgb.max() > 255 else 255.0) * 255).round().astype(np.uint8))
+    unit = "HU" if str(ds.get("Modality", "")).upper() == "CT" else ""  # CT's modality LUT gives Hounsfield units
     return Pixels(finite_or_background(modality_units(arr, ds, frame), name), file_voi(ds, frame),
-                  photometric == "MONOCHROME1")
+                  photometric == "MONOCHROME1", unit)
 
 
 def finite_or_background(a: np.ndarray, name: str) -> np.ndarray:
@@ -681,20 +720,76 @@ def finite_or_background(a: np.ndarray, name: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DicomFrame:
-    """One frame of a DICOM file. ``name`` is the sample name (series/instance), never the file name."""
+    """One frame of a DICOM file. ``name`` is the sample name (series/instance), never the file name.
+
+    ``seg`` lists the DICOM SEG frames that segment this frame, as (SEG file, SEG frame index); ``finding`` is
+    None when no SEG covers the frame's series, else whether any of its segments marks a pixel (a frame of a
+    covered series that no SEG frame references is normal: its mask is empty)."""
 
     path: str
     frame: int = 0
     name: str = ""
+    seg: tuple[tuple[str, int], ...] = ()
+    finding: bool | None = None
 
     def pixels(self) -> Pixels:
         return dicom_pixels(_cached(_dataset_cached, self.path, self.name), self.frame, self.name)
 
-    def load_mask(self) -> None:
-        return None
+    def load_mask(self) -> np.ndarray | None:
+        """(H, W) uint8 in {0, 1}: the union of the frame's SEG segments; None without a SEG."""
+        if self.finding is None:
+            return None
+        shape = self.pixels().values.shape[:2]
+        m = np.zeros(shape, np.uint8)
+        for path, f in self.seg:
+            a = seg_frame(path, f, f"{self.name}: segmentation")
+            if a.shape != shape:
+                raise DataError(f"{self.name}: its segmentation frame is {a.shape[1]}x{a.shape[0]} px but the image "
+                                f"is {shape[1]}x{shape[0]} px")
+            m |= a
+        return m
 
     def key(self) -> str:
         return f"dicom|{file_digest(self.path)}|{self.frame}"
+
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+
+
+def is_seg(ds) -> bool:
+    """A DICOM Segmentation object (a mask, not an image)."""
+    return str(ds.get("Modality", "")).upper() == "SEG" or str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS
+
+
+def seg_frame(path: str, frame: int, name: str) -> np.ndarray:
+    """Frame ``frame`` of a DICOM SEG as (H, W) uint8 in {0, 1}: BINARY segments as they are, FRACTIONAL ones
+    where the probability or occupancy is at least one half."""
+    ds = _cached(_dataset_cached, path, name)
+    a = _frame_array(ds, frame, name)
+    if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":
+        return (a >= float(ds.get("MaximumFractionalValue", 255) or 255) / 2).astype(np.uint8)
+    return (a > 0).astype(np.uint8)
+
+
+def _seg_sources(ds, label: str) -> list[tuple[str, int | None]]:
+    """Per frame of a SEG: (SOP Instance UID of the source image, its frame number or None), from each
+    frame's Derivation Image Sequence. The UIDs identify patients: they stay in the reader's memory."""
+    out = []
+    for f, item in enumerate(ds.get("PerFrameFunctionalGroupsSequence") or []):
+        ref = None
+        for d in item.get("DerivationImageSequence") or []:
+            for src in d.get("SourceImageSequence") or []:
+                if src.get("ReferencedSOPInstanceUID"):
+                    fr = src.get("ReferencedFrameNumber")
+                    ref = (str(src.ReferencedSOPInstanceUID), _int(_first(fr), 1) if fr is not None else None)
+        if ref is None:
+            raise DataError(f"{label}: DICOM SEG frame {f + 1} names no source image (Derivation Image Sequence "
+                            "with a Referenced SOP Instance UID): its images cannot be paired with it")
+        out.append(ref)
+    if not out:
+        raise DataError(f"{label}: a DICOM SEG without per-frame functional groups: its frames cannot be paired "
+                        "with their images")
+    return out
 
 
 def _slice_position(ds) -> float | None:
@@ -722,18 +817,35 @@ def dicom_slices(paths: Sequence[str], where: str, on_error: Callable[[DataError
     Files are grouped by series, each series sorted along its slice normal (else by Instance Number), and
     every frame becomes a sample named ``<where>series<N>/instance<NNNN>[/frame<NNN>]``. A bad file is
     reported to ``on_error`` (which raises or records it) as ``<where>DICOM file <k> of <n>``.
+
+    DICOM SEG files among ``paths`` are masks, not images: each SEG frame is paired with the image frame its
+    Derivation Image Sequence references by SOP Instance UID (and frame number), and the frames of every
+    series a SEG covers get ``seg`` and ``finding`` (see ``DicomFrame``). The UIDs never leave this function.
     """
-    heads = []
+    heads, segs = [], []
     for k, p in enumerate(paths):
         label = f"{where}DICOM file {k + 1} of {len(paths)} (in file-name order)"
         try:
             ds = _dcmread(p, label, header_only=True)
+            if is_seg(ds):
+                segs.append((p, _seg_sources(ds, label)))
+                continue
             if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds \
                     and not ds.get("Rows"):
                 raise DataError(f"{label}: holds no image (a {ds.get('Modality', 'non-image')} object)")
             heads.append((p, ds, label))
         except DataError as e:
             on_error(e)
+    seg_of: dict[tuple[str, int], list[tuple[str, int]]] = {}  # (source UID, frame index) -> SEG frames
+    for seg_path, refs in segs:
+        for f, (uid, fr) in enumerate(refs):
+            seg_of.setdefault((uid, (fr or 1) - 1), []).append((seg_path, f))
+    matched = {(str(ds.get("SOPInstanceUID", "")), f) for _, ds, _ in heads
+               for f in range(max(1, _int(ds.get("NumberOfFrames"), 1)))} & set(seg_of)
+    for k, (seg_path, refs) in enumerate(segs):
+        if not any((uid, (fr or 1) - 1) in matched for uid, fr in refs):
+            on_error(DataError(f"{where}DICOM SEG {k + 1} of {len(segs)}: none of the {len(refs)} images it segments "
+                               "is among the DICOM files given with it"))
     series: dict[str, list] = {}
     for h in heads:
         series.setdefault(str(h[1].get("SeriesInstanceUID", "")), []).append(h)
@@ -753,13 +865,24 @@ def dicom_slices(paths: Sequence[str], where: str, on_error: Callable[[DataError
             sname, k = f"series{number}-{k}", k + 1
         used.add(sname)
         frames: list[tuple[str, DicomFrame, str | None]] = []
+        covered = any((str(ds.get("SOPInstanceUID", "")), f) in matched for _, ds, _ in items
+                      for f in range(max(1, _int(ds.get("NumberOfFrames"), 1))))
         for i, (p, ds, label) in enumerate(items):
             n_frames = max(1, _int(ds.get("NumberOfFrames"), 1))
             inst = f"{sname}/instance{_int(ds.get('InstanceNumber'), i + 1):04d}"
             pid = str(ds.get("PatientID", "") or "").strip()
+            uid = str(ds.get("SOPInstanceUID", ""))
             for f in range(n_frames):
                 name = f"{where}{inst}" + (f"/frame{f:03d}" if n_frames > 1 else "")
-                frames.append((name, DicomFrame(p, f, name), patient_key(pid) if pid else None))
+                seg = tuple(seg_of.get((uid, f), ()))
+                finding = None
+                if covered:
+                    try:
+                        finding = any(seg_frame(sp, sf, f"{label}: its DICOM SEG").any() for sp, sf in seg)
+                    except DataError as e:
+                        on_error(e)
+                        continue
+                frames.append((name, DicomFrame(p, f, name, seg, finding), patient_key(pid) if pid else None))
         kept, skipped = _drop_empty_frames(frames, on_error)
         out += kept
         empty += skipped
@@ -770,7 +893,7 @@ def dicom_slices(paths: Sequence[str], where: str, on_error: Callable[[DataError
         for n, src, pk in out:
             seen[n] = seen.get(n, 0) + 1
             n2 = n if seen[n] == 1 else f"{n}-{seen[n]}"
-            renamed.append((n2, DicomFrame(src.path, src.frame, n2), pk))
+            renamed.append((n2, replace(src, name=n2), pk))
         out = renamed
     return out, empty
 
@@ -790,7 +913,8 @@ def _drop_empty_frames(frames, on_error):
     if len(grey) < 2:
         return ok, 0
     frac = iter(foreground_fractions(grey))
-    keep = [item for item, s in zip(ok, subs) if s is None or next(frac) >= MIN_FOREGROUND]
+    # (next(frac) first: every grey frame consumes its fraction, findings too)
+    keep = [item for item, s in zip(ok, subs) if s is None or next(frac) >= MIN_FOREGROUND or item[1].finding]
     return keep, len(ok) - len(keep)
 
 

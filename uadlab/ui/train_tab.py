@@ -64,8 +64,8 @@ def build(user: gr.State) -> SimpleNamespace:
                                 for m in list_methods()], value=DEFAULT_METHODS, label="Methods", elem_id="methods")
     window = gr.Dropdown(["auto", "minmax", "percentile:0.5,99.5", *WINDOW_PRESETS], value=Window().spec,
                          allow_custom_value=True, label="Intensity window (DICOM, NIfTI, 16-bit images)",
-                         info="auto: a DICOM file's own window, else min/max (16-bit PNG/TIFF: their full range); "
-                              "percentile: fitted on the training images; a CT preset (HU) or CENTRE/WIDTH such as "
+                         info="auto: a DICOM file's own window, else a 0.5-99.5 % percentile window fitted on the "
+                              "training images; percentile: that for DICOM too; a CT preset (HU) or CENTRE/WIDTH such as "
                               "40/400. Fitted on the training images, applied to every image, saved with the run.")
     with gr.Row():
         aux_source = gr.Radio(["other categories", "annotations"], value="other categories",

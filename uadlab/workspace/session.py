@@ -80,6 +80,11 @@ class LRU:
         self.put(key, value)
         return value
 
+    def peek(self, key: Any) -> Any:
+        """The value of ``key`` or None, without making one."""
+        with self._lock:
+            return self._d.get(key)
+
     def put(self, key: Any, value: Any) -> None:
         with self._lock:
             self._d[key] = value

@@ -109,9 +109,12 @@ def _read_upload(root: Path) -> Dataset:
             stem = file_stem(p)
             masks[stem[:-5] if stem.endswith("_mask") else stem] = str(p)
         train = load_files(files("train"), label=0, skip_bad=True, warn=warn)
-        masked = [p for p in files("test") if file_stem(p) in masks]
-        unmasked = [p for p in files("test") if file_stem(p) not in masks]
-        test = (load_files(masked, label=1, masks=masks, skip_bad=True, warn=warn)  # slices without lesion: 0
+        # DICOM SEG masks pair with the DICOM test files by SOP Instance UID, not by name: read them together
+        segs = [p for p in files("masks") if medical.medical_kind(p) == "dicom"]
+        paired = lambda p: file_stem(p) in masks or bool(segs and medical.medical_kind(p) == "dicom")  # noqa: E731
+        masked = [p for p in files("test") if paired(p)]
+        unmasked = [p for p in files("test") if not paired(p)]
+        test = (load_files(masked + segs if masked else [], label=1, masks=masks, skip_bad=True, warn=warn)  # no lesion: 0
                 + load_files(unmasked, label=0 if info.get("unmasked_test_normal") else -1, skip_bad=True, warn=warn))
         for s in test:
             s.defect = "defect" if s.label == 1 else ("good" if s.label == 0 else "")
@@ -143,8 +146,30 @@ def source_label(choice: dict[str, Any]) -> str:
     return f"{base}/{choice.get('category') or 'all'}"
 
 
+def _scan_of(s: Sample) -> str | None:
+    """The volume or DICOM series a slice belongs to (its file / series name), None for an image."""
+    if s.source is None:
+        return None
+    return s.name.split("#")[0] if "#" in s.name else s.name.rsplit("/", 1)[0]
+
+
 def default_selection(samples: Sequence[Sample], n: int = 5) -> list[str]:
-    """A few test images worth looking at: one normal, then one per defect type (then any)."""
+    """A few test images worth looking at: one normal, then one per defect type (then any). Slices of scans:
+    one slice per volume (the viewer browses the rest of it), the middle slice of its finding when it has
+    one, else its middle slice; volumes with a finding and without alternate."""
+    scans: dict[str, list[Sample]] = {}
+    for s in samples:
+        key = _scan_of(s)
+        if key is not None:
+            scans.setdefault(key, []).append(s)
+    if scans:
+        def pick(slices: list[Sample]) -> str:
+            hit = [s for s in slices if s.label == 1]
+            return (hit or slices)[len(hit or slices) // 2].name
+        sick = [pick(v) for v in scans.values() if any(s.label == 1 for s in v)]
+        well = [pick(v) for v in scans.values() if not any(s.label == 1 for s in v)]
+        mixed = [x for pair in zip(well, sick) for x in pair] + well[len(sick):] + sick[len(well):]
+        return mixed[:n]
     picked: list[str] = []
     seen: set[str] = set()
     for s in samples:

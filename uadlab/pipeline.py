@@ -499,7 +499,7 @@ class Run:
             step = stages.stage(f"refitting {name} on all {len(train)} normal images")
             head = self._new_head(name)
             t0 = time.perf_counter()
-            self._fit_learned(name, head, train, f_all, step, category=category)
+            self._fit_learned(name, head, train, f_all, step, category=category, **self.heads[name].refit_kwargs())
             self.info.setdefault("calibration_fit_s", {})[name] = self.info["fit_s"][name]
             self.info["fit_s"][name] = time.perf_counter() - t0
             head.fit_info["calibration"] = self.heads[name].fit_info.get("calibration")

@@ -398,7 +398,7 @@ class Dinomaly(Method):
         dims = [features.maps[l].shape[1] for l in layers]
         if self.bottleneck is None:
             self._build(dims)
-            self._hub_mixin_config["in_dims"] = dims  # so config.json rebuilds the modules
+            self.record_config(in_dims=dims)  # so config.json rebuilds the modules
         elif dims != self.in_dims:
             raise ValueError(f"dinomaly: layer widths {dims} differ from in_dims {self.in_dims}")
         n, bs = len(features), min(self.batch_size, len(features))

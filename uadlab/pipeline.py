@@ -626,6 +626,7 @@ class Run:
             normal = labels == 0
             mask = masks[self.config.inputs_of(name)]
             r = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(mask, sc.maps),
+                 **M.intervals(labels, sc.scores, mask, sc.maps),  # 95% intervals, n normal / anomalous, note
                  "curves": M.curves(labels, sc.scores), "pixel_curves": M.pixel_curves(mask, sc.maps),
                  "head_ms": float(np.median(sc.head_ms)),
                  "head_mb": head_megabytes(self.heads[name]), "fit_s": self.info["fit_s"].get(name),

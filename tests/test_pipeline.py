@@ -62,7 +62,7 @@ def test_split_keeps_normals_apart():
     items = list(range(10))
     fit, val = split_normals(items, 0.2, seed=0)
     assert len(val) == 2 and not set(fit) & set(val) and sorted(fit + val) == items
-    assert split_normals([1], 0.2, 0) == ([1], [1])
+    assert split_normals([1], 0.2, 0) == ([1], [])  # one image: nothing held out, nothing calibrated
 
 
 def test_zero_shot_needs_aux(tiny_demo):
@@ -81,17 +81,21 @@ def _bank_images(run: Run, name: str, grid: int) -> int:
     return run.heads[name].memory_bank.shape[0] // (grid * grid)
 
 
-@pytest.mark.parametrize("mode,expected", [("refit", 5), ("holdout", 4)])
-def test_calibration_protocol_fits_on_all_normals(tiny_demo, tmp_path, mode, expected):
-    """refit: the final head sees every normal image, the held-out calibration carries over; holdout: 80%."""
+@pytest.mark.parametrize("mode,expected,held,protocol", [("refit", 5, 5, "monotone"), ("holdout", 4, 1, "split")])
+def test_calibration_protocol_fits_on_all_normals(tiny_demo, tmp_path, mode, expected, held, protocol):
+    """refit: the shipped head sees every normal image and every image got a cross-fitted held-out score;
+    holdout: the head fitted on 80% is shipped and calibrated on the rest."""
     ds = load_mvtec(tiny_demo, categories=["brick"])
     train = ds.train[:5]
     run = Run(RunConfig(methods=["anomalydino"], image_size=64, calibration=mode), cache=FeatureCache(tmp_path))
     run.fit(train)
     grid = run.features(train[:1]).select(run.heads["anomalydino"].layers_for(run.backbone.spec)).grid[0]
     assert _bank_images(run, "anomalydino", grid) == expected
-    assert run.info["n_fit"] == 4 and run.info["n_calibration"] == 1 and run.info["n_train"] == 5
-    assert run.heads["anomalydino"].fit_info["calibration"] == run.calibration["anomalydino"].to_dict()
+    assert run.info["n_fit"] == expected and run.info["n_calibration"] == held and run.info["n_train"] == 5
+    cal = run.calibration["anomalydino"]
+    assert run.heads["anomalydino"].fit_info["calibration"] == cal.to_dict()
+    assert (cal.n, cal.protocol, cal.calibrated) == (held, protocol, False)  # 5 images cannot promise 1%
+    assert "cannot be calibrated" in cal.statement and f"1/{held + 1}" in cal.statement
 
 
 def test_calibration_mode_is_checked():

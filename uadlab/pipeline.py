@@ -31,7 +31,7 @@ from .errors import DataError
 from .features import FeatureCache, PatchFeatures
 from .medical import Window
 from .methods import Method, get_method_class
-from .postprocess import Calibration
+from .postprocess import DEFAULT_ALPHA, Calibration
 from .progress import Progress, ProgressFn, Stages
 
 def default_cache_dir() -> Path:
@@ -42,14 +42,19 @@ def default_cache_dir() -> Path:
 class RunConfig:
     """Settings of one training run (JSON-serialisable; a token is never part of it).
 
-    ``calibration`` says how the label-free calibration is estimated without costing the heads data:
+    ``calibration`` says how the label-free calibration (``postprocess.Calibration``: image threshold 1.0 =
+    a split-conformal order statistic promising at most ``alpha`` false alarms on new normal images) gets
+    held-out normal scores OF THE HEAD THAT IS SHIPPED without costing the heads data:
 
-    - ``"refit"`` (default): fit each head on ``1 - val_fraction`` of the normal images, calibrate it on the
-      held-out rest, then fit it again on ALL normal images and keep that calibration. The numbers come
-      from a head fit on every normal image (as in the papers and anomalib); the cost is one extra fit on
-      ``1 - val_fraction`` of the data per head (memory banks: seconds; trained heads: twice the steps).
-    - ``"holdout"``: fit on ``1 - val_fraction`` only and calibrate on the rest (cheaper; the heads then
-      see fewer images than a paper's protocol).
+    - ``"refit"`` (default): cross-fitting. The normal images are split into K = round(1 / val_fraction)
+      folds; a head fitted on the other folds scores each fold, so every normal image gets a held-out score
+      (n = all of them: 99 normal images can promise 1%); the shipped head is then fitted on ALL normal
+      images (as in the papers and anomalib). For memory banks searched exactly (AnomalyDINO) the promise
+      carries over to the shipped head exactly (a bank with more normal images scores no image higher); for
+      trained heads and coresets it assumes the head fitted on all scores normal images no higher than its
+      fold heads (measured in tests/test_calibration.py). Cost: K fits on (K - 1) / K of the data per head.
+    - ``"holdout"``: fit on ``1 - val_fraction`` only and calibrate on the rest with that same head (exact
+      split conformal; cheaper, but the heads see fewer images and n is smaller).
 
     Zero-shot heads never see the target's normal images, so they calibrate on all of them. ``sigma`` and
     ``score_mode`` override every method's own post-processing (None: each method's paper choice).
@@ -70,6 +75,7 @@ class RunConfig:
     score_mode: str | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     window: str = "auto"
+    alpha: float = DEFAULT_ALPHA
 
 
     @classmethod
@@ -109,10 +115,10 @@ CURVES = ("curves", "pixel_curves")  # curve points in Run.evaluate's results: p
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(fit, held-out) indices: ``val_fraction`` of ``n`` normal images (at least one) held out for calibration.
 
-    With one image nothing can be held out: both lists are [0] (calibrated on the training image itself).
+    With one image nothing can be held out: ([0], []) (the head cannot be calibrated).
     """
     if n < 2:
-        return list(range(n)), list(range(n))
+        return list(range(n)), []
     idx = np.random.default_rng(seed).permutation(n)
     n_val = min(n - 1, max(1, int(round(n * val_fraction))))
     return sorted(int(i) for i in idx[n_val:]), sorted(int(i) for i in idx[:n_val])
@@ -122,6 +128,26 @@ def split_normals(samples: Sequence[Sample], val_fraction: float, seed: int) -> 
     """Hold out ``val_fraction`` of the normal training images (at least one) for calibration."""
     fit_i, val_i = split_indices(len(samples), val_fraction, seed)
     return [samples[i] for i in fit_i], [samples[i] for i in val_i]
+
+
+def fold_indices(n: int, val_fraction: float, seed: int, mode: str = "refit") -> list[list[int]]:
+    """The held-out parts of ``n`` normal images: ``holdout``: one part of ``val_fraction`` (at least one
+    image); ``refit``: K = round(1 / val_fraction) folds (at most n) covering every image, so each is scored
+    by a head that never saw it. Fewer than two images: no part (nothing can be held out)."""
+    if n < 2:
+        return []
+    if mode == "holdout":
+        return [split_indices(n, val_fraction, seed)[1]]
+    k = min(n, max(2, round(1 / val_fraction)))
+    idx = np.random.default_rng(seed).permutation(n)
+    return [sorted(int(i) for i in part) for part in np.array_split(idx, k)]
+
+
+def _rows(feats: PatchFeatures, rows: list[int]) -> PatchFeatures:
+    """The features of ``rows`` (ascending): a view when they are contiguous, else one copy."""
+    if rows and rows == list(range(rows[0], rows[-1] + 1)):
+        return feats[rows[0]:rows[-1] + 1]
+    return feats[torch.tensor(rows, dtype=torch.long)]
 
 
 def masks_at(backbone: Backbone, samples: Sequence[Sample]) -> np.ndarray | None:
@@ -194,6 +220,8 @@ class Run:
                              f"{self.config.methods}")
         if self.config.calibration not in CALIBRATION_MODES:
             raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {self.config.calibration!r}")
+        if not 0 < self.config.alpha < 1:
+            raise ValueError(f"alpha (the false-alarm rate 1.0 promises) must lie in (0, 1), got {self.config.alpha!r}")
         for name in self.config.methods:
             self.heads[name] = self._new_head(name)
         for head in self.heads.values():
@@ -230,58 +258,96 @@ class Run:
     def fit(self, train: Sequence[Sample], progress: ProgressFn | None = None,
             aux: Sequence[Sample] | None = None) -> "Run":
         """Fit every head on the normal ``train`` images (zero-shot heads on the labelled ``aux`` set) and
-        calibrate it label-free on held-out normal images (see ``RunConfig``: refit or holdout)."""
+        calibrate it label-free on held-out normal scores of the head that is shipped (see ``RunConfig``)."""
         learned = [n for n, h in self.heads.items() if not h.zero_shot and not h.combines_heads]
         if not train and learned:
             raise ValueError("no normal training images")
         seed_everything(self.config.seed)
-        refit = self.config.calibration == "refit"
-        fit_i, val_i = split_indices(len(train), self.config.val_fraction, self.config.seed)
+        folds = fold_indices(len(train), self.config.val_fraction, self.config.seed, self.config.calibration)
         cats = {s.category for s in train}
         category = cats.pop() if len(cats) == 1 else None  # for per-category choices (AnomalyDINO's masking table)
         self.window = Window.parse(self.config.window).fit(train)  # on the normal training images only
         self.info["window"] = self.window.to_dict()
         order = sorted(self.heads, key=lambda n: self.heads[n].combines_heads)  # ensembles after their members
-        held_out = val_i != fit_i
-        refits = learned if refit and held_out else []
-        # stages: extraction (weighed as all fits together: a cold cache costs that much), one fit per head,
-        # one refit per learned head (a refit costs about a fit)
-        stages = Stages(progress, [len(order) or 1] + [1] * (len(order) + len(refits)))
-        if held_out:  # the fit images first: the two parts are views of one feature tensor, not copies
-            train, fit_i, val_i = [train[i] for i in fit_i + val_i], list(range(len(fit_i))), \
-                list(range(len(fit_i), len(train)))
+        # the images in fold order: every held-out fold is one slice of one feature tensor (views, not copies)
+        train = [train[i] for f in folds for i in f] + [train[i] for i in sorted(set(range(len(train))) -
+                                                                                   {i for f in folds for i in f})]
+        bounds = np.cumsum([0] + [len(f) for f in folds]).tolist()
+        parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        refit = self.config.calibration == "refit"
+        # stages: extraction (weighed as all fits together: a cold cache costs that much), then per learned
+        # head one fit per fold and (refit) the final fit on all, one stage for every other head
+        fits = {n: (len(parts) + (refit or not parts)) if n in learned else 1 for n in order}
+        stages = Stages(progress, [len(order) or 1] + [1] * sum(fits.values()))
         f_all = self.features(train, stages.stage("extracting features of the normal images")) if train else None
-        f_fit = f_all[: len(fit_i)] if f_all is not None else None
-        f_val = f_all[len(fit_i):] if f_all is not None and held_out else None
-        self.info.update(n_train=len(train), n_fit=len(fit_i), n_calibration=len(val_i),
-                         calibration_mode=self.config.calibration)
+        n_held = bounds[-1]
+        self.info.update(n_train=len(train), n_fit=len(train) - n_held if not refit else len(train),
+                         n_calibration=n_held, calibration_mode=self.config.calibration, folds=len(parts),
+                         alpha=self.config.alpha)
+        held: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}  # raw held-out (maps, scores) per head
+        protocols: dict[str, str] = {}
         for name in order:
             head = self.heads[name]
-            step = stages.stage(f"fitting {name} on {len(fit_i) if not head.zero_shot else len(aux or [])} images")
             t0 = time.perf_counter()
             if head.combines_heads:
                 head.fit_members(self.heads)
-            elif head.zero_shot:
-                self._fit_zero_shot(name, head, aux, step)
+                stages.stage(f"combining {name}")
+                members = head.members_in(self.heads)
+                outs = [held.get(m) for m in members]
+                if all(o is not None for o in outs) and n_held:
+                    cal = [self.calibration[m] for m in members]
+                    held[name] = head.combine([c.maps(o[0][:n_held]) for c, o in zip(cal, outs)],
+                                              [c.scores(o[1][:n_held]) for c, o in zip(cal, outs)])
+                    ps = {protocols[m] for m in members}
+                    protocols[name] = next(p for p in ("cross-fit", "monotone", "split") if p in ps)
+            elif head.zero_shot:  # never saw the target's normals: every one of them is held out
+                self._fit_zero_shot(name, head, aux, stages.stage(f"fitting {name} on {len(aux or [])} images"))
+                held[name] = self._head_raw(head, f_all) if f_all is not None else None
+                protocols[name] = "split"
             else:
-                self._fit_learned(head, [train[i] for i in fit_i], f_fit, step, category=category,
-                                  val_features=None if f_val is None else f_val.select(head.layers_for(self.backbone.spec)))
+                held[name], protocols[name] = self._fit_folds(name, train, f_all, parts, stages, category)
             self.info["fit_s"][name] = time.perf_counter() - t0
-            # zero-shot heads never saw the target's normals: calibrate on all of them
-            self._calibrate(name, f_all if head.zero_shot else (f_val if f_val is not None else f_fit))
-        for name in refits:  # the final heads see every normal image; the calibration carries over
-            step = stages.stage(f"refitting {name} on all {len(train)} normal images")
-            head = self._new_head(name)
-            t0 = time.perf_counter()
-            self._fit_learned(head, train, f_all, step, category=category)
-            self.info.setdefault("calibration_fit_s", {})[name] = self.info["fit_s"][name]
-            self.info["fit_s"][name] = time.perf_counter() - t0
-            head.fit_info["calibration"] = self.heads[name].fit_info.get("calibration")
-            self.heads[name] = head
+            self._calibrate(name, held[name], protocols.get(name, "none"))
+        if not any(h.combines_heads for h in self.heads.values()):
+            held.clear()
         for head in self.heads.values():  # a head scores right only through the window it was fitted with
             head.fit_info["window"] = self.info["window"]
         stages.finish("trained")
         return self
+
+    def _fit_folds(self, name: str, train: list[Sample], f_all: PatchFeatures, parts: list[slice], stages: Stages,
+                   category: str | None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+        """Fit a learned head and return its raw held-out (maps, scores) and how they relate to the shipped head.
+
+        holdout: one fold; the head fitted without it is shipped and scored it (split conformal). refit: K
+        folds, a head fitted on the others scores each (cross-fitting); then the shipped head is fitted on all.
+        """
+        refit = self.config.calibration == "refit"
+        raws, fold_s = [], 0.0
+        for k, part in enumerate(parts):
+            keep = [i for i in range(len(train)) if not part.start <= i < part.stop]
+            head = self._new_head(name) if refit or k else self.heads[name]
+            step = stages.stage(f"fitting {name} on {len(keep)} images" +
+                                (f" (fold {k + 1} of {len(parts)})" if refit else ""))
+            t0 = time.perf_counter()
+            self._fit_learned(head, [train[i] for i in keep], _rows(f_all, keep), step, category=category,
+                              val_features=f_all[part].select(head.layers_for(self.backbone.spec)))
+            fold_s += time.perf_counter() - t0
+            raws.append(self._head_raw(head, f_all[part]))
+            if not refit:
+                self.heads[name] = head
+        if refit or not parts:  # the shipped head sees every normal image
+            head = self._new_head(name)
+            self._fit_learned(head, train, f_all, stages.stage(f"fitting {name} on all {len(train)} normal images"),
+                              category=category)
+            self.heads[name] = head
+            if parts:
+                self.info.setdefault("calibration_fit_s", {})[name] = fold_s
+        if not raws:
+            return None, "none"
+        held = torch.cat([m for m, _ in raws]), torch.cat([s for _, s in raws])
+        monotone = getattr(self.heads[name], "monotone_bank", False)
+        return held, ("monotone" if monotone else "cross-fit") if refit else "split"
 
     def _fit_learned(self, head: Method, samples: Sequence[Sample], feats: PatchFeatures, step: ProgressFn,
                      **kw: Any) -> None:
@@ -302,6 +368,15 @@ class Run:
         masks = masks_at(self.backbone, aux)
         head.fit(f_aux.select(head.layers_for(self.backbone.spec)), progress=step, labels=labels,
                  masks=None if masks is None else torch.from_numpy(masks).float())
+
+    def _head_raw(self, head: Method, feats: PatchFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (non-combining) head's uncalibrated heatmaps and scores, in chunks of images: a method's
+        post-processing of 600 maps at once (a 33-tap Gaussian at 224 px) took 4 GB of temporaries."""
+        parts = []
+        for s in range(0, len(feats), 32):
+            res = head.score(feats[s:s + 32].select(head.layers_for(self.backbone.spec)))
+            parts.append(head.heatmap(res, feats.image_size, self.config.sigma, self.config.score_mode))
+        return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
 
     def _raw(self, name: str, feats: PatchFeatures, done: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Heatmaps (B, S, S) and image scores (B,) of one head before calibration, by the method's own
@@ -324,14 +399,12 @@ class Run:
             done[name] = out
         return out
 
-    def _calibrate(self, name: str, f_val: PatchFeatures | None) -> None:
-        if f_val is None:  # zero-shot heads with no target normals: identity calibration
-            self.calibration[name] = Calibration()
-            return
-        # in chunks of images: a method's post-processing of all held-out images at once (a 33-tap Gaussian
-        # over 600 maps of 224 px) took 4 GB of temporaries
-        parts = [self._raw(name, f_val[s:s + 32]) for s in range(0, len(f_val), 32)]
-        cal = Calibration.fit(torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts]))
+    def _calibrate(self, name: str, held: tuple[torch.Tensor, torch.Tensor] | None, protocol: str) -> None:
+        """The head's calibration from its raw held-out normal (maps, scores); none held out: not calibrated."""
+        if held is None:
+            cal = Calibration(alpha=self.config.alpha)
+        else:
+            cal = Calibration.fit(held[0], held[1], alpha=self.config.alpha, protocol=protocol)
         self.calibration[name] = cal
         self.heads[name].fit_info["calibration"] = cal.to_dict()
 
@@ -424,7 +497,7 @@ class Run:
         run = cls(config, cache=cache, token=token, heads=heads)
         run.run_id, run.dir = meta["run_id"], run_dir
         run.info = meta.get("info", run.info)
-        run.calibration = {k: Calibration(**v) for k, v in meta.get("calibration", {}).items()}
+        run.calibration = {k: Calibration.from_dict(v) for k, v in meta.get("calibration", {}).items()}
         run.meta = {k: v for k, v in meta.items() if k not in ("run_id", "config", "info", "calibration")}
         run.window = Window.from_dict(run.info.get("window"))
         return run
@@ -441,7 +514,7 @@ class Run:
         run = cls(config, cache=cache, token=token, heads={head.name: head})
         run.window = Window.from_dict(info.get("window"))
         if info.get("calibration"):
-            run.calibration[head.name] = Calibration(**info["calibration"])
+            run.calibration[head.name] = Calibration.from_dict(info["calibration"])
         return run
 
 

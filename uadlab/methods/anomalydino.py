@@ -17,7 +17,7 @@ from scipy.ndimage import affine_transform
 from ..data import Sample
 from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
-from ..layers import KNN_MODES, cached_index
+from ..layers import HNSW_MIN_BANK, KNN_MODES, cached_index
 from .base import AnomalyResult, Method, register_method
 
 # The paper's masking table ("agnostic" preprocessing, official src/utils.py): mask the test image's
@@ -136,6 +136,13 @@ class AnomalyDINO(Method):
         self.knn = knn
         self.register_buffer("memory_bank", torch.zeros(0, 0))
         self.register_buffer("mask_test", torch.tensor(masking is True))  # decided at fit for "auto"
+
+    @property
+    def monotone_bank(self) -> bool:
+        """True when adding normal references can only lower every score (exact k = 1 search over all tokens;
+        the masking depends on the test image alone): then cross-fitted held-out scores bound the shipped
+        head's, and its calibration promise is exact (``postprocess.Calibration`` protocol "monotone")."""
+        return self.knn == "exact" or (self.knn == "auto" and len(self.memory_bank) < HNSW_MIN_BANK)
 
     def layers_for(self, spec) -> list[str]:
         if self.layers:

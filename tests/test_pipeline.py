@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from uadlab import metrics as M
 from uadlab.data import load_mvtec
 from uadlab.features import FeatureCache
 from uadlab.pipeline import Run, RunConfig, list_runs, split_normals
@@ -44,15 +45,20 @@ def test_evaluate_save_and_list(fitted):
     res = run.evaluate(ds.test)
     assert set(res) == {"patchcore", "anomalydino"}
     for r in res.values():
-        assert r["image_auroc"] > 0.7 and r["pixel_auroc"] > 0.8 and len(r["curves"]["fpr"]) > 2
-        pc = r["pixel_curves"]  # pixel ROC points: from (0, 0) to (1, 1), their area near the pixel AUROC
-        assert pc["fpr"][0] == 0 and pc["tpr"][-1] == 1
-        assert abs(np.trapezoid(pc["tpr"], pc["fpr"]) - r["pixel_auroc"]) < 0.02
-    run.save({"dataset": ds.summary()})
+        assert r.get(M.IMAGE_AUROC) > 0.7 and r.get(M.PIXEL_AUROC) > 0.8 and len(r.curves.fpr) > 2
+        pc = r.pixel_curves  # pixel ROC points: from (0, 0) to (1, 1), their area near the pixel AUROC
+        assert pc.fpr[0] == 0 and pc.tpr[-1] == 1
+        assert abs(np.trapezoid(pc.tpr, pc.fpr) - r.get(M.PIXEL_AUROC)) < 0.02
+        assert set(r.metrics) <= set(M.ALL)  # curve points are never metrics
+    run.save({"dataset": ds.summary(), "evaluation": res})
     runs = list_runs(work)
     assert runs[0]["run_id"] == run.run_id and runs[0]["dataset"]["train"] == len(ds.train)
-    assert "image_auroc" in runs[0]["info"]["metrics"]["patchcore"]
-    assert not {"curves", "pixel_curves"} & set(runs[0]["info"]["metrics"]["patchcore"])  # points are not metrics
+    assert M.IMAGE_AUROC in runs[0]["info"]["metrics"]["patchcore"]
+    assert set(runs[0]["info"]["metrics"]["patchcore"]) <= set(M.ALL)  # points are not metrics
+    loaded = Run.load(work / run.run_id, cache=run.cache).meta["evaluation"]["patchcore"]  # typed again
+    assert loaded == res["patchcore"]
+    assert "conformal" in runs[0]["calibration"]["patchcore"]["statement"] or \
+        "cannot be calibrated" in runs[0]["calibration"]["patchcore"]["statement"]
     (work / "broken").mkdir()
     (work / "broken" / "run.json").write_text("{half")
     assert len(list_runs(work)) == 1  # a damaged run is skipped, not a crash

@@ -15,15 +15,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import metrics as M
 from .data import Dataset, load_data
 from .features import FeatureCache
 from .methods import get_method_class
 from .pipeline import Run, RunConfig, auxiliary_set, default_cache_dir, peak_rss_mb
 from .progress import ProgressFn
 
-COLUMNS = ["method", "category", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
-           "pixel_f1max", "aupro", "fit_s", "backbone_ms", "head_ms", "head_mb", "peak_rss_mb",
-           "normal_px_over_1", "normal_img_over_1"]
+COLUMNS = ["method", "category", *M.IMAGE_METRICS, *M.PIXEL_METRICS, M.FIT_S, "backbone_ms", M.HEAD_MS, M.HEAD_MB,
+           "peak_rss_mb", M.NORMAL_PX_OVER_1, M.NORMAL_IMG_OVER_1]
 METRICS = COLUMNS[2:9]
 
 
@@ -69,12 +69,11 @@ def run_bench(data: str | Dataset, config: RunConfig, categories: Sequence[str] 
     def emit(run: Run, cat: str, test, bms: float) -> None:
         res = run.evaluate(test, progress())
         for name, r in res.items():
-            row = {"method": name, "category": cat, **{k: r[k] for k in METRICS}, "fit_s": r["fit_s"],
-                   "backbone_ms": bms, "head_ms": r["head_ms"], "head_mb": r["head_mb"], "peak_rss_mb": peak_rss_mb(),
-                   "normal_px_over_1": r["normal_px_over_1"], "normal_img_over_1": r["normal_img_over_1"]}
+            row = {"method": name, "category": cat, **{k: r.metrics.get(k) for k in COLUMNS[2:]},
+                   "backbone_ms": bms, "peak_rss_mb": peak_rss_mb()}
             rows.append(row)
-            log(f"  {name:12s} {cat:10s} image AUROC {row['image_auroc']:.4f}  pixel AUROC {row['pixel_auroc']:.4f}"
-                f"  fit {row['fit_s']:.1f}s  head {row['head_ms']:.1f} ms/img")
+            log(f"  {name:12s} {cat:10s} image AUROC {row[M.IMAGE_AUROC]:.4f}  pixel AUROC {row[M.PIXEL_AUROC]:.4f}"
+                f"  fit {row[M.FIT_S]:.1f}s  head {row[M.HEAD_MS]:.1f} ms/img")
 
     if trained:
         groups = [("all", cats)] if multi_class else [(c, [c]) for c in cats]

@@ -191,7 +191,14 @@ def cmd_fit(a) -> int:
     if distributed.is_main():  # under torchrun every rank holds the same heads: rank 0 writes the run
         path = run.save({"dataset": ds.summary(), "world_size": distributed.world_size()})
         print(f"saved run {run.run_id} to {path}")
+        _print_calibration(run)
     return 0
+
+
+def _print_calibration(run, file=None) -> None:
+    """What each head's 1.0 promises, in words (a head too few held-out images cannot calibrate says so)."""
+    for name, cal in run.calibration.items():
+        print(f"{name}: {cal.statement}", file=file)
 
 
 def cmd_score(a) -> int:
@@ -204,6 +211,7 @@ def cmd_score(a) -> int:
     out = run.score(samples)
     rows = [{"image": s.name, **{m: float(sc.scores[i]) for m, sc in out.items()}} for i, s in enumerate(samples)]
     print(json.dumps(rows, indent=2))
+    _print_calibration(run, sys.stderr)  # stdout stays JSON
     return 0
 
 
@@ -215,9 +223,10 @@ def cmd_eval(a) -> int:
     run = Run.load(a.run)
     ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, **_hf(a))
     res = run.evaluate(ds.test)
-    rows = [{"method": m, "category": ",".join(ds.categories), **{k: v for k, v in r.items() if k != "curves"},
-             "backbone_ms": None, "peak_rss_mb": None} for m, r in res.items()]
+    rows = [{"method": m, "category": ",".join(ds.categories), **r.metrics, "backbone_ms": None, "peak_rss_mb": None}
+            for m, r in res.items()]
     print(markdown(rows))
+    _print_calibration(run)
     return 0
 
 

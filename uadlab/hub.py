@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UadlabError
+from .metrics import Evaluation
 from .safety import clean_token, scrub
 from .methods import Method, get_method_class
 
@@ -56,8 +57,7 @@ def _explain(e: Exception, action: str, repo_id: str, token: str | None) -> str:
 
 
 def _finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items()
-            if k != "curves" and v is not None and not (isinstance(v, float) and math.isnan(v))}
+    return {k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
 def prepare_head(run, method: str, folder: str | Path, example_image: Image.Image | None = None) -> Path:
@@ -68,8 +68,9 @@ def prepare_head(run, method: str, folder: str | Path, example_image: Image.Imag
     folder.mkdir(parents=True, exist_ok=True)
     head = run.heads[method]
     cfg = run.config
-    metrics = _finite_metrics((getattr(run, "meta", {}).get("evaluation") or {}).get(method)
-                              or head.fit_info.get("metrics") or {})
+    evaluation = (getattr(run, "meta", {}).get("evaluation") or {}).get(method)
+    # the metrics only: curve points are plotted, never listed (an Evaluation keeps them apart)
+    metrics = Evaluation.from_dict(evaluation).finite() if evaluation is not None else _finite_metrics(head.fit_info.get("metrics") or {})
     head.fit_info.update(method=method, image_size=cfg.image_size, resize=cfg.resize, weights=cfg.weights,
                          sigma=cfg.sigma, score_mode=cfg.score_mode, metrics=metrics)
     if method in run.calibration:
@@ -78,7 +79,8 @@ def prepare_head(run, method: str, folder: str | Path, example_image: Image.Imag
         example_image.convert("RGB").save(folder / EXAMPLE_FILE)
     (folder / "README.md").unlink(missing_ok=True)
     head.save_pretrained(folder, model_card_kwargs={"metrics": metrics,
-                                                    "example_image": EXAMPLE_FILE if example_image else None})
+                                                    "example_image": EXAMPLE_FILE if example_image else None,
+                                                    "calibration": head.fit_info.get("calibration")})
     return folder
 
 

@@ -109,7 +109,6 @@ def seed_everything(seed: int) -> None:
 
 
 CALIBRATION_MODES = ("refit", "holdout")
-CURVES = ("curves", "pixel_curves")  # curve points in Run.evaluate's results: plotted, never recorded as metrics
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -433,9 +432,9 @@ class Run:
         return {n: Scored(np.array(scores[n]), np.stack(maps[n]), times[n]) for n in methods or list(self.heads)}
 
     def evaluate(self, test: Sequence[Sample], progress: ProgressFn | None = None,
-                 record: bool = True) -> dict[str, dict[str, Any]]:
+                 record: bool = True) -> dict[str, M.Evaluation]:
         """Metrics and curves of every head on labelled test images (unlabelled ones are ignored); with
-        ``record`` they are kept in the run's info and the heads' model cards."""
+        ``record`` the metrics (never the curves) are kept in the run's info and the heads' model cards."""
         test = [s for s in test if s.label in (0, 1)]
         if not test:
             raise ValueError("no labelled test images to evaluate on")
@@ -443,21 +442,21 @@ class Run:
         masks = masks_at(self.backbone, test)
         scored = self.score(test, progress=progress)
         results = {}
+        normal = labels == 0
         for name, sc in scored.items():
-            normal = labels == 0
-            r = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(masks, sc.maps),
-                 "curves": M.curves(labels, sc.scores), "pixel_curves": M.pixel_curves(masks, sc.maps),
-                 "head_ms": float(np.median(sc.head_ms)),
-                 "head_mb": head_megabytes(self.heads[name]), "fit_s": self.info["fit_s"].get(name),
-                 # how the label-free calibration holds on unseen normal images: the share above 1.0
-                 # should be near 1 - q (pixels; q = 0.999 by default)
-                 "normal_px_over_1": float((sc.maps[normal] > 1.0).mean()) if normal.any() else None,
-                 "normal_img_over_1": float((sc.scores[normal] > 1.0).mean()) if normal.any() else None}
-            results[name] = r
+            metrics = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(masks, sc.maps),
+                       M.HEAD_MS: float(np.median(sc.head_ms)), M.HEAD_MB: head_megabytes(self.heads[name]),
+                       M.FIT_S: self.info["fit_s"].get(name),
+                       # how the label-free calibration holds on unseen normal images: the share above 1.0
+                       # (images: at most the calibration's promise; pixels: near 1 - q)
+                       M.NORMAL_PX_OVER_1: float((sc.maps[normal] > 1.0).mean()) if normal.any() else None,
+                       M.NORMAL_IMG_OVER_1: float((sc.scores[normal] > 1.0).mean()) if normal.any() else None}
+            results[name] = M.Evaluation(metrics, M.Curves(**M.curves(labels, sc.scores)),
+                                         M.Curves(**M.pixel_curves(masks, sc.maps)))
         if record:
             for name, r in results.items():
-                self.heads[name].fit_info["metrics"] = {k: v for k, v in r.items() if k not in CURVES and v is not None}
-            self.info["metrics"] = {k: {kk: vv for kk, vv in v.items() if kk not in CURVES} for k, v in results.items()}
+                self.heads[name].fit_info["metrics"] = {k: v for k, v in r.metrics.items() if v is not None}
+            self.info["metrics"] = {k: dict(v.metrics) for k, v in results.items()}
         return results
 
     # ---- persistence -----------------------------------------------------------------------------------------------
@@ -499,6 +498,8 @@ class Run:
         run.info = meta.get("info", run.info)
         run.calibration = {k: Calibration.from_dict(v) for k, v in meta.get("calibration", {}).items()}
         run.meta = {k: v for k, v in meta.items() if k not in ("run_id", "config", "info", "calibration")}
+        if isinstance(run.meta.get("evaluation"), dict):  # typed again (older runs saved flat dicts)
+            run.meta["evaluation"] = {k: M.Evaluation.from_dict(v) for k, v in run.meta["evaluation"].items()}
         run.window = Window.from_dict(run.info.get("window"))
         return run
 
@@ -519,6 +520,8 @@ class Run:
 
 
 def _jsonable(o):
+    if isinstance(o, M.Evaluation):
+        return o.to_dict()
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, np.ndarray):

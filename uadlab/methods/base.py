@@ -230,6 +230,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         """A model card with backbone, method, hyperparameters, metrics and how to load the head."""
         metrics = kwargs.get("metrics") or self.fit_info.get("metrics") or {}
         example = kwargs.get("example_image")
+        calibration = (kwargs.get("calibration") or self.fit_info.get("calibration") or {}).get("statement")
         cfg = json.dumps(self.config(), indent=2, sort_keys=True)
         rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
         text = f"""---
@@ -257,6 +258,10 @@ Method: {self.paper or self.name}
 ```json
 {cfg}
 ```
+
+## Calibration
+
+{calibration or "Not recorded: this head's scores are uncalibrated raw values."}
 
 ## Metrics
 

@@ -8,6 +8,7 @@ import gradio as gr
 import numpy as np
 
 from .. import viz
+from ..safety import public_text
 from ..viz import VMAX  # the colour scale: [0, VMAX] calibrated units (1 = the normal limit)
 from ..workspace import Workspace
 from .common import in_panel, open_workspace, reporter, ui_errors
@@ -54,6 +55,14 @@ def on_compare(user: str, run_id: str | None, names: list[str], labels: str):
     return viewer, viz.curves_figure(results) if results else None, viz.metrics_frame(results)
 
 
+@ui_errors
+def on_notes(user: str, run_id: str | None) -> str:
+    """What the run's numbers rest on: excluded images, and what each head's 1.0 promises (or cannot)."""
+    if not run_id:
+        return ""
+    return "\n\n".join(public_text(n) for n in open_workspace(user).runs.notes(run_id))
+
+
 def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     with gr.Row():
         names = gr.Dropdown([], multiselect=True, label="Test images (step through them with ← →)", scale=4,
@@ -63,8 +72,10 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     show_btn = gr.Button("Show", variant="primary", elem_id="compare-show")
     status = gr.Markdown(elem_id="compare-status")
     gr.Markdown(f"Heatmaps and image scores of every method on one calibrated scale: 0 = the median normal "
-                f"pixel, **1 = the normal limit** (the 99.9th percentile of held-out normal pixels; for image "
-                f"scores, of held-out normal images). Colour scale [0, {VMAX:g}]; the threshold draws the region "
+                f"pixel, **1 = the normal limit**: for image scores a split-conformal threshold on held-out normal "
+                f"images (a new normal image scores above 1 with at most the promised probability, shown below "
+                f"per method, or why it cannot be promised); for heatmaps the 99.9th percentile of held-out normal "
+                f"pixels. Colour scale [0, {VMAX:g}]; the threshold draws the region "
                 f"at or above it. Wheel or +/− to zoom (all panels together), drag to pan, click a panel to "
                 f"see it at the image's own resolution.")
     viewer = gr.HTML(viewer_html([]), head=HEAD, js_on_load=None, elem_id="compare-viewer")
@@ -77,7 +88,7 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     export_status = gr.Markdown()
 
     def compare(user, run_id, names, labels):
-        return (*on_compare(user, run_id, names, labels), "")
+        return (*on_compare(user, run_id, names, labels), on_notes(user, run_id))
 
     show = (in_panel(compare, status=3, n_outputs=4), [user, run, names, labels], [viewer, curves, table, status])
     show_btn.click(*show)

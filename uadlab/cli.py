@@ -57,7 +57,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=_side, default=None, help="center-crop side (default: the preset's geometry; the "
                    "paper's with --preset paper)")
     p.add_argument("--resize", type=_side, default=None, help="resize side before the center crop")
-    p.add_argument("--preset", default="quick", help="quick | paper | tiny")
+    p.add_argument("--preset", default="quick", help="quick (default: small settings on the offline Lite0 at 224 px) | "
+                   "paper (each paper's hyperparameters; its backbone and geometry when all chosen methods' papers "
+                   "name the same one) | tiny (shrunk heads, for tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", default="auto", help="intensity window of DICOM / NIfTI / 16-bit images: auto (the "
                    "DICOM file's own, else each image's min/max), minmax, percentile[:LO,HI] (fitted on the training "

@@ -46,13 +46,15 @@ class RunConfig:
     a split-conformal order statistic promising at most ``alpha`` false alarms on new normal images) gets
     held-out normal scores OF THE HEAD THAT IS SHIPPED without costing the heads data:
 
-    - ``"refit"`` (default): cross-fitting. The normal images are split into K = round(1 / val_fraction)
-      folds; a head fitted on the other folds scores each fold, so every normal image gets a held-out score
+    - ``"refit"`` (default): cross-fitting. The normal images are split into K folds (``n_folds``: K =
+      round(1 / val_fraction) for memory banks, 2 for trained heads); a head fitted on the other folds scores
+      each fold, so every normal image gets a held-out score
       (n = all of them: 99 normal images can promise 1%); the shipped head is then fitted on ALL normal
       images (as in the papers and anomalib). For memory banks searched exactly (AnomalyDINO) the promise
       carries over to the shipped head exactly (a bank with more normal images scores no image higher); for
       trained heads and coresets it assumes the head fitted on all scores normal images no higher than its
-      fold heads (measured in tests/test_calibration.py). Cost: K fits on (K - 1) / K of the data per head.
+      fold heads (measured: benchmarks/false_alarms.py). Cost: K fits on (K - 1) / K of the data per head
+      before the final fit (trained heads: two half fits, about the old fit on 80% and refit).
     - ``"holdout"``: fit on ``1 - val_fraction`` only and calibrate on the rest with that same head (exact
       split conformal; cheaper, but the heads see fewer images and n is smaller).
 
@@ -129,17 +131,32 @@ def split_normals(samples: Sequence[Sample], val_fraction: float, seed: int) -> 
     return [samples[i] for i in fit_i], [samples[i] for i in val_i]
 
 
-def fold_indices(n: int, val_fraction: float, seed: int, mode: str = "refit") -> list[list[int]]:
-    """The held-out parts of ``n`` normal images: ``holdout``: one part of ``val_fraction`` (at least one
-    image); ``refit``: K = round(1 / val_fraction) folds (at most n) covering every image, so each is scored
-    by a head that never saw it. Fewer than two images: no part (nothing can be held out)."""
+def fold_order(n: int, val_fraction: float, seed: int, mode: str = "refit") -> tuple[list[int], int]:
+    """(order, n_held): the ``n`` normal images in the order a run extracts them, and how many lead it as
+    held-out images. ``holdout``: the ``val_fraction`` part first (at least one image), then the fitting part;
+    ``refit``: a random permutation, every image held out once (``fold_slices`` cuts it into folds). Fewer
+    than two images: nothing held out."""
     if n < 2:
-        return []
+        return list(range(n)), 0
     if mode == "holdout":
-        return [split_indices(n, val_fraction, seed)[1]]
-    k = min(n, max(2, round(1 / val_fraction)))
-    idx = np.random.default_rng(seed).permutation(n)
-    return [sorted(int(i) for i in part) for part in np.array_split(idx, k)]
+        fit_i, val_i = split_indices(n, val_fraction, seed)
+        return val_i + fit_i, len(val_i)
+    return [int(i) for i in np.random.default_rng(seed).permutation(n)], n
+
+
+def fold_slices(n_held: int, k: int) -> list[slice]:
+    """``k`` contiguous folds (at most ``n_held``) of the first ``n_held`` images of ``fold_order``."""
+    bounds = np.cumsum([0] + [len(p) for p in np.array_split(np.arange(n_held), min(k, n_held))]).tolist()
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def n_folds(head: Method, val_fraction: float, mode: str) -> int:
+    """Cross-fitting folds of a head: K = round(1 / val_fraction) for heads fitted in one pass over the
+    features (memory banks: seconds), 2 for heads trained for many steps (their cost stays near the old
+    fit-then-refit: two half fits and the final one); ``holdout``: 1."""
+    if mode == "holdout":
+        return 1
+    return max(2, round(1 / val_fraction)) if head.fit_in_one_pass else 2
 
 
 def _rows(feats: PatchFeatures, rows: list[int]) -> PatchFeatures:
@@ -262,27 +279,25 @@ class Run:
         if not train and learned:
             raise ValueError("no normal training images")
         seed_everything(self.config.seed)
-        folds = fold_indices(len(train), self.config.val_fraction, self.config.seed, self.config.calibration)
+        order_i, n_held = fold_order(len(train), self.config.val_fraction, self.config.seed, self.config.calibration)
         cats = {s.category for s in train}
         category = cats.pop() if len(cats) == 1 else None  # for per-category choices (AnomalyDINO's masking table)
         self.window = Window.parse(self.config.window).fit(train)  # on the normal training images only
         self.info["window"] = self.window.to_dict()
         order = sorted(self.heads, key=lambda n: self.heads[n].combines_heads)  # ensembles after their members
         # the images in fold order: every held-out fold is one slice of one feature tensor (views, not copies)
-        train = [train[i] for f in folds for i in f] + [train[i] for i in sorted(set(range(len(train))) -
-                                                                                   {i for f in folds for i in f})]
-        bounds = np.cumsum([0] + [len(f) for f in folds]).tolist()
-        parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        train = [train[i] for i in order_i]
         refit = self.config.calibration == "refit"
+        parts = {n: fold_slices(n_held, n_folds(self.heads[n], self.config.val_fraction, self.config.calibration))
+                 for n in learned}
         # stages: extraction (weighed as all fits together: a cold cache costs that much), then per learned
         # head one fit per fold and (refit) the final fit on all, one stage for every other head
-        fits = {n: (len(parts) + (refit or not parts)) if n in learned else 1 for n in order}
+        fits = {n: (len(parts[n]) + (refit or not parts[n])) if n in learned else 1 for n in order}
         stages = Stages(progress, [len(order) or 1] + [1] * sum(fits.values()))
         f_all = self.features(train, stages.stage("extracting features of the normal images")) if train else None
-        n_held = bounds[-1]
-        self.info.update(n_train=len(train), n_fit=len(train) - n_held if not refit else len(train),
-                         n_calibration=n_held, calibration_mode=self.config.calibration, folds=len(parts),
-                         alpha=self.config.alpha)
+        self.info.update(n_train=len(train), n_fit=len(train) if refit else len(train) - n_held,
+                         n_calibration=n_held, calibration_mode=self.config.calibration,
+                         folds={n: len(p) for n, p in parts.items()}, alpha=self.config.alpha)
         held: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}  # raw held-out (maps, scores) per head
         protocols: dict[str, str] = {}
         for name in order:
@@ -304,7 +319,7 @@ class Run:
                 held[name] = self._head_raw(head, f_all) if f_all is not None else None
                 protocols[name] = "split"
             else:
-                held[name], protocols[name] = self._fit_folds(name, train, f_all, parts, stages, category)
+                held[name], protocols[name] = self._fit_folds(name, train, f_all, parts[name], stages, category)
             self.info["fit_s"][name] = time.perf_counter() - t0
             self._calibrate(name, held[name], protocols.get(name, "none"))
         if not any(h.combines_heads for h in self.heads.values()):

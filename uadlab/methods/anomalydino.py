@@ -115,6 +115,7 @@ class AnomalyDINO(Method):
     summary = ("Keeps every patch token of the normal images as a memory bank. A test patch is as anomalous as "
                "its cosine distance to the most similar normal patch; the image score averages the 1% most "
                "anomalous patches. No training, so it works from a handful of normal images.")
+    fit_in_one_pass = True  # a memory bank: cross-fitting in 5 folds costs seconds
     paper_inputs = dict(backbone="dinov2_vits14", resize=448, image_size=448)  # 32 x 32 patches
     sigma = 4.0
     smooth_radius = None  # scipy's gaussian_filter default truncate=4

@@ -38,6 +38,7 @@ class Intensity(Method):
                "images, as a z-score against the per-pixel mean and spread (zscore) or as the rarity of the "
                "intensity in their histogram (histogram). A baseline that tells what learned features add.")
     sigma = 4.0
+    fit_in_one_pass = True  # statistics of the training images: cross-fitting costs seconds
     presets = {
         "tiny": dict(mode="zscore"),
         "quick": dict(mode="zscore"),

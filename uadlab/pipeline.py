@@ -146,6 +146,8 @@ def fold_order(n: int, val_fraction: float, seed: int, mode: str = "refit") -> t
 
 def fold_slices(n_held: int, k: int) -> list[slice]:
     """``k`` contiguous folds (at most ``n_held``) of the first ``n_held`` images of ``fold_order``."""
+    if n_held == 0:
+        return []
     bounds = np.cumsum([0] + [len(p) for p in np.array_split(np.arange(n_held), min(k, n_held))]).tolist()
     return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 

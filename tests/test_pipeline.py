@@ -117,10 +117,12 @@ def test_ensemble_combines_calibrated_members(fitted, tmp_path):
     out = ens.score(ds.test)
     assert set(out) == {"patchcore", "anomalydino", "ensemble"}
     labels = np.array([s.label for s in ds.test])
-    # the ensemble's raw map is the mean of its members' calibrated maps; it is then calibrated again
+    # the ensemble's raw map is the weighted mean of its members' calibrated maps; it is then calibrated again
     raw, _ = ens._raw("ensemble", ens.features(ds.test[:2]))
-    members = np.mean([out[m].maps[:2] for m in ("patchcore", "anomalydino")], axis=0)
-    np.testing.assert_allclose(raw.numpy(), members, rtol=1e-4, atol=1e-4)
+    w = ens.heads["ensemble"].fit_info["weights"]  # chosen from held-out normal scores, recorded
+    assert set(w) == {"patchcore", "anomalydino"} and sum(w.values()) == pytest.approx(1, abs=1e-3)
+    members = sum(w[m] * out[m].maps[:2] for m in ("patchcore", "anomalydino"))
+    np.testing.assert_allclose(raw.numpy(), members, rtol=1e-3, atol=1e-3)
     assert out["ensemble"].scores[labels == 1].mean() > out["ensemble"].scores[labels == 0].mean()
     again = Run.load(ens.save(), cache=run.cache).score(ds.test[:2])["ensemble"]
     np.testing.assert_allclose(again.maps, out["ensemble"].maps[:2], rtol=1e-5, atol=1e-5)

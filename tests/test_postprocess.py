@@ -96,3 +96,18 @@ def test_split_conformal_false_alarms_within_the_guarantee(n, alpha):
     promised = Calibration.fit(torch.zeros(n, 1, 1), torch.rand(n), alpha=alpha).promised
     assert promised <= alpha and np.mean(over) <= promised + 3 * np.std(over) / np.sqrt(len(over))
     assert np.mean(over) > promised - 1 / (n + 1) - 0.01  # and not far below it: the bound is tight
+
+
+def test_ensemble_weights_from_held_out_normals_only():
+    """A member whose held-out normal scores share nothing with the others' (noise) gets no weight; members
+    that rank the normal images alike share the weight; fewer than 3 images: equal weights."""
+    from uadlab.methods.ensemble import member_weights
+
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=200)  # what makes a normal image less typical, seen by every good member
+    good = [common + 0.3 * rng.normal(size=200) for _ in range(2)]
+    noise = rng.normal(size=200)
+    w = member_weights(torch.tensor(np.stack(good + [noise])))
+    assert w[2] < 0.1 and abs(float(w[0] - w[1])) < 0.1 and float(w.sum()) == pytest.approx(1)
+    assert torch.allclose(member_weights(torch.tensor(np.stack(good + [noise])), "equal"), torch.full((3,), 1 / 3))
+    assert torch.allclose(member_weights(torch.rand(3, 2)), torch.full((3,), 1 / 3))

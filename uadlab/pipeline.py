@@ -305,13 +305,15 @@ class Run:
         for name in order:
             head = self.heads[name]
             t0 = time.perf_counter()
-            if head.combines_heads:
-                head.fit_members(self.heads)
+            if head.combines_heads:  # weighed and calibrated on its members' calibrated held-out outputs
                 stages.stage(f"combining {name}")
                 members = head.members_in(self.heads)
                 outs = [held.get(m) for m in members]
-                if all(o is not None for o in outs) and n_held:
-                    cal = [self.calibration[m] for m in members]
+                ok = all(o is not None for o in outs) and n_held > 0
+                cal = [self.calibration[m] for m in members]
+                head.fit_members(self.heads, {m: c.scores(o[1][:n_held]) for m, c, o in zip(members, cal, outs)}
+                                 if ok else None)
+                if ok:
                     held[name] = head.combine([c.maps(o[0][:n_held]) for c, o in zip(cal, outs)],
                                               [c.scores(o[1][:n_held]) for c, o in zip(cal, outs)])
                     ps = {protocols[m] for m in members}

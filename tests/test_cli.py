@@ -77,19 +77,68 @@ def test_param_overrides_reach_the_head(tiny_demo, tmp_path, capsys):
 def test_paper_preset_brings_the_papers_inputs(capsys):
     from uadlab.pipeline import RunConfig
 
-    def resolved(methods, preset="paper", **kw):  # what fit, bench and the app resolve alike
+    def resolved(methods, preset="paper", method=None, **kw):  # what fit, bench and the app resolve alike
         c = RunConfig.resolve(methods, preset, kw.get("backbone"), kw.get("image_size"))
-        return c.backbone, c.resize, c.image_size
+        i = c.inputs_of(method or methods[0])
+        return i.backbone, i.resize, i.image_size
 
     assert resolved(["dinomaly"]) == ("dinov2_vitb14_reg", 448, 392)
     assert resolved(["dinomaly"], image_size=224) == ("dinov2_vitb14_reg", None, 224)  # the user's size wins
     assert resolved(["dinomaly"], backbone="efficientnet_lite0") == ("efficientnet_lite0", None, 224)
-    assert resolved(["dinomaly", "patchcore"]) == ("efficientnet_lite0", None, 224)  # papers disagree
+    # papers disagree: each method its own paper's inputs (no silent fallback to Lite0 at 224)
+    assert resolved(["dinomaly", "patchcore"]) == ("dinov2_vitb14_reg", 448, 392)
+    assert resolved(["dinomaly", "patchcore"], method="patchcore") == ("wide_resnet50_2", 256, 224)
+    assert resolved(["varad"]) == ("dinov2_vits14", 512, 512)
     assert resolved(["dinomaly"], preset="quick") == ("efficientnet_lite0", None, 224)
     # offline, the paper's DINOv2 weights cannot be fetched: a clear error naming them, not a traceback
     assert main(["bench", "--data", "demo", "--categories", "brick", "--methods", "dinomaly", "--preset", "paper"]) == 2
     err = capsys.readouterr().err
-    assert "paper inputs: dinov2_vitb14_reg, resize 448, crop 392" in err and "dinov2" in err.split("error:")[1]
+    assert "paper inputs: dinomaly: dinov2_vitb14_reg at 392 px (resize 448)" in err
+    assert "dinov2" in err.split("error:")[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "16384"], "argument --image-size: 16384 px is out of range: use 32 to 4096 px"),
+    (["--image-size", "100000"], "argument --image-size: 100000 px is out of range"),
+    (["--resize", "8"], "argument --resize: 8 px is out of range"),
+    (["--image-size", "128", "--resize", "64"], "resize 64 px is smaller than image_size 128 px"),
+    (["--preset", "fast"], "preset 'fast'"),
+    (["--window", "sideways"], "window 'sideways'"),
+    (["--methods", "patchcore,nope"], "unknown method 'nope'"),
+    (["--seed", "-3"], "seed -3"),
+])
+def test_cli_refuses_bad_settings_before_any_work(tmp_path, capsys, args, message):
+    """The CLI parses; RunConfig's one validation (or its side rule) refuses: exit 2, one line, nothing done."""
+    argv = ["fit", "--data", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "runs"), *args]
+    if "--methods" not in args:
+        argv += ["--methods", "patchcore"]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own refusal (a side out of range): the same exit code
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "no-such-data" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_app_refuses_bad_settings_before_any_work(app):
+    """The app's train form goes through the same RunConfig: a size out of range is refused with the CLI's
+    message before the data is read; 1024 px is within the limits."""
+    import gradio as gr
+
+    from uadlab.pipeline import RunConfig
+
+    user, _, _ = app.header.on_start(None)  # no data chosen yet: a valid form would fail on the data, later
+    for size, message in ((16384, "image_size 16384 px is out of range: use 32 to 4096 px"),
+                          (100000, "image_size 100000 px is out of range"), (0, "image_size 0 px is out of range"),
+                          (256.5, "image_size 256.5: give a whole number")):
+        with pytest.raises(gr.Error, match=message):
+            app.train.on_train(user, "", ["patchcore"], "quick", size, "other categories", "", None,
+                               progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="window 'sideways'"):
+        app.train.on_train(user, "", ["patchcore"], "quick", None, "other categories", "", "sideways",
+                           progress=lambda *a, **k: None)
+    assert RunConfig.resolve(["patchcore"], image_size=1024.0).image_size == 1024  # the form's float, in range
 
 
 def test_bench_on_a_streamed_hf_dataset_equals_the_downloaded_one(tiny_demo, tmp_path, capsys):

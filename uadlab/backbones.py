@@ -23,9 +23,12 @@ import timm
 import torch
 from PIL import Image
 
+from . import tokens
 from .errors import UadlabError
 from .features import PatchFeatures
 from .progress import Progress, ProgressFn
+from .settings import DEFAULT_IMAGE_SIZE  # noqa: F401 - re-exported: the network input side by default
+from .tokens import Token
 
 # short name -> timm model name (with pretrained tag)
 SHORT_NAMES: dict[str, str] = {
@@ -43,7 +46,6 @@ SHORT_NAMES: dict[str, str] = {
 }
 OFFLINE_DEFAULT = "efficientnet_lite0"
 PIXELS = "pixels"  # the pseudo-layer of input intensities
-DEFAULT_IMAGE_SIZE = 224  # the network input side (centre crop) unless a preset or the user says otherwise
 
 
 class BackboneWeightsError(UadlabError, RuntimeError):
@@ -117,7 +119,8 @@ class Backbone(torch.nn.Module):
         resize: side the image is resized to before the center crop (default: ``image_size``, no crop).
         weights: ``"default"`` (Hub for DINO, packaged for EfficientNet-Lite0), ``"hub"``, ``"packaged"``,
             ``"random"`` (timing only) or a path to a local ``.safetensors`` / ``.pth`` file.
-        token: Hugging Face token for gated weights (DINOv3); never stored or logged.
+        token: Hugging Face token for gated weights (DINOv3); never stored or logged. Without one, only the
+            listed backbones may use the server's token (``tokens.for_backbone``).
     """
 
     def __init__(
@@ -127,7 +130,7 @@ class Backbone(torch.nn.Module):
         image_size: int = DEFAULT_IMAGE_SIZE,
         resize: int | None = None,
         weights: str = "default",
-        token: str | None = None,
+        token: Token = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -162,9 +165,11 @@ class Backbone(torch.nn.Module):
         if bad:
             raise ValueError(f"{self.name}: unknown layers {bad}; this backbone has {sorted(ok)}")
 
-    def _load(self, weights: str, token: str | None, cnn_idx):
-        if weights == "random":
-            return _build(self.model_name, self.image_size, None, cnn_idx)
+    def _load(self, weights: str, token: Token, cnn_idx):
+        if weights == "random":  # seeded: "random" names one set of weights, so the feature cache key holds
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return _build(self.model_name, self.image_size, None, cnn_idx)
         if weights == "packaged":
             if self.model_name != "tf_efficientnet_lite0":
                 raise BackboneWeightsError(
@@ -252,7 +257,7 @@ _SHARED_LOCK = threading.Lock()
 
 
 def shared_backbone(name: str, layers: Sequence[str], image_size: int = DEFAULT_IMAGE_SIZE, resize: int | None = None,
-                    weights: str = "default", token: str | None = None, keep: int = 2) -> Backbone:
+                    weights: str = "default", token: Token = None, keep: int = 2) -> Backbone:
     """A frozen backbone shared by every run of the process (the ``keep`` most recently used stay loaded).
 
     Backbones are read-only after loading, so runs, app sessions and heads pulled from the Hub can share
@@ -301,31 +306,51 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
-def _hub_file(model_name: str, token: str | None) -> str:
-    """Download the backbone's model.safetensors from the Hub (never a pickle) and return its local path."""
+def listed_repos() -> set[str]:
+    """The Hub repositories of the backbones this package lists (``SHORT_NAMES``): the only weights a server's
+    own token may fetch (``tokens.for_backbone``)."""
+    repos = set()
+    for model_name in SHORT_NAMES.values():
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        if cfg is not None and getattr(cfg, "hf_hub_id", None):
+            repos.add(cfg.hf_hub_id)
+    return repos
+
+
+def public_backbone(name: str | None) -> str | None:
+    """A backbone name a visitor of the app may choose: a listed short name or a timm model with Hub weights.
+
+    Prefixed names (``local-dir:DIR`` reads ``DIR/config.json`` on the server, ``hf-hub:`` fetches a config
+    with the server's token) and paths are refused. None / empty: the default.
+    """
+    s = (name or "").strip()
+    if not s or s in SHORT_NAMES:
+        return s or None
+    cfg = None if any(c in s for c in ":/\\") else timm.models.get_pretrained_cfg(s)
+    if cfg is None or not getattr(cfg, "hf_hub_id", None):
+        raise BackboneWeightsError(
+            f"{s[:80]!r} is not a backbone this app offers: choose one of the list ({', '.join(SHORT_NAMES)}) or a "
+            "timm model name with weights on the Hugging Face Hub (e.g. vit_small_patch16_224.augreg_in21k)")
+    return s
+
+
+def _hub_file(model_name: str, token: Token) -> str:
+    """Download the backbone's model.safetensors from the Hub (never a pickle) and return its local path.
+
+    ``token``: the caller's; without one, the server's token only for the listed backbones (``listed_repos``).
+    """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     cfg = timm.models.get_pretrained_cfg(model_name)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if not repo:
         raise BackboneWeightsError(f"{model_name}: timm knows no Hugging Face Hub weights for this model; "
                                    "pass a local weights file instead")
-    token = token or os.environ.get("HF_TOKEN") or None
+    token = tokens.for_backbone(repo, token, listed_repos())
     try:
         return hf_hub_download(repo, "model.safetensors", token=token)
-    except GatedRepoError as e:
-        raise BackboneWeightsError(
-            f"weights {repo}: the repository is gated and this token has no access. Accept the licence on "
-            f"its Hub page, then pass a token (HF_TOKEN or the token field)") from e
-    except RepositoryNotFoundError as e:
-        raise BackboneWeightsError(f"weights {repo}: repository not found or private (token missing?)") from e
-    except LocalEntryNotFoundError as e:
-        raise BackboneWeightsError(
-            f"weights {repo}: cannot reach the Hugging Face Hub and they are not in the local cache. Connect to "
-            f"the internet, copy the weights and pass a local file (weights=PATH), or use the offline default "
-            f"backbone '{OFFLINE_DEFAULT}'") from e
-    except Exception as e:  # connection errors come in many types across versions
-        raise BackboneWeightsError(
-            f"weights {repo}: download failed ({type(e).__name__}: {e}). Offline? Use a local file or "
-            f"the offline default '{OFFLINE_DEFAULT}'") from e
+    except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
+        raise BackboneWeightsError(tokens.hub_message(
+            e, "download the weights of", repo, token,
+            hint=f"copy the weights and pass a local file (weights=PATH), or use the offline default backbone "
+                 f"'{OFFLINE_DEFAULT}'")) from None

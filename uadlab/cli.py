@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import types
@@ -15,11 +14,9 @@ import typing
 import warnings
 from pathlib import Path
 
-from . import distributed
+from . import distributed, settings
 from .progress import Progress
-
-
-MIN_SIDE, MAX_SIDE = 32, 4096  # network input side in px
+from .settings import MAX_SIDE, MIN_SIDE, check_side
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,14 +27,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _side(value: str) -> int:
-    """An image side in px for ``--image-size`` / ``--resize``."""
+    """An image side in px for ``--image-size`` / ``--resize``, checked by the run settings' one rule
+    (``settings.check_side``) as soon as it is parsed: a bad size stops the command before any work."""
     try:
         side = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of pixels") from None
-    if not MIN_SIDE <= side <= MAX_SIDE:
-        raise argparse.ArgumentTypeError(f"{side} px is out of range: use {MIN_SIDE} to {MAX_SIDE}")
-    return side
+    try:
+        return check_side("side", side)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("side ")) from None
 
 
 def _positive(value: str) -> int:
@@ -53,15 +52,15 @@ def _positive(value: str) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=None, help="short name (dinov2_vits14, dinov3_vits16, efficientnet_lite0 "
                    "...) or any timm model name; default: efficientnet_lite0, or the paper's with --preset paper")
-    p.add_argument("--weights", default="default", help="default | hub | packaged | random | PATH")
-    p.add_argument("--image-size", type=_side, default=None, help="center-crop side (default: the preset's geometry; the "
-                   "paper's with --preset paper)")
+    p.add_argument("--weights", default=None, help="default | hub | packaged | random | PATH (default: default)")
+    p.add_argument("--image-size", type=_side, default=None, help=f"center-crop side, {MIN_SIDE} to {MAX_SIDE} px "
+                   "(default: the preset's geometry; with --preset paper each method's paper's)")
     p.add_argument("--resize", type=_side, default=None, help="resize side before the center crop")
-    p.add_argument("--preset", default="quick", help="quick (default: small settings on the offline Lite0 at 224 px) | "
-                   "paper (each paper's hyperparameters; its backbone and geometry when all chosen methods' papers "
-                   "name the same one) | tiny (shrunk heads, for tests)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", default="auto", help="intensity window of DICOM / NIfTI / 16-bit images: auto (the "
+    p.add_argument("--preset", default="quick", help="quick (default: small settings on the offline Lite0 at 224 px) "
+                   "| paper (each method with its paper's hyperparameters, backbone and input geometry; several "
+                   "backbones in one run if the papers differ) | tiny (shrunk heads, for tests)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--window", default=None, help="intensity window of DICOM / NIfTI / 16-bit images: auto (the "
                    "DICOM file's own, else each image's min/max), minmax, percentile[:LO,HI] (fitted on the training "
                    "images, default 0.5,99.5), brain, soft_tissue, lung, bone (CT presets), or CENTRE/WIDTH")
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -96,15 +95,15 @@ def feature_cache(a):
 
 
 def run_config(a, methods: list[str]):
-    """The run settings from the command line, resolved once by ``RunConfig.resolve`` (a preset brings its
-    paper's backbone and geometry where the user did not choose them)."""
-    from .medical import Window
+    """The run settings from the command line: parsed here, checked and resolved once by ``RunConfig.resolve``
+    (a preset brings each method's paper backbone and geometry where the user did not choose them)."""
     from .pipeline import RunConfig
 
-    cfg = RunConfig.resolve(methods, a.preset, a.backbone, a.image_size, a.resize, weights=a.weights, seed=a.seed,
-                            method_kwargs=parse_params(a.param), window=Window.parse(a.window).spec)
-    if a.preset == "paper" and (a.backbone, a.image_size) != (cfg.backbone, cfg.image_size):
-        print(f"paper inputs: {cfg.backbone}, resize {cfg.resize}, crop {cfg.image_size}", file=sys.stderr)
+    given = {k: v for k, v in dict(weights=a.weights, seed=a.seed, window=a.window).items() if v is not None}
+    cfg = RunConfig.resolve(methods, a.preset, a.backbone, a.image_size, a.resize,
+                            method_kwargs=parse_params(a.param), **given)
+    if a.preset == "paper":
+        print("paper inputs: " + "; ".join(cfg.describe_inputs().splitlines()), file=sys.stderr)
     return cfg
 
 
@@ -159,8 +158,9 @@ def _type_name(hint) -> str:
 class ProgressBar:
     """A one-line progress bar on stderr: the whole job's share, the stage, its counts and ETA."""
 
-    def __init__(self, stream=sys.stderr, width: int = 24) -> None:
-        self.stream, self.width, self.stage = stream, width, None
+    def __init__(self, stream=None, width: int = 24) -> None:
+        # the stderr of now, not of import time (a test's captured stream may be closed since)
+        self.stream, self.width, self.stage = stream or sys.stderr, width, None
 
     def __call__(self, p: Progress) -> None:
         if self.stage is not None and p.stage.split(":")[0] != self.stage:
@@ -250,7 +250,7 @@ def cmd_bench(a) -> int:
 
 
 def cmd_app(a) -> int:
-    os.environ.setdefault("UADLAB_WORKSPACE", a.workspace)
+    settings.set_workspace_default(a.workspace)
     app_path = Path(__file__).resolve().parent.parent / "app.py"
     if not app_path.exists():
         print("app.py not found next to the uadlab package (install from a source checkout)", file=sys.stderr)
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         error = f"{e.strerror}: {Path(e.filename).name}" if isinstance(e, OSError) and e.filename else message
     except Exception as e:  # noqa: BLE001 - a bug, not bad input: still one line unless debugging
-        if os.environ.get("UADLAB_DEBUG"):
+        if settings.debug():
             raise
         error = f"internal error ({type(e).__name__}: {e}); set UADLAB_DEBUG=1 for the traceback"
     print(f"uadlab {a.cmd}: error: {' '.join(str(error).split())}", file=sys.stderr)

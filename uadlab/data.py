@@ -41,10 +41,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import medical
+from . import medical, tokens
 from .errors import DataError, short_reason as _reason
 from .progress import Progress, ProgressFn, Stages
-from .safety import clean_token, scrub
+from .tokens import scrub
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 NORMAL_NAMES = {"good", "normal", "ok", "0", "false", "negative"}
@@ -626,7 +626,7 @@ def label_mapping(feature: Any, values: Iterable[Any], where: str, check_normal:
     return out
 
 
-def _open_hf(repo_id: str, config: str | None, token: str | None, local: bool, streaming: bool = False):
+def _open_hf(repo_id: str, config: str | None, token: str | bool, local: bool, streaming: bool = False):
     """A ``datasets.DatasetDict`` (``IterableDatasetDict`` with ``streaming``) from the Hub, or with ``local``
     from a folder (saved with ``save_to_disk``, or files that ``load_dataset`` reads: parquet, image folders)."""
     import datasets
@@ -647,7 +647,7 @@ def _open_hf(repo_id: str, config: str | None, token: str | None, local: bool, s
 _FORMAT_EXT = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp", "WEBP": ".webp"}
 
 
-def _cell_image(cell: Any, name: str, token: str | None, local: bool) -> tuple[bytes, Image.Image]:
+def _cell_image(cell: Any, name: str, token: str | bool, local: bool) -> tuple[bytes, Image.Image]:
     """The bytes and the (lazily decoded) image of one undecoded image cell (``{"bytes", "path"}``).
 
     A cell with only a path (image folders) is read from it: a URL of the dataset's host, a file that
@@ -705,14 +705,14 @@ def _spool(data: bytes, img: Image.Image, dest: Path) -> str:
 
 def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test", image_column: str = "image",
             label_column: str | None = "label", mask_column: str | None = None, category_column: str | None = None,
-            config: str | None = None, token: str | None = None, limit: int | None = None,
+            config: str | None = None, token: tokens.Token = None, limit: int | None = None,
             skip_bad: bool = False, local: bool = False, streaming: bool = False,
             spool: str | os.PathLike | None = None, progress: ProgressFn | None = None) -> Dataset:
     """A Hugging Face dataset through ``datasets`` (Hub id; with ``local`` also a folder on this machine).
 
     The train split keeps only normal images (label 0, or all when there is no label column); labels follow
-    ``label_mapping`` (class names, never indices). The token is stripped, used for this call only, and never
-    appears in a message. Images are read from the cells' bytes (see ``_cell_image``: a Hub dataset cannot make
+    ``label_mapping`` (class names, never indices). ``token``: the one to send (``True``: this machine's login;
+    None: none, whatever ``HF_TOKEN`` holds, see ``tokens``); used for this call only, never in a message. Images are read from the cells' bytes (see ``_cell_image``: a Hub dataset cannot make
     this machine read its own files).
 
     Args:
@@ -726,14 +726,14 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
     """
     import datasets
 
-    token = clean_token(token)
+    token = tokens.for_request(token)
     where = f"hf:{Path(repo_id).name if local and os.path.exists(repo_id) else repo_id}"  # no server paths
     try:
         dd = _open_hf(repo_id, config, token, local, streaming)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - every loading failure becomes one clear message
-        raise DataError(scrub(f"{where}: cannot load the dataset ({type(e).__name__}: {_reason(e)})", token)) from None
+        raise DataError(tokens.hub_message(e, "load the dataset", where, token)) from None
     if split not in dd:
         raise DataError(f"{where}: no split {split!r} (have {list(dd)})")
     if test_split is not None and test_split not in dd and test_split != "test":
@@ -799,7 +799,7 @@ def load_hf(repo_id: str, split: str = "train", test_split: str | None = "test",
     return ds
 
 
-def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: str, token: str | None,
+def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: str, token: str | bool,
              report: ProgressFn) -> Iterable[tuple[str, dict]]:
     """(name, row) of the first ``limit`` rows of one split, image cells undecoded (``{"bytes", "path"}``)."""
     import datasets
@@ -832,7 +832,7 @@ def _hf_rows(table: Any, part: str, limit: int | None, streaming: bool, where: s
 
 
 def _hf_sample(row: dict, name: str, label: int, columns: tuple[str, str | None, str | None],
-               spool: Path | None, token: str | None, local: bool) -> Sample:
+               spool: Path | None, token: str | bool, local: bool) -> Sample:
     """A Sample of one row: its image in memory, or with ``spool`` written to ``spool`` + extension (the mask
     too, when it is an image column)."""
     image_column, mask_column, category_column = columns
@@ -867,7 +867,8 @@ def load_data(spec: str, categories: Sequence[str] | None = None, skip_bad: bool
 
         return load_mvtec(make_demo(), categories=categories, skip_bad=skip_bad)
     if spec.startswith("hf:"):
-        return load_hf(spec[3:], skip_bad=skip_bad, **{"local": True, **hf_kwargs})
+        # the caller owns this machine (CLI, notebook): its own login, if any, reads private datasets
+        return load_hf(spec[3:], skip_bad=skip_bad, **{"local": True, "token": True, **hf_kwargs})
     p = Path(spec)
     if not p.exists():
         raise DataError(f"{display_name(p.name or spec)}: no such file or folder (use 'demo', 'hf:REPO_ID', a folder "

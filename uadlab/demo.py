@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .settings import demo_dir
+
 CATEGORIES = ("brick", "grass", "gravel")
 DEFECTS = ("scratch", "hole", "patch", "color")
 _LOCK = threading.Lock()
@@ -116,7 +118,7 @@ def make_demo(
                   n_test_per_defect=n_test_per_defect, size=size, seed=seed, version=1)
     if root is None:
         tag = "-".join(str(v) if not isinstance(v, list) else "+".join(v) for v in params.values())
-        root = Path(os.environ.get("UADLAB_CACHE", Path.home() / ".cache" / "uadlab")) / "demo" / tag
+        root = demo_dir() / tag
     root = Path(root)
     with _LOCK:  # one writer per process; the folder appears complete or not at all (a rename)
         if _complete(root, params):

@@ -2,8 +2,9 @@
 
 A pushed repository holds what ``Method.save_pretrained`` writes (config.json, model.safetensors,
 uadlab_info.json with the calibration, the method's name and the input geometry, README.md = model card)
-plus ``example_heatmap.png``. Loading reads safetensors only. Tokens are passed straight to
-huggingface_hub for one call: never stored, never logged, scrubbed from error messages.
+plus ``example_heatmap.png``. Loading reads safetensors only. Each call sends the token it is given or none
+(``True``: this machine's login; ``tokens.for_request``), never the server's by default: a public app passes
+its visitor's. Tokens are used for one call, never stored or logged, scrubbed from error messages.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from . import tokens
 from .errors import UadlabError
 from .metrics import Evaluation
-from .safety import clean_token, scrub
 from .methods import Method, get_method_class
 
 EXAMPLE_FILE = "example_heatmap.png"
@@ -28,32 +29,6 @@ INFO_FILE = "uadlab_info.json"
 
 class HubError(UadlabError, RuntimeError):
     """A Hub operation failed; the message says why and what to do (it never contains the token)."""
-
-
-def _explain(e: Exception, action: str, repo_id: str, token: str | None) -> str:
-    """A clear, token-free message for a Hub failure."""
-    from huggingface_hub import errors as E
-
-    status = getattr(getattr(e, "response", None), "status_code", None)
-    if isinstance(e, E.OfflineModeIsEnabled) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        msg = (f"cannot {action} {repo_id}: the Hugging Face Hub is not reachable (offline mode, HF_HUB_OFFLINE=1, "
-               "or no internet). Run the app with internet access to use the Hub.")
-    elif isinstance(e, E.GatedRepoError):
-        msg = f"cannot {action} {repo_id}: the repository is gated; accept its terms on the Hub and pass a token"
-    elif isinstance(e, E.RepositoryNotFoundError):
-        msg = f"cannot {action} {repo_id}: repository not found (or private: pass a token with read access)"
-    elif isinstance(e, (E.EntryNotFoundError, E.LocalEntryNotFoundError)):
-        msg = f"cannot {action} {repo_id}: a file is missing or the Hub is not reachable ({e})"
-    elif status in (401, 403):
-        msg = (f"cannot {action} {repo_id}: the Hub refused the credentials (HTTP {status}); use a token with "
-               "WRITE access for pushing, and check the repository's owner")
-    elif isinstance(e, E.HFValidationError):
-        msg = f"{repo_id!r} is not a valid repository id (expected owner/name): {e}"
-    elif isinstance(e, (ConnectionError, TimeoutError, OSError)) or "Connect" in type(e).__name__:
-        msg = f"cannot {action} {repo_id}: cannot reach huggingface.co ({type(e).__name__})"
-    else:
-        msg = f"cannot {action} {repo_id}: {type(e).__name__}: {e}"
-    return scrub(msg, token)
 
 
 def _finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -70,8 +45,10 @@ def prepare_head(run, method: str, folder: str | Path, example_image: Image.Imag
     cfg = run.config
     evaluation = (getattr(run, "meta", {}).get("evaluation") or {}).get(method)
     # the metrics only: curve points are plotted, never listed (an Evaluation keeps them apart)
-    metrics = Evaluation.from_dict(evaluation).finite() if evaluation is not None else _finite_metrics(head.fit_info.get("metrics") or {})
-    head.fit_info.update(method=method, image_size=cfg.image_size, resize=cfg.resize, weights=cfg.weights,
+    metrics = Evaluation.from_dict(evaluation).finite() if evaluation is not None else \
+        _finite_metrics(head.fit_info.get("metrics") or {})
+    inputs = cfg.inputs_of(method)  # the head's own backbone geometry (a paper preset may give each its own)
+    head.fit_info.update(method=method, image_size=inputs.image_size, resize=inputs.resize, weights=cfg.weights,
                          sigma=cfg.sigma, score_mode=cfg.score_mode, metrics=metrics)
     if method in run.calibration:
         head.fit_info["calibration"] = run.calibration[method].to_dict()
@@ -84,7 +61,7 @@ def prepare_head(run, method: str, folder: str | Path, example_image: Image.Imag
     return folder
 
 
-def push_head(run, method: str, repo_id: str, token: str | None = None, private: bool = False,
+def push_head(run, method: str, repo_id: str, token: tokens.Token = None, private: bool = False,
               example_image: Image.Image | None = None) -> str:
     """Create (or reuse) a model repository and upload one trained head with its model card.
 
@@ -92,47 +69,49 @@ def push_head(run, method: str, repo_id: str, token: str | None = None, private:
         run: a ``pipeline.Run`` (trained or loaded).
         method: which head of the run.
         repo_id: ``owner/name``.
-        token: a write token; empty means the login already stored by ``hf auth login``.
+        token: a write token; ``True``: this machine's login (``hf auth login``, ``HF_TOKEN``); none refuses.
         private: create the repository as private.
         example_image: an example heatmap for the model card.
 
     Returns:
         The repository URL.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
     from huggingface_hub.utils import validate_repo_id
 
     repo_id = (repo_id or "").strip()
-    token = clean_token(token)
+    token = tokens.for_request(token)
     try:
         validate_repo_id(repo_id)
     except Exception as e:
         raise HubError(f"{repo_id!r} is not a valid repository id (expected owner/name): {e}") from None
     if "/" not in repo_id:
         raise HubError(f"{repo_id!r}: give the full id owner/name")
-    if token is None and get_token() is None:
-        raise HubError("no Hugging Face token: paste a WRITE token, or log in on the server with `hf auth login`")
+    if token is False:
+        raise HubError("no Hugging Face token: paste a WRITE token of the account or organisation that owns "
+                       f"{repo_id.split('/')[0]} (it is used for this push only)")
     with tempfile.TemporaryDirectory(prefix="uadlab-push-") as tmp:
         prepare_head(run, method, tmp, example_image)
         api = HfApi()
         try:
             url = api.create_repo(repo_id, token=token, private=bool(private), exist_ok=True, repo_type="model")
             api.upload_folder(repo_id=repo_id, folder_path=tmp, token=token, repo_type="model",
-                              commit_message=f"uadlab: {method} head on {run.config.backbone}")
+                              commit_message=f"uadlab: {method} head on {run.heads[method].backbone}")
         except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
-            raise HubError(_explain(e, "push to", repo_id, token)) from None
+            raise HubError(tokens.hub_message(e, "push to", repo_id, token)) from None
     return str(url)
 
 
-def load_head(repo_or_dir: str, token: str | None = None, method: str | None = None) -> Method:
+def load_head(repo_or_dir: str, token: tokens.Token = None, method: str | None = None) -> Method:
     """Load a head from a Hub repository id or a local folder (safetensors only).
 
-    The method is read from ``uadlab_info.json`` unless given.
+    The method is read from ``uadlab_info.json`` unless given. ``token``: for a private repository (``True``:
+    this machine's login); none is sent otherwise.
     """
     from huggingface_hub import hf_hub_download
 
     src = (repo_or_dir or "").strip()
-    token = clean_token(token)
+    token = tokens.for_request(token)
     if not src:
         raise HubError("enter a repository id (owner/name) or a folder")
     info: dict[str, Any] = {}
@@ -162,21 +141,22 @@ def load_head(repo_or_dir: str, token: str | None = None, method: str | None = N
     except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
         if os.path.isdir(src):
             raise HubError(f"{where}: {type(e).__name__}: {e.strerror if isinstance(e, OSError) else e}") from None
-        raise HubError(_explain(e, "load", src, token)) from None
+        raise HubError(tokens.hub_message(e, "load", src, token)) from None
 
 
-def score_images(head: Method, images: Sequence[Image.Image], token: str | None = None
+def score_images(head: Method, images: Sequence[Image.Image], token: tokens.Token = None
                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Calibrated image scores (N,), heatmaps (N, S, S) and network views of images under a loaded head.
 
     The head scores through a one-head ``Run`` (``Run.from_head``): the same path as a head trained here.
+    ``token`` may fetch gated backbone weights (``tokens.for_backbone``).
     """
     from .data import Sample
     from .pipeline import Run
 
     if not images:
         raise ValueError("upload at least one image")
-    run = Run.from_head(head, token=clean_token(token))
+    run = Run.from_head(head, token=token)
     samples = [Sample(f"image{i}", image=im.convert("RGB")) for i, im in enumerate(images)]
     scored = run.score(samples)[head.name]
     return scored.scores, scored.maps, [run.backbone.view(s.image) for s in samples]

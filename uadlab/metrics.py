@@ -54,6 +54,13 @@ class Evaluation:
         if unknown:
             raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(ALL)}")
 
+    def __getitem__(self, key: str) -> float | None:
+        """``evaluation[M.IMAGE_AUROC]``: a metric (never a curve: those are ``curves`` / ``pixel_curves``)."""
+        if key not in ALL:
+            raise KeyError(f"{key!r} is not a metric (known: {', '.join(ALL)}); curve points are the "
+                           "attributes curves and pixel_curves")
+        return self.metrics.get(key)
+
     def get(self, key: str) -> float | None:
         """A metric's value; None when missing or undefined (NaN)."""
         v = self.metrics.get(key)

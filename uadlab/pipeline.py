@@ -23,24 +23,78 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import metrics as M
-from .backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, Backbone, shared_backbone
+from .backbones import OFFLINE_DEFAULT, Backbone, backbone_spec, shared_backbone
 from .data import Dataset, Sample
 from .errors import DataError
 from .features import FeatureCache, PatchFeatures
 from .medical import Window
-from .methods import Method, get_method_class
-from .postprocess import DEFAULT_ALPHA, Calibration
+from .methods import Method, get_method_class, list_methods
+from .postprocess import DEFAULT_ALPHA, Calibration, check_score_mode, upsample
 from .progress import Progress, ProgressFn, Stages
+from .settings import DEFAULT_IMAGE_SIZE, check_side, feature_cache_dir
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("UADLAB_CACHE", Path.home() / ".cache" / "uadlab")) / "features"
+default_cache_dir = feature_cache_dir  # the feature cache's default folder (``UADLAB_CACHE``)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a head's features come from: a backbone and the input geometry it sees (the shorter image side
+    resized to ``resize``, then a centre crop of ``image_size``; ``resize=None``: no crop). Checked when built."""
+
+    backbone: str
+    image_size: int
+    resize: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backbone, str) or not self.backbone.strip():
+            raise ValueError(f"backbone {self.backbone!r}: give a backbone name such as {OFFLINE_DEFAULT}")
+        object.__setattr__(self, "image_size", check_side("image_size", self.image_size))
+        if self.resize is not None:
+            object.__setattr__(self, "resize", check_side("resize", self.resize))
+            if self.resize < self.image_size:
+                raise ValueError(f"resize {self.resize} px is smaller than image_size {self.image_size} px: the "
+                                 "centre crop must fit inside the resized image")
+
+    @property
+    def view_fraction(self) -> float:
+        """The share of the image's shorter side that the network sees: whatever the aspect ratio, the view is
+        the centred square of this side (``Backbone.view_box``)."""
+        return self.image_size / (self.resize or self.image_size)
+
+    def describe(self) -> str:
+        return f"{self.backbone} at {self.image_size} px" + (f" (resize {self.resize})" if self.resize else "")
+
+
+CALIBRATION_MODES = ("refit", "holdout")
+PRESETS = ("quick", "paper", "tiny")  # what the CLI and the app offer; a method may know more ("default")
+WEIGHT_SOURCES = ("default", "hub", "packaged", "random")  # else a weights file (of one backbone)
+
+
+def _check_methods(methods: Any) -> list[str]:
+    """The method names as a list; ValueError naming the unknown or repeated ones."""
+    if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or not methods:
+        raise ValueError(f"methods {methods!r}: give a non-empty list of method names ({', '.join(list_methods())})")
+    unknown = [m for m in methods if m not in list_methods()]
+    if unknown:
+        raise ValueError(f"methods: unknown method{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(list_methods())}")
+    if len(set(methods)) < len(methods):
+        raise ValueError(f"methods {list(methods)}: each method once")
+    return list(methods)
 
 
 @dataclass
 class RunConfig:
-    """Settings of one training run (JSON-serialisable; a token is never part of it).
+    """Settings of one training run (JSON-serialisable; a token is never part of it), checked when built:
+    the CLI, the app and the Python API all go through this one validation, and an error names the setting
+    and its bad value.
+
+    ``backbone``, ``image_size`` and ``resize`` are the run's main inputs: every method's, unless
+    ``method_inputs`` gives a method its own (``--preset paper``: each method its paper's backbone and
+    geometry). Heatmaps are shown in the main geometry.
 
     ``calibration`` says how the label-free calibration (``postprocess.Calibration``: image threshold 1.0 =
     a split-conformal order statistic promising at most ``alpha`` false alarms on new normal images) gets
@@ -60,8 +114,8 @@ class RunConfig:
 
     Zero-shot heads never see the target's normal images, so they calibrate on all of them. ``sigma`` and
     ``score_mode`` override every method's own post-processing (None: each method's paper choice).
-    ``window`` is the intensity window of DICOM, NIfTI and 16-bit images (``medical.Window.parse``), fitted on
-    the normal training images and applied alike to every image the run sees.
+    ``window`` is the intensity window of DICOM, NIfTI and 16-bit images (a ``medical.Window``; a string is
+    parsed by ``Window.parse``), fitted on the normal training images and applied alike to every image.
     """
 
     backbone: str = OFFLINE_DEFAULT
@@ -76,32 +130,172 @@ class RunConfig:
     sigma: float | None = None
     score_mode: str | None = None
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    window: str = "auto"
+    window: Window = field(default_factory=Window)
+    method_inputs: dict[str, Inputs] = field(default_factory=dict)
     alpha: float = DEFAULT_ALPHA
 
+    def __post_init__(self) -> None:
+        main = Inputs(self.backbone, self.image_size, self.resize)
+        self.image_size, self.resize = main.image_size, main.resize
+        self.methods = _check_methods(self.methods)
+        if not isinstance(self.preset, str):
+            raise ValueError(f"preset {self.preset!r}: use one of {', '.join(PRESETS)}")
+        for m in self.methods:
+            known = get_method_class(m).presets
+            if known and self.preset not in known and self.preset != "default":
+                raise ValueError(f"preset {self.preset!r}: {m} knows {', '.join(known)}")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
+                or not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction {self.val_fraction!r}: give the share of normal images held out for "
+                             "calibration, between 0 and 1 (e.g. 0.2)")
+        if self.calibration not in CALIBRATION_MODES:
+            raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {self.calibration!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 1:
+            raise ValueError(f"alpha {self.alpha!r}: give the image false-alarm rate 1.0 should promise, between 0 "
+                             "and 1 (e.g. 0.01; n held-out normal images promise no less than 1 / (n + 1))")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed {self.seed!r}: give a whole number >= 0")
+        if self.sigma is not None and (isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float))
+                                       or not 0 < self.sigma < float("inf")):
+            raise ValueError(f"sigma {self.sigma!r}: give the Gaussian sigma in px (> 0), or None for each "
+                             "method's own smoothing")
+        if self.score_mode is not None:
+            check_score_mode(self.score_mode)
+        if not isinstance(self.weights, str) or not self.weights.strip():
+            raise ValueError(f"weights {self.weights!r}: use default, hub, packaged, random or a file path")
+        if self.window is None or isinstance(self.window, str):
+            self.window = Window.parse(self.window)
+        elif isinstance(self.window, dict):
+            self.window = Window.from_dict(self.window)
+        elif not isinstance(self.window, Window):
+            raise ValueError(f"window {self.window!r}: give a medical.Window or its setting such as 'auto'")
+        self._check_method_kwargs()
+        self._check_method_inputs()
+
+    def _check_method_kwargs(self) -> None:
+        if not isinstance(self.method_kwargs, dict) or not all(isinstance(v, dict) for v in self.method_kwargs.values()):
+            raise ValueError(f"method_kwargs {self.method_kwargs!r}: give {{method: {{hyperparameter: value}}}}")
+        stray = set(self.method_kwargs) - set(self.methods)
+        if stray:
+            raise ValueError(f"hyperparameters given for {sorted(stray)}, which are not among the methods "
+                             f"{self.methods}")
+        for name, kw in self.method_kwargs.items():
+            accepted = set(inspect.signature(get_method_class(name).__init__).parameters) - {"self", "backbone"}
+            unknown = set(kw) - accepted
+            if unknown:
+                raise ValueError(f"{name}: unknown hyperparameters {sorted(unknown)}; known: "
+                                 f"{', '.join(sorted(accepted))}")
+
+    def _check_method_inputs(self) -> None:
+        if not isinstance(self.method_inputs, dict):
+            raise ValueError(f"method_inputs {self.method_inputs!r}: give {{method: Inputs}}")
+        stray = set(self.method_inputs) - set(self.methods)
+        if stray:
+            raise ValueError(f"inputs given for {sorted(stray)}, which are not among the methods {self.methods}")
+        out = {}
+        for name, inp in self.method_inputs.items():
+            if isinstance(inp, dict):
+                try:
+                    inp = Inputs(**inp)
+                except TypeError:
+                    raise ValueError(f"{name}: inputs {inp!r}: give backbone, image_size and resize") from None
+            if not isinstance(inp, Inputs):
+                raise ValueError(f"{name}: inputs {inp!r}: give an Inputs(backbone, image_size, resize)")
+            out[name] = inp
+        self.method_inputs = out
+        backbones = {i.backbone for i in self.inputs_list()}
+        if self.weights not in WEIGHT_SOURCES and len(backbones) > 1:
+            raise ValueError(f"weights {self.weights!r}: a weights file fits one backbone and this run has "
+                             f"{len(backbones)} ({', '.join(sorted(backbones))})")
+
+    # ---- what each method sees ----------------------------------------------------------------------------
+    @property
+    def main_inputs(self) -> Inputs:
+        """The run's own backbone and geometry (the heatmaps of every method are shown in it)."""
+        return Inputs(self.backbone, self.image_size, self.resize)
+
+    def inputs_of(self, method: str) -> Inputs:
+        """The backbone and geometry of ``method``'s features."""
+        return self.method_inputs.get(method) or self.main_inputs
+
+    def inputs_list(self) -> list[Inputs]:
+        """The distinct inputs of the run's methods, in method order."""
+        return list(dict.fromkeys(self.inputs_of(m) for m in self.methods))
+
+    def subset(self, methods: Sequence[str]) -> "RunConfig":
+        """These settings for some of the methods (their hyperparameters and inputs; the main inputs become the
+        first method's, so that no other backbone is loaded for them)."""
+        main = self.inputs_of(methods[0])
+        return replace(self, methods=list(methods), backbone=main.backbone, image_size=main.image_size,
+                       resize=main.resize, method_kwargs={m: v for m, v in self.method_kwargs.items() if m in methods},
+                       method_inputs={m: self.inputs_of(m) for m in methods if self.inputs_of(m) != main})
+
+    def describe_inputs(self) -> str:
+        """One line per method: its backbone and geometry."""
+        return "\n".join(f"{m}: {self.inputs_of(m).describe()}" for m in self.methods)
+
+    # ---- JSON ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (``window`` as its setting: the fitted window is kept by the run)."""
+        d = asdict(self)
+        d["window"] = self.window.spec
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """The settings of a saved run.json (settings that a newer or older uadlab does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def resolve(cls, methods: Sequence[str], preset: str = "quick", backbone: str | None = None,
                 image_size: int | None = None, resize: int | None = None, **settings: Any) -> "RunConfig":
         """The settings of a run from what a user chose (None = not chosen): the ONE place where a preset
-        brings its backbone and input geometry, for the CLI, the app and the Python API alike.
+        brings its backbones and input geometries, for the CLI, the app and the Python API alike.
 
-        With ``preset="paper"`` and methods whose papers agree on a backbone, that backbone and its input
-        geometry (e.g. Dinomaly: DINOv2-reg ViT-B/14, resize 448, crop 392) unless the user chose another
-        backbone; otherwise the offline default backbone at ``DEFAULT_IMAGE_SIZE``.
+        With ``preset="paper"`` every method gets its paper's backbone and geometry (``paper_inputs``, e.g.
+        Dinomaly: DINOv2-reg ViT-B/14, resize 448, crop 392; AnomalyDINO: DINOv2 ViT-S/14 at 448), so a run
+        may hold several backbones; a backbone the user chose serves every method (with the paper's geometry
+        where it is that paper's backbone), a size the user chose serves every method. Methods whose paper
+        names no inputs (ensemble, intensity) get the run's main inputs: those of the first method that has
+        paper inputs, else the offline default backbone at ``DEFAULT_IMAGE_SIZE``. Nothing falls back
+        silently: a backbone that cannot be loaded here fails with its reason when the run loads it.
         """
-        from .methods import get_method_class
+        methods = _check_methods(list(methods) if isinstance(methods, (list, tuple)) else methods)
+        given = {k: v for k, v in dict(backbone=backbone, image_size=image_size, resize=resize).items() if v is not None}
+        chosen = cls(methods=methods, preset=preset, **given).main_inputs  # what was not chosen: the defaults
+        per: dict[str, Inputs] = {}
+        for m in methods:
+            paper = get_method_class(m).paper_inputs if preset == "paper" else {}
+            if not paper:
+                continue
+            name = backbone or paper["backbone"]
+            if image_size is not None:  # the user's size wins over the paper's geometry
+                per[m] = Inputs(name, image_size, resize)
+            elif name == paper["backbone"]:
+                per[m] = Inputs(name, paper["image_size"], resize or paper.get("resize"))
+            else:
+                per[m] = chosen
+        main = next(iter(per.values()), chosen)
+        return cls(backbone=main.backbone, methods=methods, preset=preset, image_size=main.image_size,
+                   resize=main.resize, method_inputs={m: i for m, i in per.items() if i != main}, **settings)
 
-        inputs = [get_method_class(m).paper_inputs for m in methods] if preset == "paper" else []
-        paper = inputs[0] if inputs and all(i == inputs[0] for i in inputs) else {}
-        if paper and backbone in (None, paper["backbone"]):
-            backbone = paper["backbone"]
-            if image_size is None:  # the user's size wins over the paper's geometry
-                image_size, resize = paper["image_size"], resize or paper.get("resize")
-        if image_size is not None and (not isinstance(image_size, int) or image_size < 32):
-            raise ValueError(f"image size {image_size!r}: give a whole number of pixels, at least 32")
-        return cls(backbone=backbone or OFFLINE_DEFAULT, methods=list(methods), preset=preset,
-                   image_size=image_size or DEFAULT_IMAGE_SIZE, resize=resize, **settings)
+
+def to_geometry(maps: torch.Tensor, src: Inputs, dst: Inputs) -> torch.Tensor:
+    """(B, S, S) heatmaps in ``src``'s view -> (B, S', S') in ``dst``'s view of the same images.
+
+    Both views are centred squares of the image (``Inputs.view_fraction`` of its shorter side), so the map is
+    scaled about the centre and resampled bilinearly; where ``dst`` sees more than ``src`` did, the border
+    values of ``src`` extend outwards (nothing was seen there).
+    """
+    n = dst.image_size
+    if src.view_fraction == dst.view_fraction:
+        return maps if maps.shape[-1] == n else upsample(maps, (n, n))
+    t = ((torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1) * (dst.view_fraction / src.view_fraction)
+    gy, gx = torch.meshgrid(t, t, indexing="ij")
+    grid = torch.stack([gx, gy], -1).expand(len(maps), n, n, 2)  # (B, n, n, (x, y)) in src's [-1, 1]
+    return F.grid_sample(maps[:, None].float(), grid, mode="bilinear", padding_mode="border",
+                         align_corners=False)[:, 0]
 
 
 def seed_everything(seed: int) -> None:
@@ -110,7 +304,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-CALIBRATION_MODES = ("refit", "holdout")
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -203,12 +396,13 @@ class Scored:
 
 
 class Run:
-    """Trained heads of one backbone on one dataset, with their calibrations.
+    """Trained heads on one dataset, with their calibrations; each head reads the features of its own
+    backbone and geometry (``RunConfig.inputs_of``), extracted once per backbone through the feature cache.
 
     Args:
         config: the run settings.
         workdir: where the run is saved (``None``: not saved).
-        cache: the feature cache (default: ``~/.cache/uadlab/features``).
+        cache: the feature cache (default: ``settings.feature_cache_dir()``, under ``UADLAB_CACHE``).
     """
 
     def __init__(self, config: RunConfig, workdir: str | os.PathLike | None = None,
@@ -223,23 +417,19 @@ class Run:
         self.info: dict[str, Any] = {"fit_s": {}, "metrics": {}}
         self.meta: dict[str, Any] = {}  # what the caller records with the run (data source, evaluation, ...)
         self._token = token  # used for this process only; never saved
-        self._backbone: Backbone | None = None
-        self.window = Window.parse(config.window)  # fitted by fit; restored by load / from_head
+        self._backbones: dict[Inputs, Backbone] = {}
+        self.window = config.window  # fitted by fit; restored by load / from_head
         if heads is None:
             self.build_heads()
         else:  # trained heads (a saved run, a head from the Hub)
+            for name, head in heads.items():
+                if not head.combines_heads and head.backbone != config.inputs_of(name).backbone:
+                    raise ValueError(f"{name}: the head was trained on {head.backbone}, the run's settings say "
+                                     f"{config.inputs_of(name).backbone}")
             self.heads = dict(heads)
 
     # ---- construction ------------------------------------------------------------------------------
     def build_heads(self) -> None:
-        stray = set(self.config.method_kwargs) - set(self.config.methods)
-        if stray:
-            raise ValueError(f"hyperparameters given for {sorted(stray)}, which are not among the methods "
-                             f"{self.config.methods}")
-        if self.config.calibration not in CALIBRATION_MODES:
-            raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {self.config.calibration!r}")
-        if not 0 < self.config.alpha < 1:
-            raise ValueError(f"alpha (the false-alarm rate 1.0 promises) must lie in (0, 1), got {self.config.alpha!r}")
         for name in self.config.methods:
             self.heads[name] = self._new_head(name)
         for head in self.heads.values():
@@ -247,30 +437,60 @@ class Run:
                 head.check_members(self.heads)
 
     def _new_head(self, name: str) -> Method:
-        """A fresh head of ``name`` with the run's preset and hyperparameters."""
+        """A fresh head of ``name`` with the run's preset, hyperparameters and backbone (checked by RunConfig)."""
         cls = get_method_class(name)
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "backbone"}
-        unknown = set(self.config.method_kwargs.get(name, {})) - accepted
-        if unknown:
-            raise ValueError(f"{name}: unknown hyperparameters {sorted(unknown)}; known: {', '.join(sorted(accepted))}")
-        kw = {**self.config.method_kwargs.get(name, {}), "backbone": self.config.backbone}
+        kw = {**self.config.method_kwargs.get(name, {}), "backbone": self.config.inputs_of(name).backbone}
         return cls.from_preset(self.config.preset, **kw) if cls.presets else cls(**kw)
 
     @property
     def backbone(self) -> Backbone:
-        if self._backbone is None:
-            from .backbones import backbone_spec
+        """The backbone of the run's main inputs: the geometry every heatmap is shown in (views, masks)."""
+        return self._backbone_at(self.config.main_inputs)
 
-            spec = backbone_spec(self.config.backbone, self.config.image_size)
+    def backbone_of(self, name: str) -> Backbone:
+        """The backbone whose features head ``name`` reads."""
+        return self._backbone_at(self.config.inputs_of(name))
+
+    def _backbone_at(self, inputs: Inputs) -> Backbone:
+        """One shared backbone per inputs, with the union of the layers its heads read."""
+        if inputs not in self._backbones:
+            spec = backbone_spec(inputs.backbone, inputs.image_size)
             layers: list[str] = []
-            for h in self.heads.values():
-                layers += [l for l in h.layers_for(spec) if l not in layers]
-            self._backbone = shared_backbone(self.config.backbone, layers, self.config.image_size,
-                                             self.config.resize, self.config.weights, self._token)
-        return self._backbone
+            for n, h in self.heads.items():
+                if self.config.inputs_of(n) == inputs:
+                    layers += [l for l in h.layers_for(spec) if l not in layers]
+            self._backbones[inputs] = shared_backbone(inputs.backbone, layers, inputs.image_size, inputs.resize,
+                                                      self.config.weights, self._token)
+        return self._backbones[inputs]
 
-    def features(self, samples: Sequence[Sample], progress: ProgressFn | None = None) -> PatchFeatures:
-        return self.cache.extract(self.backbone, self.window.bind(samples), progress=progress)
+    def features(self, samples: Sequence[Sample], progress: ProgressFn | None = None,
+                 inputs: Inputs | None = None) -> PatchFeatures:
+        """Features of ``samples`` through ``inputs``' backbone (default: the run's main inputs)."""
+        bb = self._backbone_at(inputs or self.config.main_inputs)
+        return self.cache.extract(bb, self.window.bind(samples), progress=progress)
+
+    def head_features(self, name: str, samples: Sequence[Sample]) -> PatchFeatures:
+        """The features head ``name`` reads of ``samples`` (its backbone, its layers)."""
+        head = self.heads[name]
+        return self.features(samples, inputs=self.config.inputs_of(name)).select(
+            head.layers_for(self.backbone_of(name).spec))
+
+    def _select(self, name: str, feats: "dict[Inputs, PatchFeatures]") -> PatchFeatures:
+        return feats[self.config.inputs_of(name)].select(self.heads[name].layers_for(self.backbone_of(name).spec))
+
+    def _feature_inputs(self) -> list[Inputs]:
+        """The inputs whose features the heads read (an ensemble reads its members' outputs, no features)."""
+        return list(dict.fromkeys(self.config.inputs_of(n) for n, h in self.heads.items() if not h.combines_heads))
+
+    def _groups(self, feats: "PatchFeatures | dict[Inputs, PatchFeatures]") -> "dict[Inputs, PatchFeatures]":
+        """Features by inputs; PatchFeatures alone are those of a run with one backbone."""
+        if not isinstance(feats, PatchFeatures):
+            return feats
+        groups = self._feature_inputs()
+        if len(groups) > 1:
+            raise ValueError(f"this run reads {len(groups)} backbones ({', '.join(i.describe() for i in groups)}): "
+                             "score images, not the features of one backbone")
+        return {groups[0] if groups else self.config.main_inputs: feats}
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, train: Sequence[Sample], progress: ProgressFn | None = None,
@@ -283,8 +503,8 @@ class Run:
         seed_everything(self.config.seed)
         order_i, n_held = fold_order(len(train), self.config.val_fraction, self.config.seed, self.config.calibration)
         cats = {s.category for s in train}
-        category = cats.pop() if len(cats) == 1 else None  # for per-category choices (AnomalyDINO's masking table)
-        self.window = Window.parse(self.config.window).fit(train)  # on the normal training images only
+        category = cats.pop() if len(cats) == 1 else None  # one category: class-separated; several: multi-class
+        self.window = self.config.window.fit(train)  # on the normal training images only
         self.info["window"] = self.window.to_dict()
         order = sorted(self.heads, key=lambda n: self.heads[n].combines_heads)  # ensembles after their members
         # the images in fold order: every held-out fold is one slice of one feature tensor (views, not copies)
@@ -292,11 +512,19 @@ class Run:
         refit = self.config.calibration == "refit"
         parts = {n: fold_slices(n_held, n_folds(self.heads[n], self.config.val_fraction, self.config.calibration))
                  for n in learned}
-        # stages: extraction (weighed as all fits together: a cold cache costs that much), then per learned
-        # head one fit per fold and (refit) the final fit on all, one stage for every other head
+        groups = self._feature_inputs()
+        for inputs in groups:  # every backbone loads before any work: one that cannot fails now, with its reason
+            self._backbone_at(inputs)
+        # stages: extraction (weighed as all fits together: a cold cache costs that much, shared among the
+        # backbones), then per learned head one fit per fold and (refit) the final fit on all, one stage for
+        # every other head
         fits = {n: (len(parts[n]) + (refit or not parts[n])) if n in learned else 1 for n in order}
-        stages = Stages(progress, [len(order) or 1] + [1] * sum(fits.values()))
-        f_all = self.features(train, stages.stage("extracting features of the normal images")) if train else None
+        n_groups = max(1, len(groups))
+        stages = Stages(progress, [(len(order) or 1) / n_groups] * n_groups + [1] * sum(fits.values()))
+        f_all: dict[Inputs, PatchFeatures] = {}
+        for inputs in groups if train else []:
+            label = "extracting features of the normal images" + (f" ({inputs.describe()})" if len(groups) > 1 else "")
+            f_all[inputs] = self.features(train, stages.stage(label), inputs)
         self.info.update(n_train=len(train), n_fit=len(train) if refit else len(train) - n_held,
                          n_calibration=n_held, calibration_mode=self.config.calibration,
                          folds={n: len(p) for n, p in parts.items()}, alpha=self.config.alpha)
@@ -314,13 +542,15 @@ class Run:
                 head.fit_members(self.heads, {m: c.scores(o[1][:n_held]) for m, c, o in zip(members, cal, outs)}
                                  if ok else None)
                 if ok:
-                    held[name] = head.combine([c.maps(o[0][:n_held]) for c, o in zip(cal, outs)],
+                    mine = self.config.inputs_of(name)
+                    held[name] = head.combine([to_geometry(c.maps(o[0][:n_held]), self.config.inputs_of(m), mine)
+                                               for m, c, o in zip(members, cal, outs)],
                                               [c.scores(o[1][:n_held]) for c, o in zip(cal, outs)])
                     ps = {protocols[m] for m in members}
                     protocols[name] = next(p for p in ("cross-fit", "monotone", "split") if p in ps)
             elif head.zero_shot:  # never saw the target's normals: every one of them is held out
                 self._fit_zero_shot(name, head, aux, stages.stage(f"fitting {name} on {len(aux or [])} images"))
-                held[name] = self._head_raw(head, f_all) if f_all is not None else None
+                held[name] = self._head_raw(name, head, f_all) if f_all else None
                 protocols[name] = "split"
             else:
                 held[name], protocols[name] = self._fit_folds(name, train, f_all, parts[name], stages, category)
@@ -333,14 +563,15 @@ class Run:
         stages.finish("trained")
         return self
 
-    def _fit_folds(self, name: str, train: list[Sample], f_all: PatchFeatures, parts: list[slice], stages: Stages,
-                   category: str | None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+    def _fit_folds(self, name: str, train: list[Sample], f_all: "dict[Inputs, PatchFeatures]", parts: list[slice],
+                   stages: Stages, category: str | None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
         """Fit a learned head and return its raw held-out (maps, scores) and how they relate to the shipped head.
 
         holdout: one fold; the head fitted without it is shipped and scored it (split conformal). refit: K
         folds, a head fitted on the others scores each (cross-fitting); then the shipped head is fitted on all.
         """
         refit = self.config.calibration == "refit"
+        inputs = self.config.inputs_of(name)
         raws, fold_s = [], 0.0
         for k, part in enumerate(parts):
             keep = [i for i in range(len(train)) if not part.start <= i < part.stop]
@@ -348,16 +579,17 @@ class Run:
             step = stages.stage(f"fitting {name} on {len(keep)} images" +
                                 (f" (fold {k + 1} of {len(parts)})" if refit else ""))
             t0 = time.perf_counter()
-            self._fit_learned(head, [train[i] for i in keep], _rows(f_all, keep), step, category=category,
-                              val_features=f_all[part].select(head.layers_for(self.backbone.spec)))
+            held_out = {inputs: f_all[inputs][part]}
+            self._fit_learned(name, head, [train[i] for i in keep], {inputs: _rows(f_all[inputs], keep)}, step,
+                              category=category, val_features=self._select(name, held_out))
             fold_s += time.perf_counter() - t0
-            raws.append(self._head_raw(head, f_all[part]))
+            raws.append(self._head_raw(name, head, held_out))
             if not refit:
                 self.heads[name] = head
         if refit or not parts:  # the shipped head sees every normal image
             head = self._new_head(name)
-            self._fit_learned(head, train, f_all, stages.stage(f"fitting {name} on all {len(train)} normal images"),
-                              category=category)
+            self._fit_learned(name, head, train, f_all, stages.stage(f"fitting {name} on all {len(train)} normal "
+                                                                       "images"), category=category)
             self.heads[name] = head
             if parts:
                 self.info.setdefault("calibration_fit_s", {})[name] = fold_s
@@ -367,47 +599,59 @@ class Run:
         monotone = getattr(self.heads[name], "monotone_bank", False)
         return held, ("monotone" if monotone else "cross-fit") if refit else "split"
 
-    def _fit_learned(self, head: Method, samples: Sequence[Sample], feats: PatchFeatures, step: ProgressFn,
-                     **kw: Any) -> None:
+    def _fit_learned(self, name: str, head: Method, samples: Sequence[Sample], feats: "dict[Inputs, PatchFeatures]",
+                     step: ProgressFn, **kw: Any) -> None:
         """Fit a head on normal images; heads that train for long keep resumable checkpoints next to the cache."""
+        inputs = self.config.inputs_of(name)
+        f = feats[inputs]
         refs = head.reference_augment(samples)
         if len(refs) != len(samples):  # image-space augmentation of the references (AnomalyDINO's rotations)
-            feats = self.features(refs, lambda p: step(replace(p, stage="features of the augmented references")))
+            f = self.features(refs, lambda p: step(replace(p, stage="features of the augmented references")), inputs)
             kw = {**kw, "references_augmented": True}
-        head.fit(feats.select(head.layers_for(self.backbone.spec)), progress=step,
+        head.fit(f.select(head.layers_for(self.backbone_of(name).spec)), progress=step,
                  checkpoint_dir=str(self.cache.root.parent / "checkpoints"), **kw)
 
     def _fit_zero_shot(self, name: str, head: Method, aux: Sequence[Sample] | None, step: ProgressFn) -> None:
         if not aux:
             raise ValueError(f"{name} is zero-shot: it needs an auxiliary labelled set (other categories "
                              "with masks, or annotations)")
-        f_aux = self.features(aux, lambda p: step(replace(p, stage="features of the auxiliary set")))
+        inputs = self.config.inputs_of(name)
+        f_aux = self.features(aux, lambda p: step(replace(p, stage="features of the auxiliary set")), inputs)
         labels = torch.tensor([max(s.label, 0) for s in aux], dtype=torch.float32)
-        masks = masks_at(self.backbone, aux)
-        head.fit(f_aux.select(head.layers_for(self.backbone.spec)), progress=step, labels=labels,
+        masks = masks_at(self.backbone_of(name), aux)
+        head.fit(f_aux.select(head.layers_for(self.backbone_of(name).spec)), progress=step, labels=labels,
                  masks=None if masks is None else torch.from_numpy(masks).float())
 
-    def _head_raw(self, head: Method, feats: PatchFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (non-combining) head's uncalibrated heatmaps and scores, in chunks of images: a method's
-        post-processing of 600 maps at once (a 33-tap Gaussian at 224 px) took 4 GB of temporaries."""
+    def _head_raw(self, name: str, head: Method, feats: "dict[Inputs, PatchFeatures]") -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
+        """Uncalibrated heatmaps and scores of ``head`` (fitted as the run's ``name``, not combining), in its own
+        geometry, in chunks of images: a method's post-processing of 600 maps at once (a 33-tap Gaussian at
+        224 px) took 4 GB of temporaries."""
+        f = self._select(name, feats)
         parts = []
-        for s in range(0, len(feats), 32):
-            res = head.score(feats[s:s + 32].select(head.layers_for(self.backbone.spec)))
-            parts.append(head.heatmap(res, feats.image_size, self.config.sigma, self.config.score_mode))
+        for s in range(0, len(f), 32):
+            res = head.score(f[s:s + 32])
+            parts.append(head.heatmap(res, f.image_size, self.config.sigma, self.config.score_mode))
         return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
 
-    def _raw(self, name: str, feats: PatchFeatures, done: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _raw(self, name: str, feats: "PatchFeatures | dict[Inputs, PatchFeatures]",
+             done: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Heatmaps (B, S, S) and image scores (B,) of one head before calibration, by the method's own
-        post-processing; an ensemble combines its members' CALIBRATED outputs (taken from ``done``, the
-        calibrated outputs already computed for these features, when there)."""
-        head = self.heads[name]
+        post-processing, in the head's own geometry; an ensemble combines its members' CALIBRATED outputs
+        (taken from ``done``, the calibrated outputs already computed for these features, when there),
+        resampled to its geometry."""
+        head, feats = self.heads[name], self._groups(feats)
         if head.combines_heads:
+            mine = self.config.inputs_of(name)
             outs = [self._calibrated(m, feats, done) for m in head.members_in(self.heads)]
-            return head.combine([o[0] for o in outs], [o[1] for o in outs])
-        res = head.score(feats.select(head.layers_for(self.backbone.spec)))
-        return head.heatmap(res, feats.image_size, self.config.sigma, self.config.score_mode)
+            maps = [to_geometry(o[0], self.config.inputs_of(m), mine) for m, o in zip(head.members_in(self.heads), outs)]
+            return head.combine(maps, [o[1] for o in outs])
+        f = self._select(name, feats)
+        res = head.score(f)
+        return head.heatmap(res, f.image_size, self.config.sigma, self.config.score_mode)
 
-    def _calibrated(self, name: str, feats: PatchFeatures, done: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _calibrated(self, name: str, feats: "PatchFeatures | dict[Inputs, PatchFeatures]",
+                    done: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if done is not None and name in done:
             return done[name]
         maps, scores = self._raw(name, feats, done)
@@ -428,42 +672,57 @@ class Run:
 
     # ---- scoring --------------------------------------------------------------------------------------------
     def score(self, samples: Sequence[Sample] | PatchFeatures, methods: Sequence[str] | None = None,
-              progress: ProgressFn | None = None) -> dict[str, Scored]:
-        """Calibrated maps and scores of ``samples`` for each head; heads are timed one image at a time."""
-        stages = Stages(progress, [1] if isinstance(samples, PatchFeatures) else [1, 1])  # (extraction,) scoring
-        feats = samples if isinstance(samples, PatchFeatures) else \
-            self.features(samples, stages.stage("extracting features"))
+              progress: ProgressFn | None = None, native: bool = False) -> dict[str, Scored]:
+        """Calibrated maps and scores of ``samples`` for each head; heads are timed one image at a time.
+
+        Maps are in the run's main geometry (``native=True``: each head's own), so that every method's map
+        lies over the same view of the image. ``samples`` may be PatchFeatures when the run has one backbone.
+        """
+        groups = self._feature_inputs()
+        if isinstance(samples, PatchFeatures):
+            stages = Stages(progress, [1])
+            feats = self._groups(samples)
+        else:
+            stages = Stages(progress, [1] * len(groups) + [len(groups) or 1])  # extraction per backbone, scoring
+            feats = {i: self.features(samples, stages.stage("extracting features" + (
+                f" ({i.describe()})" if len(groups) > 1 else "")), i) for i in groups}
+        n = len(next(iter(feats.values()))) if feats else len(samples)
         names = sorted(methods or list(self.heads), key=lambda n: self.heads[n].combines_heads)  # members first
         step = stages.stage("scoring") if progress is not None else None
+        main = self.config.main_inputs
         maps: dict[str, list] = {n: [] for n in names}
         scores: dict[str, list] = {n: [] for n in names}
         times: dict[str, list] = {n: [] for n in names}
-        for i in range(len(feats)):
-            one, done = feats[i], {}  # an ensemble reuses its members' outputs for this image
+        for i in range(n):
+            one, done = {k: f[i] for k, f in feats.items()}, {}  # an ensemble reuses its members' outputs
             for name in names:
                 t0 = time.perf_counter()
                 m, s = self._calibrated(name, one, done)
                 times[name].append((time.perf_counter() - t0) * 1000)
+                if not native:
+                    m = to_geometry(m, self.config.inputs_of(name), main)
                 maps[name].append(m[0].numpy().astype(np.float32))
                 scores[name].append(float(s[0]))
             if step is not None:
-                step(Progress(i + 1, len(feats), "images"))
+                step(Progress(i + 1, n, "images"))
         return {n: Scored(np.array(scores[n]), np.stack(maps[n]), times[n]) for n in methods or list(self.heads)}
 
     def evaluate(self, test: Sequence[Sample], progress: ProgressFn | None = None,
                  record: bool = True) -> dict[str, M.Evaluation]:
-        """Metrics and curves of every head on labelled test images (unlabelled ones are ignored); with
-        ``record`` the metrics (never the curves) are kept in the run's info and the heads' model cards."""
+        """Metrics and curves of every head on labelled test images (unlabelled ones are ignored), each in its
+        own geometry (a paper preset's pixel metrics at that paper's input size); with ``record`` the metrics
+        (never the curves) are kept in the run's info and the heads' model cards."""
         test = [s for s in test if s.label in (0, 1)]
         if not test:
             raise ValueError("no labelled test images to evaluate on")
         labels = np.array([s.label for s in test])
-        masks = masks_at(self.backbone, test)
-        scored = self.score(test, progress=progress)
+        masks = {i: masks_at(self._backbone_at(i), test) for i in self.config.inputs_list()}
+        scored = self.score(test, progress=progress, native=True)
         results = {}
         normal = labels == 0
         for name, sc in scored.items():
-            metrics = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(masks, sc.maps),
+            mask = masks[self.config.inputs_of(name)]
+            metrics = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(mask, sc.maps),
                        M.HEAD_MS: float(np.median(sc.head_ms)), M.HEAD_MB: head_megabytes(self.heads[name]),
                        M.FIT_S: self.info["fit_s"].get(name),
                        # how the label-free calibration holds on unseen normal images: the share above 1.0
@@ -471,7 +730,7 @@ class Run:
                        M.NORMAL_PX_OVER_1: float((sc.maps[normal] > 1.0).mean()) if normal.any() else None,
                        M.NORMAL_IMG_OVER_1: float((sc.scores[normal] > 1.0).mean()) if normal.any() else None}
             results[name] = M.Evaluation(metrics, M.Curves(**M.curves(labels, sc.scores)),
-                                         M.Curves(**M.pixel_curves(masks, sc.maps)))
+                                         M.Curves(**M.pixel_curves(mask, sc.maps)))
         if record:
             for name, r in results.items():
                 self.heads[name].fit_info["metrics"] = {k: v for k, v in r.metrics.items() if v is not None}
@@ -486,7 +745,7 @@ class Run:
         for name, head in self.heads.items():
             head.save_pretrained(self.dir / name)
         self.meta.update(extra or {})
-        meta = {**self.meta, "run_id": self.run_id, "config": asdict(self.config), "info": self.info,
+        meta = {**self.meta, "run_id": self.run_id, "config": self.config.to_dict(), "info": self.info,
                 "calibration": {k: v.to_dict() for k, v in self.calibration.items()}, "created": time.time()}
         tmp = self.dir / "run.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2, default=_jsonable))
@@ -527,10 +786,11 @@ class Run:
         """A run of one loaded head (e.g. pulled from the Hub): its backbone, geometry and calibration come
         from what the head recorded when it was saved, so it scores exactly like the run that trained it."""
         info = head.fit_info
-        config = RunConfig(backbone=head.backbone, methods=[head.name],
-                           image_size=int(info.get("image_size") or DEFAULT_IMAGE_SIZE), resize=info.get("resize"),
-                           weights=info.get("weights") or "default", sigma=info.get("sigma"),
-                           score_mode=info.get("score_mode"), window=(info.get("window") or {}).get("spec", "auto"))
+        recorded = dict(image_size=info.get("image_size"), resize=info.get("resize"), weights=info.get("weights"),
+                        sigma=info.get("sigma"), score_mode=info.get("score_mode"),
+                        window=(info.get("window") or {}).get("spec"))
+        config = RunConfig(backbone=head.backbone, methods=[head.name],  # what it did not record: the defaults
+                           **{k: v for k, v in recorded.items() if v is not None})
         run = cls(config, cache=cache, token=token, heads={head.name: head})
         run.window = Window.from_dict(info.get("window"))
         if info.get("calibration"):
@@ -550,8 +810,7 @@ def _jsonable(o):
 
 def _config_from(meta: dict[str, Any]) -> RunConfig:
     """The RunConfig of a saved run.json (settings that a newer or older uadlab does not know are ignored)."""
-    known = {f.name for f in fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in meta["config"].items() if k in known})
+    return RunConfig.from_dict(meta["config"])
 
 
 def read_run_meta(run_dir: Path) -> dict[str, Any]:
@@ -569,7 +828,9 @@ def read_run_meta(run_dir: Path) -> dict[str, Any]:
         _config_from(meta)
         if isinstance(meta["run_id"], str) and isinstance(meta.get("created", 0), (int, float)):
             return meta
-    except (KeyError, TypeError):
+    except ValueError as e:  # settings out of their limits
+        raise DataError(f"run {run_dir.name}: run.json holds bad settings ({e})") from None
+    except (KeyError, TypeError, AttributeError):
         pass
     raise DataError(f"run {run_dir.name}: run.json does not describe a run (run_id, config or created wrong)")
 

@@ -15,13 +15,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+DEFAULT_SIGMA = 4.0  # Gaussian sigma in px of the network input: PatchCore's, AnomalyDINO's, SPG's and Dinomaly's
+SCORE_MODES = "top1, topN% (0 < N <= 100), topK (K >= 1), max or mean"
+
 
 def upsample(patch_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) -> (B, H, W), bilinear (align_corners=False)."""
     return F.interpolate(patch_map[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def gaussian_smooth(maps: torch.Tensor, sigma: float = 4.0, radius: int | None = None) -> torch.Tensor:
+def gaussian_smooth(maps: torch.Tensor, sigma: float = DEFAULT_SIGMA, radius: int | None = None) -> torch.Tensor:
     """Separable Gaussian blur of (B, H, W) maps per image, reflect padding.
 
     ``radius`` truncates the kernel (``2 * radius + 1`` taps; default 4 sigma, like scipy's
@@ -42,6 +45,19 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float = 4.0, radius: int | None =
     return m[:, 0]
 
 
+def check_score_mode(mode: object) -> str:
+    """``mode`` when ``image_score`` knows it; ValueError naming it otherwise."""
+    ok = mode in ("top1", "max", "mean")
+    if not ok and isinstance(mode, str) and mode.startswith("top"):
+        try:
+            ok = 0 < float(mode[3:-1]) <= 100 if mode.endswith("%") else int(mode[3:]) >= 1
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ValueError(f"score_mode {mode!r}: use {SCORE_MODES}")
+    return mode
+
+
 def image_score(maps: torch.Tensor, mode: str = "top1") -> torch.Tensor:
     """(B, H, W) -> (B,). ``top1`` = mean of the top 1% of pixels (default), ``max``, or ``topK`` = mean of the top K."""
     flat = maps.flatten(1)
@@ -56,11 +72,11 @@ def image_score(maps: torch.Tensor, mode: str = "top1") -> torch.Tensor:
     elif mode.startswith("top"):
         k = min(flat.shape[1], int(mode[3:]))
     else:
-        raise ValueError(f"unknown image score mode {mode!r}; use top1, topN%, topK, max or mean")
+        raise ValueError(f"score_mode {mode!r}: use {SCORE_MODES}")
     return flat.topk(k, dim=1).values.mean(1)
 
 
-def to_heatmap(patch_map: torch.Tensor, size: tuple[int, int], sigma: float = 4.0,
+def to_heatmap(patch_map: torch.Tensor, size: tuple[int, int], sigma: float = DEFAULT_SIGMA,
                radius: int | None = None) -> torch.Tensor:
     """Upsample then smooth: (B, h, w) raw patch map -> (B, H, W) raw heatmap."""
     return gaussian_smooth(upsample(patch_map, size), sigma, radius)

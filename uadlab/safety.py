@@ -5,8 +5,8 @@
 - Folders on the server are readable only under the roots listed in ``UADLAB_LOCAL_FOLDERS`` (none by
   default, so a Space never reads them); the app's own data (workspace, feature cache, gradio's upload
   folder) is never readable, served or listed, whatever the roots.
-- Tokens are stripped and checked, passed to one call and scrubbed from every message; messages show no
-  absolute server path (``public_text``).
+- Tokens (``tokens``: whose token a call sends, scrubbing) never reach a message; messages show no absolute
+  server path (``public_text``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import DataError, UadlabError
+from . import settings
+from .errors import DataError
+from .tokens import clean as clean_token, scrub, secret_variants  # noqa: F401  (the app's names)
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 # an absolute path of 2+ parts not inside a URL ("https://h/p": its slashes follow "/" or a word character)
@@ -33,19 +35,6 @@ SERVED_FILES_TTL = 3600  # seconds a file handed to the browser (heatmap, export
 
 class QuotaError(ValueError):
     """A per-session or per-server limit was reached; the message says which and what to do."""
-
-
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw.replace("_", ""))
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value < 0:
-        raise ValueError(f"{name}={raw!r} must not be negative")
-    return value
 
 
 @dataclass(frozen=True)
@@ -62,7 +51,7 @@ class Limits:
     @classmethod
     def from_env(cls) -> "Limits":
         d = cls()
-        n = _env_number
+        n = settings.env_number
         return cls(int(n("UADLAB_MAX_UPLOAD_BYTES", d.upload_bytes)),
                    int(n("UADLAB_MAX_UPLOAD_IMAGES", d.upload_images)),
                    int(n("UADLAB_MAX_WORKSPACE_BYTES", d.workspace_bytes)),
@@ -124,35 +113,8 @@ class Slots:
 TRAININGS = Slots()
 
 
-# ---- tokens ---------------------------------------------------------------------------------------------
-def clean_token(token: str | None) -> str | None:
-    """A pasted token without surrounding blanks (None when empty); one with blanks inside is refused unread."""
-    t = (token or "").strip()
-    if not t:
-        return None
-    if any(c.isspace() or not c.isprintable() for c in t):
-        raise UadlabError("the token has spaces or line breaks inside: paste it again (it is never shown or stored)")
-    return t
-
-
-def secret_variants(values: Iterable[object]) -> list[str]:
-    """The strings to scrub for some pasted secrets: each as given, stripped, and its longer pieces; longest first."""
-    out = {x for v in values if isinstance(v, str) and v.strip()
-           for x in (v, v.strip(), *(w for w in v.split() if len(w) >= 8))}
-    return sorted(out, key=len, reverse=True)
-
-
-def scrub(text: str, secrets: str | Iterable[str] | None) -> str:
-    """``text`` with every secret (a token as pasted, or ``secret_variants``) replaced by ``***``."""
-    for s in secret_variants([secrets] if isinstance(secrets, str) or secrets is None else secrets):
-        text = text.replace(s, "***")
-    return text
-
-
 # ---- paths ------------------------------------------------------------------------------------------------
-def workspace_root() -> Path:
-    """Where users' uploads, runs and the annotation database live (``UADLAB_WORKSPACE``, default ./workspace)."""
-    return Path(os.environ.get("UADLAB_WORKSPACE", "workspace")).resolve()
+workspace_root = settings.workspace_root
 
 
 def gradio_dirs() -> list[Path]:
@@ -166,9 +128,7 @@ def gradio_dirs() -> list[Path]:
 
 def protected_paths() -> list[Path]:
     """Folders no user may read as data: the workspace, the feature cache, gradio's folders (others' uploads)."""
-    from .pipeline import default_cache_dir
-
-    return [workspace_root(), default_cache_dir().resolve(), *gradio_dirs()]
+    return [workspace_root(), settings.feature_cache_dir().resolve(), *gradio_dirs()]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -181,11 +141,10 @@ def local_roots() -> list[Path]:
     Entries that are not folders, or that lie inside the app's own data, are ignored.
     """
     roots = []
-    for part in os.environ.get("UADLAB_LOCAL_FOLDERS", "").split(os.pathsep):
-        if part.strip():
-            p = Path(part.strip()).expanduser().resolve()
-            if p.is_dir() and not any(_inside(p, q) for q in protected_paths()):
-                roots.append(p)
+    for part in settings.local_folders():
+        p = Path(part).expanduser().resolve()
+        if p.is_dir() and not any(_inside(p, q) for q in protected_paths()):
+            roots.append(p)
     return roots
 
 
@@ -262,12 +221,78 @@ def public_text(text: str, root: Path | None = None) -> str:
 
 
 # ---- serving ------------------------------------------------------------------------------------------------
+def monitoring_enabled() -> bool:
+    """Whether gradio's traffic monitoring (``/monitoring``, its summary) is on: only when the operator sets
+    ``UADLAB_MONITORING=1`` (gradio turns it on by default, and its summary is public)."""
+    return settings.monitoring_enabled()
+
+
+def public_message(text: str) -> str:
+    """The one filter of every text the app shows: no token (typed or the server's), no absolute server path."""
+    return public_text(scrub(text))
+
+
+_SSE_ERROR = re.compile(rb'^event: error|"success":\s*false|"msg":\s*"(?:unexpected_error|log)"', re.M)
+
+
+class PublicErrors:
+    """ASGI middleware: gradio's own error texts pass the app's filter (``public_message``) too.
+
+    gradio words some errors with server paths (a refused file names the blocked paths or the working
+    directory). Error answers (HTTP >= 400) are filtered whole; in event streams, only the events that carry
+    an error or a log line, so that the file URLs of results stay intact.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state: dict = {"mode": None, "buf": b""}
+
+        async def filtered(message) -> None:
+            if message["type"] == "http.response.start":
+                ctype = dict(message.get("headers") or []).get(b"content-type", b"")
+                state["mode"] = ("sse" if ctype.startswith(b"text/event-stream")
+                                 else "error" if message["status"] >= 400 else None)
+                if state["mode"] == "error":  # its length changes: sent with the filtered body
+                    state["start"] = message
+                    return
+                return await send(message)
+            if message["type"] != "http.response.body" or state["mode"] is None:
+                return await send(message)
+            more = message.get("more_body", False)
+            state["buf"] += message.get("body", b"")
+            if state["mode"] == "error":
+                if more:
+                    return
+                body = public_message(state["buf"].decode("utf-8", "replace")).encode()
+                headers = [(k, v) for k, v in state["start"].get("headers") or [] if k.lower() != b"content-length"]
+                await send({**state["start"], "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                return await send({"type": "http.response.body", "body": body})
+            *events, rest = state["buf"].split(b"\n\n")
+            if not more:
+                events, rest = [*events, rest], b""
+            state["buf"] = rest
+            out = b"\n\n".join(public_message(e.decode("utf-8", "replace")).encode() if _SSE_ERROR.search(e) else e
+                                for e in events)
+            if events and more:
+                out += b"\n\n"
+            await send({**message, "body": out})
+
+        await self.app(scope, receive, filtered)
+
+
 def launch_guard() -> dict:
     """gradio ``launch`` arguments that keep the app's data off the web; refuses a layout that would serve it.
 
     The file route serves only gradio's own folders (uploads, cached copies of what callbacks return) and
     ``allowed_paths`` (none here); ``blocked_paths`` adds the workspace and feature cache as a second guard.
+    gradio's own error texts pass ``PublicErrors``; its monitoring is off unless ``UADLAB_MONITORING=1``.
     """
+    from starlette.middleware import Middleware
+
     root = workspace_root()
     tmp = Path(tempfile.gettempdir()).resolve()
     for g in gradio_dirs():
@@ -278,7 +303,8 @@ def launch_guard() -> dict:
         raise RuntimeError(f"the workspace ({root}) holds the temp folder ({tmp}) where exports are written: "
                            "choose another UADLAB_WORKSPACE")
     blocked = [str(p) for p in protected_paths() if not any(_inside(g, p) for g in gradio_dirs())]
-    return {"blocked_paths": blocked, "max_file_size": limits().upload_bytes}
+    return {"blocked_paths": blocked, "max_file_size": limits().upload_bytes,
+            "enable_monitoring": monitoring_enabled(), "app_kwargs": {"middleware": [Middleware(PublicErrors)]}}
 
 
 def export_path(name: str) -> Path:

@@ -15,7 +15,7 @@ from PIL import Image
 from scipy.ndimage import affine_transform
 
 from ..data import Sample
-from ..backbones import OFFLINE_DEFAULT
+from ..backbones import OFFLINE_DEFAULT, resolve_name
 from ..features import PatchFeatures
 from ..layers import HNSW_MIN_BANK, KNN_MODES, cached_index
 from .base import AnomalyResult, Method, register_method
@@ -48,7 +48,9 @@ def foreground_mask(tokens: torch.Tensor, threshold: float = 10.0) -> torch.Tens
     """The paper's zero-shot masking of one test image: PCA on its own tokens (h, w, C) -> bool (h, w).
 
     Foreground = first principal component > threshold; if the central crop (20-80% on both axes) is at
-    most 35% foreground, -PC1 > threshold is used instead. Then a 3x3 dilation and a 3x3 closing.
+    most 35% foreground, -PC1 > threshold is used instead. Then a 3x3 dilation and a 3x3 closing, as the
+    official ``cv2.dilate`` / ``cv2.morphologyEx(MORPH_CLOSE)`` with OpenCV's default borders: the image edge
+    neither grows the mask (dilation) nor shrinks it (the closing's erosion).
     """
     h, w, c = tokens.shape
     pc = first_component(tokens.reshape(-1, c)).view(h, w)
@@ -60,6 +62,11 @@ def foreground_mask(tokens: torch.Tensor, threshold: float = 10.0) -> torch.Tens
     m = F.max_pool2d(m, 3, 1, 1)  # dilation (max_pool pads with -inf: the border never grows the mask)
     m = -F.max_pool2d(-F.max_pool2d(m, 3, 1, 1), 3, 1, 1)  # closing = dilation then erosion
     return m[0, 0] > 0.5
+
+
+def is_dinov2(backbone: str) -> bool:
+    """Whether ``backbone`` (a short or timm name) is a DINOv2 ViT: the only ones the official code masks."""
+    return "dinov2" in resolve_name(backbone).lower()
 
 
 def rotate_reflect(image: Image.Image, angle: float) -> Image.Image:
@@ -87,11 +94,13 @@ class AnomalyDINO(Method):
     bilinearly and smoothed with a Gaussian of sigma 4 (scipy's 4-sigma truncation).
 
     ``masking``: the paper's zero-shot foreground masking of TEST images (PCA on the image's own tokens;
-    masked patches get distance 0). ``True`` / ``False`` force it; ``"auto"`` follows the paper's table
-    (``MASKED_CATEGORIES``: MVTec capsule, hazelnut, pill, screw, toothbrush and all of VisA) for the
-    ``category`` the pipeline passes to ``fit``; an unknown or missing category means no masking. On a
-    custom dataset, ``--param anomalydino.masking=true`` is what the table says for centred objects on a
-    plain background. The threshold 10 is on DINOv2 ViT-S features; other backbones have other scales.
+    masked patches get distance 0; morphology as the official code, see ``foreground_mask``). ``True`` /
+    ``False`` force it; ``"auto"`` follows the paper's table (``MASKED_CATEGORIES``: MVTec capsule, hazelnut,
+    pill, screw, toothbrush and all of VisA) for the ``category`` the pipeline passes to ``fit``, on DINOv2
+    backbones only: the official code turns masking off for every other backbone (its threshold 10 is on
+    DINOv2 features; other backbones have other scales). An unknown or missing category means no masking.
+    On a custom dataset, ``--param anomalydino.masking=true`` is what the table says for centred objects on
+    a plain background.
 
     ``rotation``: the paper's few-shot augmentation. ``reference_augment(samples)`` returns each reference
     image and its rotations by 45..315 degrees (bilinear, reflect border, before resizing); the run
@@ -117,8 +126,7 @@ class AnomalyDINO(Method):
                "anomalous patches. No training, so it works from a handful of normal images.")
     fit_in_one_pass = True  # a memory bank: cross-fitting in 5 folds costs seconds
     paper_inputs = dict(backbone="dinov2_vits14", resize=448, image_size=448)  # 32 x 32 patches
-    sigma = 4.0
-    smooth_radius = None  # scipy's gaussian_filter default truncate=4
+    smooth_radius = None  # sigma 4 (the shared default), scipy's gaussian_filter default truncate=4
     presets = {"tiny": {}, "quick": {}, "paper": dict(masking="auto", top_percent=1.0, rotation=True, knn="exact")}
 
     def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,
@@ -171,7 +179,8 @@ class AnomalyDINO(Method):
         if self.rotation and not references_augmented:
             raise ValueError("anomalydino: rotation=True needs the features of reference_augment(samples); fit them "
                              "with references_augmented=True (or set rotation=false)")
-        mask = self.masking if self.masking != "auto" else (category or "").lower() in MASKED_CATEGORIES
+        mask = self.masking if self.masking != "auto" else \
+            (category or "").lower() in MASKED_CATEGORIES and is_dinov2(self.backbone)
         self.mask_test.fill_(bool(mask))
         t = self._tokens(features)
         self.memory_bank = t.reshape(-1, t.shape[-1]).contiguous()

@@ -23,7 +23,7 @@ from ..errors import DataError
 from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..progress import ProgressFn
-from ..postprocess import image_score, to_heatmap
+from ..postprocess import DEFAULT_SIGMA, image_score, to_heatmap
 
 if TYPE_CHECKING:
     from ..backbones import BackboneSpec
@@ -107,7 +107,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
     fit_in_one_pass: ClassVar[bool] = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     paper_inputs: ClassVar[dict[str, Any]] = {}
-    sigma: ClassVar[float] = 4.0
+    sigma: ClassVar[float] = DEFAULT_SIGMA
     smooth_radius: ClassVar[int | None] = None
     score_mode: ClassVar[str] = "top1"
 

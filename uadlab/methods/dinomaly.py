@@ -31,6 +31,8 @@ from .base import AnomalyResult, Method, register_method
 
 ATTENTIONS = ("linear", "softmax")
 LOSSES = ("hard_mining", "global_cosine")
+# the official training budgets (uni / sep scripts): one model for all classes, or one model per class
+MULTI_CLASS_STEPS, SEPARATE_STEPS = 10_000, 5_000
 EVAL_SIZE = 256  # the official evaluation resolution: maps are smoothed and scored at 256 x 256
 
 
@@ -188,7 +190,9 @@ class Dinomaly(Method):
     global cosine distance per group with hard mining (gradient x ``hm_factor`` on the best-reconstructed
     share p of points, p ramping 0 -> ``p_final`` over ``p_ramp_steps``). Trained from cached features
     with StableAdamW (AMSGrad), warm-up + cosine schedule and gradient clipping. The anomaly map is the
-    mean over groups of 1 - cos(encoder group, decoder group). Each of the four components has a switch:
+    mean over groups of 1 - cos(encoder group, decoder group). ``steps=None`` (the paper preset) trains the
+    official budget: 10,000 steps multi-class (several categories), 5,000 class-separated (one category).
+    Each of the four components has a switch:
     ``dropout=0`` (no noise), ``attention="softmax"``, ``groups=1`` / ``"dense"``, ``loss="global_cosine"``.
 
     Input: ViT: the raw outputs of blocks 2..9 for 12 blocks, scaled with depth (4, 6, ..., 18 for 24
@@ -226,11 +230,11 @@ class Dinomaly(Method):
                "points go to focus on hard ones. Where the decoder fails to restore the features (1 - cosine "
                "similarity), the image is anomalous; one model serves many categories at once.")
     paper_inputs = dict(backbone="dinov2_vitb14_reg", resize=448, image_size=392)  # 28 x 28 patches
-    sigma, smooth_radius, score_mode = 4.0, 2, "top1"  # official: 5 x 5 kernel, sigma 4, at 256 px (heatmap)
+    smooth_radius, score_mode = 2, "top1"  # official: 5 x 5 kernel, sigma 4 (the shared default), at 256 px
     presets = {
         "tiny": dict(dim=64, steps=40, batch_size=8, lr=2e-3, final_lr=2e-4, warmup=5, p_ramp_steps=10),
         "quick": dict(decoder_depth=4, steps=150, batch_size=8, lr=2e-3, final_lr=2e-4, warmup=10, p_ramp_steps=15),
-        "paper": dict(dropout=0.2, attention="linear", groups=2, loss="hard_mining", steps=10_000, batch_size=16,
+        "paper": dict(dropout=0.2, attention="linear", groups=2, loss="hard_mining", steps=None, batch_size=16,
                       lr=2e-3, final_lr=2e-4, warmup=100, weight_decay=1e-4, eps=1e-10, grad_clip=0.1,
                       p_final=0.9, p_ramp_steps=1000, hm_factor=0.1),
     }
@@ -238,7 +242,7 @@ class Dinomaly(Method):
     def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,
                  in_dims: list[int] | None = None, dim: int | None = None, heads: int | None = None,
                  grid: list[int] | None = None, decoder_depth: int | None = None, dropout: float = 0.2,
-                 attention: str = "linear", groups: int | str = 2, loss: str = "hard_mining", steps: int = 10_000,
+                 attention: str = "linear", groups: int | str = 2, loss: str = "hard_mining", steps: int | None = None,
                  batch_size: int = 16, lr: float = 2e-3, final_lr: float = 2e-4, warmup: int = 100,
                  weight_decay: float = 1e-4, eps: float = 1e-10, grad_clip: float = 0.1, p_final: float = 0.9,
                  p_ramp_steps: int = 1000, hm_factor: float = 0.1, checkpoint_every: int = 500,
@@ -250,6 +254,8 @@ class Dinomaly(Method):
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if not (groups == "dense" or (isinstance(groups, int) and groups >= 1)):
             raise ValueError(f"groups must be a positive int or 'dense', got {groups!r}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"steps must be a positive whole number or None (the official budget), got {steps!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.layers, self.in_dims, self.dim, self.heads, self.grid = layers, in_dims, dim, heads, grid
@@ -368,8 +374,10 @@ class Dinomaly(Method):
 
     # ---- fit / score ---------------------------------------------------------------------------------------
     def _fit(self, features: PatchFeatures, progress=None, val_features: PatchFeatures | None = None,
-             checkpoint_dir: str | None = None, **kw: Any) -> None:
-        """Train ``steps`` steps on batches of cached features.
+             checkpoint_dir: str | None = None, category: str | None = None, **kw: Any) -> None:
+        """Train ``steps`` steps on batches of cached features (``steps=None``: the official budget, 5,000 steps
+        for one ``category``, class-separated, and 10,000 for several, multi-class: the pipeline passes the
+        category when the training images have one).
 
         With ``checkpoint_dir`` (a machine folder given by the caller, never a hyperparameter: it must not
         land in a saved head's config.json), a checkpoint of the same features and settings is
@@ -384,6 +392,7 @@ class Dinomaly(Method):
         elif dims != self.in_dims:
             raise ValueError(f"dinomaly: layer widths {dims} differ from in_dims {self.in_dims}")
         n, bs = len(features), min(self.batch_size, len(features))
+        steps = self.steps or (SEPARATE_STEPS if category is not None else MULTI_CLASS_STEPS)
         if self.project:  # per-layer scale: mean token norm 1 on the training images (in chunks: memory)
             sums = torch.zeros(len(layers), dtype=torch.float64)
             for s in range(0, n, 64):
@@ -400,24 +409,24 @@ class Dinomaly(Method):
             torch.manual_seed(self.seed)
             start = self._resume(ckpt, opt, data_key) if ckpt else 0
             self.train()
-            for step in range(start, self.steps):
+            for step in range(start, steps):
                 epoch, j = divmod(step, per_epoch)
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
                 idx = order[j * bs:(j + 1) * bs]
                 tokens, _ = self._tokens(features[idx[distributed.local_part(len(idx))]])  # (B, N, D) per layer;
-                loss = self.train_step(tokens, opt, step, self.steps, len(idx))  # under torchrun this rank's part
+                loss = self.train_step(tokens, opt, step, steps, len(idx))  # under torchrun this rank's part
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"dinomaly: loss became {loss} at step {step}")
                 history.append(loss)
-                if ckpt and (step + 1) % self.checkpoint_every == 0 and step + 1 < self.steps:
+                if ckpt and (step + 1) % self.checkpoint_every == 0 and step + 1 < steps:
                     self._save_checkpoint(ckpt, opt, step + 1, data_key)
                 if progress is not None:
-                    progress(Progress(step + 1, self.steps, "steps", loss=loss))
+                    progress(Progress(step + 1, steps, "steps", loss=loss))
         self.eval()
         if ckpt is not None:  # finished: the weights now live in the head; the resume file has done its job
             ckpt.unlink(missing_ok=True)
         grid = self._grid(features)
-        info: dict[str, Any] = dict(steps=self.steps, resumed_from=start, grid=list(grid), dim=self._dim,
+        info: dict[str, Any] = dict(steps=steps, multi_class=category is None, resumed_from=start, grid=list(grid), dim=self._dim,
                                     final_loss=history[-1] if history else None)
         if val_features is not None and len(val_features):  # reported only: the paper keeps the last weights
             with torch.no_grad():

@@ -209,8 +209,7 @@ class PatchCore(Method):
                "the image score is the largest patch distance.")
     fit_in_one_pass = True  # a memory bank: cross-fitting in 5 folds costs seconds
     paper_inputs = dict(backbone="wide_resnet50_2", resize=256, image_size=224)  # torchvision weights; layer2 + layer3
-    sigma = 4.0
-    smooth_radius = None  # 4 sigma = 16 px, scipy's gaussian_filter default truncate=4
+    smooth_radius = None  # sigma 4 (the shared default): 4 sigma = 16 px, scipy's gaussian_filter truncate=4
     presets = {
         "tiny": dict(coreset_ratio=0.1, pretrain_dim=None),
         "quick": dict(coreset_ratio=0.1, pretrain_dim=None),

@@ -147,7 +147,7 @@ class SPG(Method):
                "shown and located in the image, which explains what the model looks for.")
     zero_shot = True
     paper_inputs = dict(backbone="dinov3_vitl16", resize=448, image_size=448)  # 28 x 28 patches
-    sigma = 4.0  # scipy gaussian_filter sigma 4 at the input size (official evaluator)
+    # sigma: the shared default 4, scipy gaussian_filter sigma 4 at the input size (official evaluator)
     score_mode = "max"  # image score = max of the smoothed map (official image_score.mode=map)
     presets = {
         "tiny": dict(n_atoms=128, k=16, aux_k=64, sae_epochs=3, guide_epochs=3, dead_tokens=2_000, ema_decay=0.9),

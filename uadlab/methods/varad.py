@@ -261,6 +261,9 @@ class VarAD(Method):
                "prediction misses the real token, the image deviates from what normal context implies: the "
                "per-token miss, averaged over orders and layers, is the anomaly map. Cost grows linearly "
                "with the number of tokens, so it suits high-resolution images.")
+    # the official README's setting: DINOv2 ViT-S/14 at 512 px (36 x 36 patches: the patch grid covers 504 px,
+    # the last 8 px on the right and at the bottom fall outside it)
+    paper_inputs = dict(backbone="dinov2_vits14", resize=512, image_size=512)
     presets = {
         "tiny": dict(d_model=16, n_layers=1, d_state=4, epochs=3, batch_size=4, lr=3e-3),
         # expand 1, state 4, 6 epochs: 23 instead of 86 CPU-s on demo brick, same AUROC (image 1.0, pixel 0.987)
@@ -268,7 +271,7 @@ class VarAD(Method):
         # the paper's hyperparameters are unknown: these are our larger defaults
         "paper": dict(d_model=128, n_layers=4, d_state=16, epochs=60, batch_size=8, lr=1e-3),
     }
-    sigma = 4.0  # not stated by the paper: the uadlab default
+    # sigma: not stated by the paper, the uadlab default (postprocess.DEFAULT_SIGMA)
     score_mode = "top1"  # not stated by the paper: mean of the top 1% of the map
 
     def __init__(self, backbone: str = OFFLINE_DEFAULT, layers: list[str] | None = None,

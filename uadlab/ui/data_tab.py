@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from .. import safety as S
+from .. import tokens
 from ..data import DataError, Dataset
 from ..demo import CATEGORIES
 from ..workspace import Workspace, describe, source_label, thumbnail
@@ -105,7 +106,8 @@ def on_load_folder(user: str, category: str, folder: str):
 
 @ui_errors
 def on_load_hf(user: str, category: str, source: HfSource, hf_token: str | None, progress=gr.Progress()):
-    return _open(open_workspace(user), source.choice(), category, token=S.clean_token(hf_token),
+    # the visitor's token or none (``tokens.visitor``): a server's HF_TOKEN never reads data for a visitor
+    return _open(open_workspace(user), source.choice(), category, token=tokens.visitor(hf_token) or None,
                  progress=reporter(progress))
 
 
@@ -159,7 +161,7 @@ def build(user: gr.State) -> SimpleNamespace:
         with gr.Row():
             hf_repo = gr.Textbox(label="Dataset id", placeholder="owner/name")
             hf_config = gr.Textbox(label="Config (optional)")
-            hf_token = gr.Textbox(label="Token for gated data (never stored)", type="password")
+            hf_token = gr.Textbox(label="Token for private or gated data (yours; never stored)", type="password")
         with gr.Row():
             hf_split = gr.Textbox(label="Train split", value="train")
             hf_test_split = gr.Textbox(label="Test split", value="test")

@@ -44,7 +44,8 @@ def on_refresh_runs(user: str, current: str | None):
 def run_summary(ws: Workspace, run_id: str) -> str:
     run = ws.runs.get(run_id)
     data = run.meta.get("data")
-    return (f"**{S.public_text(source_label(data)) if data else '?'}** · backbone `{run.config.backbone}` · "
+    backbones = "`, `".join(dict.fromkeys(i.backbone for i in run.config.inputs_list()))  # a paper run may hold several
+    return (f"**{S.public_text(source_label(data)) if data else '?'}** · backbone `{backbones}` · "
             f"preset {run.config.preset} · image {run.config.image_size} px · methods {', '.join(run.heads)}")
 
 

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from .. import hub, viz
+from .. import hub, tokens, viz
 from .. import safety as S
+from ..backbones import public_backbone
 from ..data import open_image
 from ..methods import list_methods
 from .common import in_panel, open_workspace, ui_errors
@@ -17,7 +18,7 @@ from .common import in_panel, open_workspace, ui_errors
 def on_push(user: str, run_id: str | None, method: str | None, repo_id: str, token: str | None, private: bool,
             progress=gr.Progress()):
     ws = open_workspace(user)
-    token = S.clean_token(token)
+    token = tokens.visitor(token)  # the visitor's write token or none: never the server's
     if not run_id or not method:
         raise gr.Error("choose a run and one of its heads")
     progress(0.2, desc="rendering the example heatmap")
@@ -29,10 +30,15 @@ def on_push(user: str, run_id: str | None, method: str | None, repo_id: str, tok
 
 @ui_errors
 def on_hub_score(repo_id: str, token: str | None, method: str, files: list[str] | None, progress=gr.Progress()):
-    """Load a head from the Hub (safetensors only) and score the uploaded images through a one-head Run."""
-    token = S.clean_token(token)
+    """Load a head from the Hub (safetensors only) and score the uploaded images through a one-head Run.
+
+    The visitor's token (or none, never the server's) reads the head; the head's backbone must be one the app
+    offers (``public_backbone``: a head cannot name a server folder), whose weights follow ``tokens.for_backbone``.
+    """
+    token = tokens.visitor(token)
     progress(0.1, desc="loading the head")
     head = hub.load_head(S.head_source(repo_id), token=token, method=None if method == "auto" else method)
+    public_backbone(head.backbone)
     if not files:
         return [], f"Loaded **{head.name}** on `{head.backbone}`; upload images to score them."
     images = [open_image(f) for f in files]
@@ -45,8 +51,8 @@ def on_hub_score(repo_id: str, token: str | None, method: str, files: list[str] 
 
 def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     gr.Markdown("Push a trained head (weights, config, calibration, model card with metrics and an example heatmap) "
-                "or load one by repository id and score images. Tokens are used for one call and never stored; an "
-                "empty token uses the server's `hf auth login`.")
+                "or load one by repository id and score images. Tokens are used for one call and never stored; with "
+                "an empty token none is sent.")
     with gr.Row():
         with gr.Column():
             method = gr.Dropdown([], label="Head of the selected run")

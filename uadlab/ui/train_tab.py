@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import gradio as gr
 
 from .. import safety as S
-from ..backbones import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, SHORT_NAMES
-from ..medical import WINDOW_PRESETS
+from ..backbones import OFFLINE_DEFAULT, SHORT_NAMES, public_backbone
+from ..medical import WINDOW_PRESETS, Window
+from ..settings import DEFAULT_IMAGE_SIZE, MAX_SIDE, MIN_SIDE
 from ..methods import get_method_class, list_methods
 from ..workspace import source_label, thumbnail
 from ..viz import metrics_frame
@@ -34,12 +35,13 @@ def on_train_data(user: str):
 
 @ui_errors
 def on_train(user: str, backbone: str | None, methods: list[str], preset: str, image_size: float | None,
-             aux_source: str, token: str | None, window: str = "auto", progress=gr.Progress()):
-    """Train, evaluate and save a run: (status, metrics table, the new run's id)."""
+             aux_source: str, token: str | None, window: str | None = None, progress=gr.Progress()):
+    """Train, evaluate and save a run: (status, metrics table, the new run's id). The form's values are only
+    parsed here (empty = not chosen); ``RunConfig`` checks them, before any work, as for the CLI."""
     ws = open_workspace(user)
-    run_id, evaluation = ws.runs.train(methods, backbone or None, preset,
-                                       None if image_size in (None, "") else int(image_size), aux_source,
-                                       S.clean_token(token), progress=reporter(progress), window=window)
+    run_id, evaluation = ws.runs.train(methods, public_backbone(backbone), preset,
+                                       None if image_size in (None, "") else image_size, aux_source,
+                                       S.clean_token(token), progress=reporter(progress), window=window or None)
     msg = f"Run **{ws.runs.label(run_id)}** trained and saved. Open **Compare** to see the heatmaps."
     if not evaluation:
         msg += " (No labelled test images: no metrics.)"
@@ -55,11 +57,12 @@ def build(user: gr.State) -> SimpleNamespace:
                                info=f"empty: {OFFLINE_DEFAULT} (works offline), or the paper's with the paper preset; "
                                     "DINO backbones download their weights from the Hub (DINOv3 is gated: token)")
         preset = gr.Radio(["quick", "paper"], value="quick", label="Preset")
-        image_size = gr.Number(label="Image size (px)", value=None, precision=0,
-                               info=f"empty: the preset's ({DEFAULT_IMAGE_SIZE}, or the paper's geometry)")
+        image_size = gr.Number(label="Image size (px)", value=None,
+                               info=f"{MIN_SIDE} to {MAX_SIDE} px; empty: the preset's ({DEFAULT_IMAGE_SIZE}, or "
+                                    "each method's paper geometry)")
     methods = gr.CheckboxGroup([(m + (" (zero-shot)" if get_method_class(m).zero_shot else ""), m)
                                 for m in list_methods()], value=DEFAULT_METHODS, label="Methods", elem_id="methods")
-    window = gr.Dropdown(["auto", "minmax", "percentile:0.5,99.5", *WINDOW_PRESETS], value="auto",
+    window = gr.Dropdown(["auto", "minmax", "percentile:0.5,99.5", *WINDOW_PRESETS], value=Window().spec,
                          allow_custom_value=True, label="Intensity window (DICOM, NIfTI, 16-bit images)",
                          info="auto: a DICOM file's own window, else min/max (16-bit PNG/TIFF: their full range); "
                               "percentile: fitted on the training images; a CT preset (HU) or CENTRE/WIDTH such as "

@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from .. import settings
 from ..progress import Progress
 from ..safety import workspace_root
 
@@ -31,7 +32,7 @@ def examples_dir(root: str | Path | None = None) -> Path:
 
 
 def enabled() -> bool:
-    return os.environ.get("UADLAB_EXAMPLE", "1").strip() not in ("0", "false", "no", "off")
+    return settings.examples_enabled()
 
 
 def _key() -> str:

@@ -75,9 +75,10 @@ class Runs:
 
     def train(self, methods: Sequence[str], backbone: str | None = None, preset: str = "quick",
               image_size: int | None = None, aux_source: str = "other categories", token: str | None = None,
-              progress: ProgressFn | None = None, window: str = "auto") -> tuple[str, dict[str, "Evaluation"]]:
+              progress: ProgressFn | None = None, window: str | None = None) -> tuple[str, dict[str, "Evaluation"]]:
         """Fit the chosen heads on the current data, evaluate on its labelled test images, save; return
-        (run id, evaluation). ``window``: the intensity window of scans and 16-bit images (``medical.Window``).
+        (run id, evaluation). ``window``: the intensity window of scans and 16-bit images (``medical.Window``;
+        None: the default). The settings are checked (``RunConfig``) before any data is read.
 
         With ``aux_source="annotations"`` zero-shot heads train on the user's annotated TEST images of this
         dataset: those images are excluded from every evaluation of the run (recorded in the run as
@@ -89,6 +90,8 @@ class Runs:
         unknown = [m for m in methods if m not in list_methods()]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {list_methods()}")
+        config = RunConfig.resolve(methods, preset, backbone or None, image_size,
+                                   **({} if window is None else {"window": window}))
         choice = self.ws.data.choice()
         ds = self.ws.data.dataset(choice, token)
         if not ds.train and not all(get_method_class(m).zero_shot for m in methods):
@@ -98,8 +101,7 @@ class Runs:
         self.ws.check_disk()
         lim = limits()
         with TRAININGS.hold(self.ws.user, lim.trainings_per_workspace, lim.trainings):
-            run = Run(RunConfig.resolve(methods, preset, backbone or None, image_size or None, window=window or "auto"),
-                      workdir=self.dir, token=token or None)
+            run = Run(config, workdir=self.dir, token=token or None)
             run.fit(ds.train, within(progress, 0.0, 0.85), aux=aux)
             evaluation: dict[str, Evaluation] = {}
             labelled = [s for s in ds.test if s.label in (0, 1) and s.name not in set(excluded)]
@@ -236,7 +238,7 @@ class Runs:
             raise ValueError(f"this run has no {method} head")
         sample = self.test_samples(run_id, [name])[0]
         head = run.heads[method]
-        out = head.explain(run.features([sample]).select(head.layers_for(run.backbone.spec)))
+        out = head.explain(run.head_features(method, [sample]))
         scored, views = self.scored(run_id, [sample])
         return views[0], scored[method].maps[0], dict(out or {})
 

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import settings
 from ..safety import TRAININGS, limits, remove_stale_exports, workspace_root
 from ..store import AnnotationStore
 
@@ -34,7 +35,7 @@ def browser_secret(root: str | Path | None = None) -> str:
     From ``UADLAB_BROWSER_SECRET`` or a file created once in the workspace root (``.browser_secret``);
     a random key per start (gradio's default) would make every browser lose its workspace on a restart.
     """
-    env = os.environ.get("UADLAB_BROWSER_SECRET")
+    env = settings.browser_secret()
     if env:
         return env
     root = Path(root) if root is not None else workspace_root()

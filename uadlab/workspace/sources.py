@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from PIL import Image
 
-from .. import medical
+from .. import medical, settings
 from ..data import (IMAGE_EXTS, DataError, Dataset, Sample, file_stem, load_files, load_hf, load_mvtec, load_unpacked,
                     safe_extract_zip)
 from ..progress import ProgressFn
@@ -31,7 +31,7 @@ _DATASETS = LRU(16)  # (user, data choice json) -> Dataset (lazy samples: cheap)
 
 def demo_kwargs() -> dict[str, Any]:
     """Arguments of ``make_demo`` for the app's demo data (env ``UADLAB_DEMO`` as JSON, e.g. smaller for tests)."""
-    raw = os.environ.get("UADLAB_DEMO", "")
+    raw = settings.demo_settings()
     return json.loads(raw) if raw.strip() else {}
 
 

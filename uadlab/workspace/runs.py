@@ -141,6 +141,10 @@ class Runs:
         if excluded:
             out.append(f"{len(excluded)} annotated test image{'s' if len(excluded) != 1 else ''} trained the zero-shot "
                        "heads (auxiliary set: annotations) and are excluded from every evaluation of this run.")
+        for name, head in run.heads.items():
+            if head.combines_heads and head.fit_info.get("weights"):
+                used = ", ".join(f"{m} ({w:.2f})" for m, w in head.fit_info["weights"].items() if w > 0)
+                out.append(f"{name} combines {used} (weights from held-out normal images; no test label used).")
         out += [f"{name}: {cal.statement}" for name, cal in run.calibration.items()]
         return out
 

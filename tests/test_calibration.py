@@ -58,3 +58,22 @@ def test_too_few_normals_say_what_cannot_be_calibrated(normals):
     assert cal.n == 0 and cal.threshold is None and cal.statement.startswith("Not calibrated")
     s = one.score(train[1:4])["anomalydino"].scores
     assert np.all(np.abs(s) < 10)  # raw cosine distances, not a blown-up scale (1-shot used to give ~1e6)
+
+
+def test_cli_states_the_calibration_instead_of_a_number(tiny_demo, tmp_path, capsys):
+    """10 normal images cannot promise 1% false alarms: `uadlab fit` and `uadlab score` say so in words; with
+    --alpha 0.1 (10 images allow 1/11) they state the promise."""
+    from uadlab.cli import main
+
+    assert main(["fit", "--data", str(tiny_demo / "grass"), "--methods", "anomalydino", "--image-size", "64",
+                 "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "anomalydino: Image threshold: cannot be calibrated to a false-alarm rate of 0.01 with 10" in out
+    run_dir = next((tmp_path / "a").iterdir())
+    assert main(["score", "--run", str(run_dir), str(tiny_demo / "grass" / "test" / "hole" / "000.png")]) == 0
+    assert "cannot be calibrated" in capsys.readouterr().err  # stdout stays JSON
+    assert main(["fit", "--data", str(tiny_demo / "grass"), "--methods", "anomalydino", "--image-size", "64",
+                 "--alpha", "0.1", "--out", str(tmp_path / "b")]) == 0
+    assert "probability at most 0.0909 (requested 0.1" in capsys.readouterr().out
+    assert main(["fit", "--data", str(tiny_demo / "grass"), "--methods", "anomalydino", "--alpha", "2"]) == 2
+    assert "alpha 2.0" in capsys.readouterr().err

@@ -53,6 +53,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=None, help="short name (dinov2_vits14, dinov3_vits16, efficientnet_lite0 "
                    "...) or any timm model name; default: efficientnet_lite0, or the paper's with --preset paper")
     p.add_argument("--weights", default=None, help="default | hub | packaged | random | PATH (default: default)")
+    p.add_argument("--alpha", type=float, default=None, help="the image false-alarm rate a calibrated score of 1.0 "
+                   "promises on new normal images (default 0.01; n held-out normal images promise no less than "
+                   "1/(n+1), and fewer say so instead of giving a threshold)")
     p.add_argument("--image-size", type=_side, default=None, help=f"center-crop side, {MIN_SIDE} to {MAX_SIDE} px "
                    "(default: the preset's geometry; with --preset paper each method's paper's)")
     p.add_argument("--resize", type=_side, default=None, help="resize side before the center crop")
@@ -99,7 +102,8 @@ def run_config(a, methods: list[str]):
     (a preset brings each method's paper backbone and geometry where the user did not choose them)."""
     from .pipeline import RunConfig
 
-    given = {k: v for k, v in dict(weights=a.weights, seed=a.seed, window=a.window).items() if v is not None}
+    given = {k: v for k, v in dict(weights=a.weights, seed=a.seed, window=a.window,
+                                   alpha=getattr(a, "alpha", None)).items() if v is not None}
     cfg = RunConfig.resolve(methods, a.preset, a.backbone, a.image_size, a.resize,
                             method_kwargs=parse_params(a.param), **given)
     if a.preset == "paper":

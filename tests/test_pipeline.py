@@ -314,3 +314,16 @@ def test_dinomaly_paper_budget_follows_the_setting():
         with pytest.raises(Stop):
             head.fit(feats, progress=stop, category=category)
         assert totals == [budget]
+
+
+def test_model_card_lists_metrics_only_and_states_the_calibration(fitted, tmp_path):
+    """Issue 25.8: curve points once leaked into model cards as a metrics row; the card states what 1.0 promises."""
+    from uadlab.hub import prepare_head
+
+    run, ds, _, _ = fitted
+    run.meta["evaluation"] = run.evaluate(ds.test, record=False)
+    card = (prepare_head(run, "patchcore", tmp_path / "card") / "README.md").read_text()
+    metrics = card.split("## Metrics")[1].split("##")[0]
+    assert f"| {M.IMAGE_AUROC} |" in metrics and f"| {M.HEAD_MS} |" in metrics
+    assert "curves" not in metrics and "fpr" not in metrics
+    assert "## Calibration" in card and run.calibration["patchcore"].statement in card

@@ -173,7 +173,8 @@ class Calibration:
         rank = math.ceil((n + 1) * P * q - 1e-6)
         pixel_ok = rank <= px.numel() and not sub
         lo = float(px.kthvalue(max(1, (px.numel() + 1) // 2)).values)
-        hi = float(px.kthvalue(rank).values) if pixel_ok else float(torch.quantile(px[:16_000_000], q))
+        # too few images for the rank: the empirical q quantile (an estimate)
+        hi = float(px.kthvalue(rank if pixel_ok else max(1, math.ceil(q * px.numel()))).values)
         eps = 1e-6 * max(1.0, abs(shi), abs(hi))  # all held-out values equal: a unit, not a blow-up
         return cls(lo, hi if hi > lo else lo + eps, slo, shi if shi > slo else slo + eps, q, alpha, n,
                    k <= n, pixel_ok, protocol)

@@ -13,7 +13,10 @@ image AUROC agree with each other most, 0.6-0.7 rank correlation). So the defaul
 stated here: the run's memory banks (heads fitted in one pass, ``fit_in_one_pass``), the strongest members in
 every comparison we have (two real sets, the hard set); other heads join when named in ``members`` or with
 ``select="all"``. Weights among the chosen members come from their held-out normal scores
-(``member_weights``); both are recorded in ``fit_info``.
+(``member_weights``); both are recorded in ``fit_info``. Measured on 9 hard sets (brick, grass, gravel x 3
+seeds, 30 normals, quick preset): the banks' ensemble is 0.0009 image AUROC below its best member on average,
+0.0117 at worst (gravel, seed 1; 3 of 256 pairs); the plain mean of all five heads was 0.012 and 0.035 below
+on the two sets where all five were run; the max of the banks 0.010 below on average, 0.043 at worst.
 """
 from __future__ import annotations
 

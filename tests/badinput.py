@@ -505,4 +505,48 @@ CLI_KINDS = [
     _cli("unknown_method", ("--methods", "nope"), r"unknown method 'nope'"),
 ]
 
-KINDS: list[Kind] = IMAGE_KINDS + MASK_KINDS + FOLDER_KINDS + ZIP_KINDS + HF_KINDS + RUN_KINDS + CLI_KINDS
+# ---- scans and float images: NaN, infinities, empty and oversized volumes -------------------------------------------
+def _nifti(name: str, data: Callable[[], np.ndarray]) -> Callable[[Path], Path]:
+    def make(d: Path) -> Path:
+        import nibabel as nib
+
+        d.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(data(), np.eye(4)), str(d / name))
+        return d / name
+    return make
+
+
+def _nifti_declaring(shape: tuple[int, ...]) -> Callable[[Path], Path]:
+    """A .nii file of 352 bytes whose header declares ``shape`` (a decompression bomb's header, no data)."""
+    def make(d: Path) -> Path:
+        import nibabel as nib
+
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape(shape)
+        hdr.set_data_dtype(np.int16)
+        return write(d / "bomb.nii", hdr.binaryblock + b"\0" * 4)
+    return make
+
+
+def _float_tiff(name: str, bad: float) -> Callable[[Path], Path]:
+    def make(d: Path) -> Path:
+        a = np.linspace(0, 1, SIDE * SIDE, dtype=np.float32).reshape(SIDE, SIDE)
+        a[5:9, 5:9] = bad
+        return write(d / name, Image.fromarray(a, mode="F"), "TIFF")
+    return make
+
+
+SCAN_KINDS = [
+    Kind("float_tiff_nan", "image", _float_tiff("nan.tif", np.nan),
+         (r"nan\.tif", r"16 of 4096 pixels are NaN or infinite")),
+    Kind("float_tiff_inf", "image", _float_tiff("inf.tif", np.inf), (r"inf\.tif", r"NaN or infinite")),
+    Kind("nifti_all_nan", "image", _nifti("allnan.nii.gz", lambda: np.full((16, 16, 4), np.nan, np.float32)),
+         (r"allnan\.nii\.gz", r"no finite intensity", r"NaN or infinite")),
+    Kind("nifti_constant", "image", _nifti("flat.nii.gz", lambda: np.zeros((16, 16, 4), np.int16)),
+         (r"flat\.nii\.gz", r"all 4 slices along z are empty")),
+    Kind("nifti_declares_a_bomb", "image", _nifti_declaring((1024, 1024, 256)),
+         (r"bomb\.nii", r"1024x1024x256 voxels", r"more than the limit")),
+]
+
+KINDS: list[Kind] = (IMAGE_KINDS + MASK_KINDS + FOLDER_KINDS + ZIP_KINDS + HF_KINDS + RUN_KINDS + CLI_KINDS
+                     + SCAN_KINDS)

@@ -5,6 +5,8 @@
   and noise; lesion volumes get hyperintense spheres with a label volume ``ground_truth/lesion/<name>_mask.nii.gz``.
 - ``write_dicom``: a copy of pydicom's ``MR_small.dcm`` (64 x 64 MR) with chosen patient tags, series and
   position, named by its SOP Instance UID as DICOM exports are.
+- ``write_seg``: a DICOM SEG (binary or fractional) whose frames reference their source images by SOP Instance UID.
+- ``write_ct_series`` / ``make_ct_set``: CT series (HU) from ``CT_small.dcm``, a lesion series with its SEG.
 
 Run as a script to build a set for ``uadlab bench``: ``python tests/meddata.py OUT [n_train n_good n_lesion]``.
 """
@@ -99,6 +101,104 @@ def write_dicom(folder: str | Path, patient_name: str, patient_id: str, instance
     path = Path(folder) / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_seg(folder: str | Path, sources: list[Path], masks: list[np.ndarray], name: str = "seg.dcm",
+              fractional: bool = False) -> Path:
+    """A DICOM Segmentation (one segment, BINARY 1-bit or FRACTIONAL 8-bit) with one frame per mask, frame k
+    referencing ``sources[k]`` by its SOP Instance UID (Derivation Image Sequence), as SEG writers do; it
+    carries the source's patient tags (a SEG belongs to its patient)."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import pack_bits
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    refs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sources]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "SEG"
+    for k in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID"):
+        setattr(ds, k, refs[0].get(k, ""))
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = generate_uid(), 99, 1
+    ds.SegmentationType = "FRACTIONAL" if fractional else "BINARY"
+    if fractional:
+        ds.SegmentationFractionalType, ds.MaximumFractionalValue = "PROBABILITY", 255
+    seg = Dataset()
+    seg.SegmentNumber, seg.SegmentLabel, seg.SegmentAlgorithmType = 1, "lesion", "MANUAL"
+    ds.SegmentSequence = Sequence([seg])
+    ds.Rows, ds.Columns = masks[0].shape
+    ds.NumberOfFrames = len(masks)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.BitsAllocated = ds.BitsStored = 8 if fractional else 1
+    ds.HighBit = ds.BitsStored - 1
+    frames = []
+    for r in refs:
+        src = Dataset()
+        src.ReferencedSOPClassUID, src.ReferencedSOPInstanceUID = r.SOPClassUID, r.SOPInstanceUID
+        der = Dataset()
+        der.SourceImageSequence = Sequence([src])
+        item, ident = Dataset(), Dataset()
+        ident.ReferencedSegmentNumber = 1
+        item.DerivationImageSequence = Sequence([der])
+        item.SegmentIdentificationSequence = Sequence([ident])
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    stack = np.stack([np.asarray(m) for m in masks])
+    ds.PixelData = (stack.astype(np.uint8).tobytes() if fractional else pack_bits(stack > 0))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_ct_series(folder: str | Path, patient_id: str, n: int = 8, seed: int = 0, lesion_slices: tuple = (),
+                    series_number: int = 2) -> tuple[list[Path], list[np.ndarray]]:
+    """A CT series of ``n`` slices made from pydicom's ``CT_small.dcm`` (128 x 128, Hounsfield units through its
+    rescale -1024): each slice shifted by a pixel or two with noise, 5 mm apart; ``lesion_slices`` get a round
+    hyperdense lesion (+300 HU, radius 5-8 px). Returns the files (in slice order) and the lesion masks."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(seed)
+    base = pydicom.dcmread(pydicom_file("CT_small.dcm")).pixel_array.astype(np.int32)
+    yy, xx = np.mgrid[:128, :128]
+    series_uid, paths, masks = generate_uid(), [], []
+    for k in range(n):
+        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+        a = np.roll(base, tuple(int(v) for v in rng.integers(-2, 3, 2)), (0, 1)) + rng.normal(0, 8, base.shape)
+        m = np.zeros((128, 128), bool)
+        if k in lesion_slices:
+            r = 5 + 3 * np.sin(np.pi * (k - min(lesion_slices) + 0.5) / len(lesion_slices))
+            m = (yy - 70) ** 2 + (xx - 60) ** 2 <= r * r
+            a[m] += 300
+        ds.PixelData = np.clip(a, -32768, 32767).astype(np.int16).tobytes()
+        ds.PatientName, ds.PatientID = f"Test^{patient_id}", patient_id
+        ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, series_number, k + 1
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.ImagePositionPatient = [-158.135803, -179.035797, -75.7 + 5.0 * k]
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path = Path(folder) / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+        masks.append(m.astype(np.uint8))
+    return paths, masks
+
+
+def make_ct_set(root: str | Path, category: str = "chest") -> Path:
+    """An MVTec-layout CT set of DICOM series: two training series, a normal test series and a lesion series
+    (lesion on slices 3-6 of 10) whose DICOM SEG lies in ``ground_truth/lesion``; one patient per series."""
+    cat = Path(root) / category
+    for i in range(2):
+        write_ct_series(cat / "train/good", f"PID-10{i}", 8, seed=i, series_number=2 + i)
+    write_ct_series(cat / "test/good", "PID-200", 8, seed=10, series_number=4)
+    paths, masks = write_ct_series(cat / "test/lesion", "PID-300", 10, seed=20, lesion_slices=(3, 4, 5, 6),
+                                   series_number=5)
+    write_seg(cat / "ground_truth/lesion", paths[3:7], masks[3:7])
+    return Path(root)
 
 
 if __name__ == "__main__":

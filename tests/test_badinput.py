@@ -34,6 +34,7 @@ from uadlab.errors import UadlabError
 from uadlab.pipeline import Run, list_runs
 
 ROOT = Path(__file__).resolve().parents[1]
+PROGRESS_LINE = re.compile(r"^\[[# ]+\] +\d+\.\d%")  # a line of the CLI's progress bar (uadlab.cli.ProgressBar)
 HUB_IDS = "uadlab-test/"  # repository ids that the simulated Hub serves from local folders
 
 
@@ -177,7 +178,9 @@ def test_cli(tmp_path, good_run, capsys):
         except BaseException as e:  # noqa: BLE001 - would be a traceback
             outcomes[k.name] = f"traceback: {type(e).__name__}: {e}"
             continue
-        err = capsys.readouterr().err.strip()
+        # the progress bar of a long read (``[###   ]  33.3% ...``, redrawn with \r) may come before the error
+        lines = [l for l in capsys.readouterr().err.strip().splitlines() if not PROGRESS_LINE.match(l)]
+        err = "\n".join(lines).strip()
         if k.valid:
             outcomes[k.name] = None if rc == 0 else f"exit {rc}: {err[-300:]}"
         elif rc != 2 or len(err.splitlines()) != 1 or "error:" not in err:

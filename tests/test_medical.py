@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from meddata import anatomical_path, make_brain_set, pydicom_file, write_dicom
+from meddata import anatomical_path, make_brain_set, pydicom_file, write_dicom, write_seg
 from uadlab import medical
 from uadlab.data import DataError, load_data, load_files, load_folder, load_mvtec
 from uadlab.features import FeatureCache
@@ -235,6 +235,109 @@ def test_sixteen_bit_png_window(tmp_path):
     w = medical.Window.parse("minmax").bind([s])[0]
     g = np.asarray(w.load())[..., 0]
     assert g.min() == 0 and g.max() == 255
+
+
+def test_auto_window_is_fitted_on_the_training_intensities(tmp_path):
+    """A 16-bit MRI stored in 1000..3000 of 0..65535: the default window (auto) of a run is the 0.5..99.5 %
+    percentile window of the TRAINING images, so the image fills the grey range instead of lying near black;
+    8-bit images do not count; a DICOM file keeps its own VOI under auto; an old run's unfitted auto stays."""
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        a = (1000 + rng.random((48, 48)) * 2000).astype(np.uint16)
+        Image.fromarray(a).save(tmp_path / f"mri{k}.png")
+    Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(tmp_path / "grey8.png")
+    train = load_files([tmp_path / f"mri{k}.png" for k in range(2)] + [tmp_path / "grey8.png"])
+    (test,) = load_files([tmp_path / "mri2.png"])
+    assert [s.has_intensities() for s in train] == [True, True, False]
+    w = medical.Window.parse("auto").fit(train)
+    allv = np.concatenate([np.asarray(Image.open(tmp_path / f"mri{k}.png"), np.float64).ravel() for k in range(2)])
+    np.testing.assert_allclose([w.lo, w.hi], np.percentile(allv, [0.5, 99.5]), rtol=1e-6)
+    assert np.asarray(test.load()).max() <= 12  # unbound: the full 16-bit range (what the issue saw)
+    g = np.asarray(w.bind([test])[0].load())[..., 0]
+    assert g.max() == 255 and g.min() <= 3 and g.mean() > 90  # through the fitted window: the whole grey range
+    assert medical.Window.from_dict(w.to_dict()) == w and "percentile 0.5-99.5" in w.describe()
+    assert medical.Window.from_dict({"spec": "auto", "lo": None, "hi": None}).bind([test]) == [test]  # old runs
+    # the run's default: the same window, saved with the run
+    run = Run(RunConfig(methods=["intensity"], preset="tiny", image_size=64), workdir=tmp_path / "runs",
+              cache=FeatureCache(tmp_path / "cache"))
+    run.fit(train)
+    assert (run.window.lo, run.window.hi) == (w.lo, w.hi)
+    # a DICOM file with its own VOI: auto keeps the file's window, and the viewer starts there (in MR units)
+    (mr,) = load_files([pydicom_file("MR_small.dcm")])
+    assert medical.Window.parse("auto").fit([mr]).lo is None
+    assert w.view_window(mr.pixels()) == (600.0, 1600.0)
+    assert medical.Window.parse("lung").view_window(mr.pixels()) == (-600.0, 1500.0)
+    (ct,) = load_files([pydicom_file("CT_small.dcm")])
+    assert ct.pixels().unit == "HU" and mr.pixels().unit == ""
+
+
+# ---- DICOM masks --------------------------------------------------------------------------------------------
+def _dicom_lesion_set(root: Path, masks: str) -> tuple[Path, list[Path]]:
+    """An MVTec-layout DICOM set: 3 train slices, 2 good test slices, a 3-slice lesion series whose middle slice
+    holds the lesion; its masks as PNGs named after the .dcm files, or one DICOM SEG in ground_truth/bad."""
+    c = root / "c"
+    uids = [pydicom.uid.generate_uid() for _ in range(3)]
+    for i in range(3):
+        write_dicom(c / "train/good", "Doe^Jane", "PID-1111", i + 1, 5.0 * i, uids[0], 3, seed=i)
+    for i in range(2):
+        write_dicom(c / "test/good", "Roe^Rich", "PID-2222", i + 1, 5.0 * i, uids[1], 4, seed=10 + i)
+    bad = [write_dicom(c / "test/bad", "Poe^Edgar", "PID-3333", i + 1, 5.0 * i, uids[2], 5, seed=20 + i,
+                       lesion=i == 1) for i in range(3)]
+    lesion = np.zeros((64, 64), np.uint8)
+    lesion[24:34, 28:38] = 1
+    gt = c / "ground_truth/bad"
+    gt.mkdir(parents=True)
+    if masks == "png":
+        for i, f in enumerate(bad):
+            Image.fromarray(lesion * 255 * (i == 1)).save(gt / f"{f.stem}_mask.png")
+    else:
+        frac = masks == "fractional"  # a probability of 200 / 255 (and 100 / 255 at a few pixels: below one half)
+        marked = lesion * 200 if frac else lesion
+        if frac:
+            marked[10:12, 10:12] = 100
+        write_seg(gt, bad[1:], [marked, np.zeros_like(lesion)], fractional=frac)
+    return c, bad
+
+
+@pytest.mark.parametrize("masks", ["png", "seg", "fractional"])
+def test_dicom_masks_pair_by_file_name_or_seg_and_give_pixel_metrics(tmp_path, masks):
+    c, bad = _dicom_lesion_set(tmp_path, masks)
+    ds = load_mvtec(c)
+    test_bad = [s for s in ds.test if s.defect == "bad"]
+    assert len(test_bad) == 3 and not ds.warnings
+    got = [s.load_mask() for s in test_bad]
+    assert got[1] is not None and got[1].sum() == 100 and got[1][24:34, 28:38].all()
+    if masks == "png":  # as for images: every slice of a defect folder is anomalous, its mask says where
+        assert [s.label for s in test_bad] == [1, 1, 1] and ds.has_masks
+    else:  # a SEG: the slices it marks are anomalous, the others of the series normal (empty masks)
+        assert [s.label for s in test_bad] == [0, 1, 0] and got[0].sum() == got[2].sum() == 0 and ds.has_masks
+    run = Run(RunConfig(methods=["intensity"], preset="tiny", image_size=64), workdir=tmp_path / "runs",
+              cache=FeatureCache(tmp_path / "cache"))
+    run.fit(ds.train)
+    ev = run.evaluate([s for s in ds.test if s.label in (0, 1)])
+    assert np.isfinite(ev["intensity"]["pixel_auroc"]) and ev["intensity"]["pixel_auroc"] > 0.8, ev["intensity"]
+    # no file name (a UID) and no patient value in what the samples say
+    uids = {f.stem for f in bad}
+    assert not any(u in s.name for s in ds.test for u in uids)
+
+
+def test_dicom_mask_errors_name_no_uid_and_seg_without_its_images(tmp_path):
+    c, bad = _dicom_lesion_set(tmp_path, "png")
+    gt = c / "ground_truth/bad"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(gt / f"{bad[0].stem}_mask.png")  # the wrong size
+    with pytest.raises(DataError, match=r"c/test/bad/series5/instance0001: its mask is 32x32 px but the image is "
+                                        r"64x64 px") as e:
+        load_mvtec(c)
+    assert bad[0].stem not in str(e.value)
+    ds = load_mvtec(c, skip_bad=True)
+    assert len([s for s in ds.test if s.defect == "bad"]) == 2 and "skipped" in ds.warnings[0]
+    # a SEG whose images are not given: named by position, never by a UID
+    other = write_dicom(tmp_path / "elsewhere", "Poe^Edgar", "PID-3333", 1, 0.0, seed=3)
+    seg = write_seg(tmp_path / "lone", [other], [np.ones((64, 64), np.uint8)])
+    with pytest.raises(DataError, match=r"DICOM SEG 1 of 1: none of the 1 images it segments is among the DICOM "
+                                        r"files given with it") as e:
+        load_files([bad[0], seg])
+    assert pydicom.dcmread(other).SOPInstanceUID not in str(e.value)
 
 
 # ---- patients -----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 
 from uadlab.features import PatchFeatures
 from uadlab.methods import create_method, get_method_class
-from uadlab.methods.spatial_ar import AR2D, conv_mask
+from uadlab.methods.spatial_ar import build_net, conv_mask
 
 TINY = dict(hidden=16, epochs=30, batch_size=4, dilations=[1, 1, 1, 1], mode="causal", seed=0)
 
@@ -35,11 +35,16 @@ def test_masks_match_the_paper():
     assert conv_mask("A", 3).tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
     assert conv_mask("B", 3).tolist() == [[1, 1, 1], [1, 1, 0], [0, 0, 0]]
     assert conv_mask("centre", 3).tolist() == [[1, 1, 1], [1, 0, 1], [1, 1, 1]]
+    assert conv_mask("up", 3).tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 0]]
+    assert conv_mask("up+", 3).tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0]]
+    assert conv_mask("right", 5).tolist() == [[0, 0, 0, 1, 1]] * 5
+    assert conv_mask("left+", 3).tolist() == [[1, 1, 0]] * 3
+    assert torch.equal(conv_mask("down+", 3), conv_mask("up+", 3).flip(0))
     with pytest.raises(ValueError, match="mask kind"):
         conv_mask("C", 3)
 
 
-@pytest.mark.parametrize("mode", ["causal", "bidirectional", "standard"])
+@pytest.mark.parametrize("mode", ["four_way", "causal", "bidirectional", "standard"])
 @pytest.mark.parametrize("dilations", [[4, 4, 4, 4], [1, 2, 4, 8]])
 def test_receptive_field_is_exact(mode, dilations):
     """The propagated mask equals the non-zero gradient of the centre output on a random positive network."""
@@ -47,7 +52,7 @@ def test_receptive_field_is_exact(mode, dilations):
     rf = head.receptive_field()
     E = rf.shape[0] // 2
     torch.manual_seed(0)
-    net = AR2D(2, 4, 5, 3, dilations, mode).double()
+    net = build_net(2, 4, 5, 3, dilations, mode).double()
     with torch.no_grad():  # positive weights and biases: no ReLU is dead, no cancellation
         for p in net.parameters():
             p.copy_(p.abs() + 0.01)
@@ -60,9 +65,39 @@ def test_receptive_field_is_exact(mode, dilations):
     assert rf[E, E] == (mode == "standard" or (mode == "bidirectional" and dilations == [4, 4, 4, 4]))
     if mode == "causal":
         assert rf[E + 1:].sum() == 0 and rf[E, E:].sum() == 0
+    if mode == "four_way":  # context on all four sides, the centre never
+        assert rf[:E].any() and rf[E + 1:].any() and rf[:, :E].any() and rf[:, E + 1:].any()
     if dilations == [4, 4, 4, 4]:  # 16 interleaved lattices: only offsets that are multiples of 4
         ys, xs = np.nonzero(rf)
         assert ((ys - E) % 4 == 0).all() and ((xs - E) % 4 == 0).all()
+
+
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_default_is_centre_blind_and_both_sided(d):
+    """Issue 25: the default context never holds the token it predicts, yet surrounds it: with dilation d
+    the field is every offset of the d-lattice within reach except the centre, on all four sides."""
+    head = create_method("spatial_ar", dilations=[d] * 4)
+    assert head.mode == "four_way"
+    rf = head.receptive_field()
+    E = rf.shape[0] // 2
+    assert E == 4 * d and rf[E, E] == 0  # four spatial layers per stack (the fifth is the 1 x 1 merge)
+    assert rf[E - d, E] == rf[E + d, E] == rf[E, E - d] == rf[E, E + d] == 1  # the four neighbours on the lattice
+    lattice = np.zeros_like(rf)
+    lattice[::d, ::d] = 1
+    lattice[E, E] = 0
+    np.testing.assert_array_equal(rf, lattice)
+    # the same on a network: the centre output does not move when the centre input does
+    torch.manual_seed(0)
+    net = build_net(3, 8, 5, 3, [d] * 4, "four_way").eval()
+    with torch.no_grad():  # positive weights: no ReLU is dead, so every path that exists carries a change
+        for p in net.parameters():
+            p.copy_(p.abs() + 0.01)
+    x = torch.rand(1, 3, 2 * E + 1, 2 * E + 1)
+    x2 = x.clone()
+    x2[0, :, E, E] += 5.0
+    with torch.no_grad():
+        assert torch.equal(net(x)[0, :, E, E], net(x2)[0, :, E, E])
+        assert not torch.equal(net(x)[0, :, E + d, E], net(x2)[0, :, E + d, E])
 
 
 def test_learns_normality(fitted):
@@ -95,7 +130,7 @@ def test_switches_change_outputs(fitted):
     fitted.flip = False
     assert not torch.allclose(base, flipped) and torch.isfinite(flipped).all()
     small = {**TINY, "epochs": 2}
-    for kw in [dict(mode="bidirectional"), dict(mode="standard"), dict(loss="gaussian_nll"), dict(select="last")]:
+    for kw in [dict(mode="four_way"), dict(mode="bidirectional"), dict(mode="standard"), dict(loss="gaussian_nll"), dict(select="last")]:
         head = create_method("spatial_ar", **{**small, **kw}).fit(x, val_features=v)
         m = head.score(v).patch_map
         assert torch.isfinite(m).all() and not torch.allclose(m, base), kw
@@ -173,3 +208,41 @@ def test_darker_smoother_anomalies_rank_above_normals(hard_features):
     assert roc_auc_score(labels, s) > 0.8  # measured 0.82; the paper's causal, dilation 4: 0.78
     normal = labels == 0
     assert roc_auc_score(kinds[normal] == "darkened", s[normal]) < 0.6  # measured 0.28
+
+
+def test_refit_trains_the_selected_epoch_count():
+    """A budget (a refit) trains exactly that many epochs and keeps them; refit_kwargs hands on the selection."""
+    x, v = feats(textures(8)), feats(textures(2, seed=1))
+    first = create_method("spatial_ar", **{**TINY, "epochs": 6}).fit(x, val_features=v)
+    best = first.fit_info["best_epoch"]
+    assert first.refit_kwargs() == {"budget": best} and first.fit_info["selection"] == "val_loss"
+    again = create_method("spatial_ar", **{**TINY, "epochs": 6}).fit(x, **first.refit_kwargs())
+    assert again.fit_info["epochs"] == best and again.fit_info["selection"] == "budget"
+    assert again.fit_info["steps"] == best * 2 and again.fit_info["val_loss"] == []
+    assert create_method("spatial_ar").refit_kwargs() == {}  # nothing selected yet
+
+
+def test_pipeline_refit_ships_the_selected_head(tiny_demo, tmp_path, monkeypatch):
+    """calibration="refit": the head fit on all normals trains the epoch count the first fit selected on the
+    held-out normals (issue 25: it used to keep the last epoch of the full budget)."""
+    from uadlab.data import load_mvtec
+    from uadlab.features import FeatureCache
+    from uadlab.methods.spatial_ar import SpatialAR
+    from uadlab.pipeline import Run, RunConfig
+
+    seen, real_fit = [], SpatialAR.fit
+
+    def recording_fit(self, features, progress=None, **kw):  # the real fit; keeps each fit's record
+        out = real_fit(self, features, progress=progress, **kw)
+        seen.append(dict(self.fit_info))
+        return out
+
+    monkeypatch.setattr(SpatialAR, "fit", recording_fit)
+    train = load_mvtec(tiny_demo, categories=["brick"]).train[:6]
+    run = Run(RunConfig(methods=["spatial_ar"], preset="tiny", image_size=64, calibration="refit",
+                        method_kwargs={"spatial_ar": {"epochs": 8}}), cache=FeatureCache(tmp_path))
+    run.fit(train)
+    first, final = seen
+    assert first["selection"] == "val_loss" and len(first["val_loss"]) == 8
+    assert final["selection"] == "budget" and final["epochs"] == first["best_epoch"]
+    assert run.heads["spatial_ar"].fit_info["epochs"] == first["best_epoch"]

@@ -169,3 +169,41 @@ def test_switches_change_the_output():
     assert not torch.allclose(ref, cos) and not torch.allclose(ref, rows) and fine.shape == (1, 16, 16)
     with pytest.raises(ValueError, match="directions"):
         create_method("varad", directions=["diagonal"])
+
+
+def test_trains_until_the_held_out_loss_stops_falling_and_refits_to_that_budget():
+    """Issue 25: the budget is what the model needs (patience on held-out normals, with a cap), and a refit on
+    all normals trains the selected epoch count."""
+    train, val = _texture(8, 0), _texture(4, 2)
+    # only a 90% drop counts as better: the first epoch stays best, two stale epochs stop training
+    head = create_method("varad", **{**TINY, "epochs": 30, "patience": 2, "min_delta": 0.9}).fit(train, val_features=val)
+    info = head.fit_info
+    assert info["epochs"] == 3 and info["stopped_early"] and info["best_epoch"] == 1
+    assert len(info["val_discrepancy"]) == 3 and info["selection"] == "val_loss"
+    assert head.refit_kwargs() == {"budget": 1}
+    again = create_method("varad", **{**TINY, "epochs": 30, "patience": 2}).fit(train, **head.refit_kwargs())
+    assert again.fit_info["epochs"] == 1 and again.fit_info["selection"] == "budget" and again.fit_info["steps"] == 2
+    quick = get_method_class("varad").presets["quick"]
+    assert quick["patience"] and quick["epochs"] >= 50  # a cap, not a fixed count
+
+
+def test_channel_normalised_error_is_one_on_normal_tokens(tmp_path):
+    """normalize="channel": each channel's squared error over its mean on the normal training tokens, so the
+    normalised map averages 1 on the training images; heads saved before err_var existed still load."""
+    train, test = _texture(8, 0), _texture(2, 1)
+    head = create_method("varad", **{**TINY, "epochs": 2}).fit(train)
+    tokens, grid = head._tokens(train)
+    with torch.no_grad():
+        m = head._maps(tokens, grid, normalised=True)  # (nh, nd, B, h, w)
+    torch.testing.assert_close(m.mean((1, 2, 3, 4)), torch.ones(3), rtol=1e-4, atol=1e-4)
+    plain = create_method("varad", normalize="none", **{**TINY, "epochs": 2}).fit(train).score(test).patch_map
+    assert not torch.allclose(plain, head.score(test).patch_map)
+    from safetensors.torch import load_file, save_file
+
+    head.save_pretrained(tmp_path)
+    state = {k: v for k, v in load_file(tmp_path / "model.safetensors").items() if not k.endswith("err_var")}
+    save_file(state, tmp_path / "model.safetensors")  # as written before issue 25
+    old = get_method_class("varad").from_pretrained(str(tmp_path))
+    assert torch.equal(old.hier[0].err_var, torch.ones(6))
+    with pytest.raises(ValueError, match="normalize"):
+        create_method("varad", normalize="z")

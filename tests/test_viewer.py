@@ -166,3 +166,70 @@ def test_metrics_frame_is_numeric_and_sorts_as_numbers():
     assert frame["pixel AUROC"].isna().tolist() == [True, False, False] and frame["ms / image"].isna().all()
     assert frame.sort_values("image AUROC")["method"].tolist() == ["b", "a", "c"]  # 0.85 < 0.9 < 0.951
     assert frame.loc[2, "image AUROC"] == 0.951 and frame.loc[0, "fit s"] == 12.3
+
+
+def test_scan_items_carry_values_window_and_volume():
+    """A scan's slice travels as its modality values (16 bits over its range) with its unit and the run's window,
+    no 8-bit copy; it names its volume, whose slices (own numbering, findings) come along; bad input is named."""
+    from uadlab.medical import WINDOW_PRESETS
+    from uadlab.ui.viewer import Volume
+
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1024, 2000, (40, 50)).astype(np.float32)
+    grey = (np.clip((hu + 160) / 400, 0, 1) * 255).astype(np.uint8)
+    item = ViewItem("ct.nii.gz#z007", grey, [Panel("patchcore", _blob(40, 50, 20, 25), 2.0)], None, "anomalous",
+                    values=hu, unit="HU", window=(40.0, 400.0), volume="v0", slice_pos=1)
+    vol = Volume("ct.nii.gz", [{"name": f"ct.nii.gz#z{k:03d}", "label": f"z {k}", "finding": k == 7}
+                               for k in (6, 7, 8)], "h4ndle")
+    p = _payload(viewer_html([item], volumes={"v0": vol}))
+    it = p["items"][0]
+    assert it["img"] is None and it["full"] is None  # the browser draws the image from the values
+    assert (it["unit"], it["win"], it["inv"], it["vol"], it["zi"]) == ("HU", [40.0, 400.0], False, "v0", 1)
+    got = decode_heat(it["vals"]["url"], it["vals"]["lo"], it["vals"]["hi"])
+    assert np.abs(got - hu).max() <= (hu.max() - hu.min()) / 65535 * 0.51 + 1e-3  # < 0.03 HU here
+    assert p["volumes"]["v0"] == {"name": "ct.nii.gz", "handle": "h4ndle", "slices": [
+        {"name": "ct.nii.gz#z006", "label": "z 6", "finding": False},
+        {"name": "ct.nii.gz#z007", "label": "z 7", "finding": True},
+        {"name": "ct.nii.gz#z008", "label": "z 8", "finding": False}]}
+    assert p["presets"] == {k: list(v) for k, v in WINDOW_PRESETS.items()}
+    with pytest.raises(ValueError, match="volumes \\['v0'\\] that are not given"):
+        viewer_html([item])
+    item.values = hu[:10]
+    with pytest.raises(ValueError, match="'ct.nii.gz#z007': values are \\(10, 50\\), the image is \\(40, 50\\)"):
+        viewer_html([item], volumes={"v0": vol})
+
+
+def test_exported_heat_layer_is_the_viewers_colouring():
+    """viz.heat_layer (what exports write) colours a map as viewer.js does: the map as sent (16-bit code), each
+    value to the viridis LUT entry round(clip(v / vmax) * 255), the colours stretched bilinearly; the LUT is the
+    viewer's to the bit (its ten stops, rounded half up)."""
+    stops = re.search(r"const VIRIDIS = \[([^\]]*)\]", HEAD).group(1)
+    rgb = [[int(s[i:i + 2], 16) for i in (1, 3, 5)] for s in re.findall(r'"(#[0-9a-f]{6})"', stops)]
+    js_lut = []
+    for i in range(256):  # buildLut of viewer.js
+        f = i / 255 * (len(rgb) - 1)
+        j = min(int(f), len(rgb) - 2)
+        t = f - j
+        js_lut.append([int(np.floor(rgb[j][c] * (1 - t) + rgb[j + 1][c] * t + 0.5)) for c in range(3)])
+    assert np.array_equal(viz._LUT, np.array(js_lut, np.uint8))
+    heat = _blob(56, 56, 20, 30) + np.float32(0.3)
+    p = _payload(viewer_html([ViewItem("a", np.zeros((90, 120, 3), np.uint8), [Panel("m", heat, 1.0)])]))
+    q = p["items"][0]["panels"][0]
+    sent = decode_heat(q["heat"], q["lo"], q["hi"])  # what the browser colours
+    k = np.floor(np.clip(sent.astype(np.float64) / 3.0, 0, 1) * 255 + 0.5).astype(int)
+    want_small = viz._LUT[k]
+    small = viz.heat_layer(heat, (56, 56), 3.0)
+    assert np.abs(small.astype(int) - want_small).max() <= 1  # 16-bit quantisation may cross one LUT step
+    layer = viz.heat_layer(heat, (120, 90), 3.0)  # the image's own size, as the enlarged view
+    assert layer.shape == (90, 120, 3)
+    stretched = np.asarray(Image.fromarray(want_small.astype(np.uint8)).resize((120, 90), Image.BILINEAR))
+    assert np.abs(layer.astype(int) - stretched).max() <= 1
+
+
+def test_export_names_are_clean():
+    from uadlab.workspace.runs import export_name
+
+    assert export_name("brain/test/lesion/patient00.nii.gz#z012") == "brain_test_lesion_patient00_z012"
+    assert export_name("c/test/bad/series5/instance0001") == "c_test_bad_series5_instance0001"
+    assert export_name("bottle/test/broken large/000.png") == "bottle_test_broken_large_000"
+    assert export_name("../../etc/passwd") == "etc_passwd" and export_name("###") == "image"

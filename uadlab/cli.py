@@ -64,7 +64,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "backbones in one run if the papers differ) | tiny (shrunk heads, for tests)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--window", default=None, help="intensity window of DICOM / NIfTI / 16-bit images: auto (the "
-                   "DICOM file's own, else each image's min/max), minmax, percentile[:LO,HI] (fitted on the training "
+                   "DICOM file's own, else a 0.5-99.5 %% percentile window fitted on the training images), minmax, "
+                   "percentile[:LO,HI] (fitted on the training "
                    "images, default 0.5,99.5), brain, soft_tissue, lung, bone (CT presets), or CENTRE/WIDTH")
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a method hyperparameter, e.g. dinomaly.dropout=0 or dinomaly.groups='\"dense\"' "
@@ -162,6 +163,8 @@ def _type_name(hint) -> str:
 class ProgressBar:
     """A one-line progress bar on stderr: the whole job's share, the stage, its counts and ETA."""
 
+    open_line = False  # a bar's line is drawn but not ended: a message must start on the next line
+
     def __init__(self, stream=None, width: int = 24) -> None:
         # the stderr of now, not of import time (a test's captured stream may be closed since)
         self.stream, self.width, self.stage = stream or sys.stderr, width, None
@@ -175,6 +178,7 @@ class ProgressBar:
         self.stream.write(f"\r[{bar:{self.width}s}] {frac * 100:5.1f}% {p.text[:90]:90s}")
         if frac >= 1:
             self.stream.write("\n")
+        ProgressBar.open_line = frac < 1
         self.stream.flush()
 
 
@@ -323,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         if settings.debug():
             raise
         error = f"internal error ({type(e).__name__}: {e}); set UADLAB_DEBUG=1 for the traceback"
+    if ProgressBar.open_line:  # the error on a line of its own, not after a bar that stopped half-way
+        sys.stderr.write("\n")
+        ProgressBar.open_line = False
     print(f"uadlab {a.cmd}: error: {' '.join(str(error).split())}", file=sys.stderr)
     return 2
 

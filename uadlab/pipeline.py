@@ -26,15 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
-from .backbones import OFFLINE_DEFAULT, Backbone, backbone_spec, shared_backbone
+from .backbones import Backbone, backbone_spec, shared_backbone
 from .data import Dataset, Sample
 from .errors import DataError
 from .features import FeatureCache, PatchFeatures
+from .fsio import write_atomic
 from .medical import Window
 from .methods import Method, get_method_class, list_methods
 from .postprocess import DEFAULT_ALPHA, Calibration, check_score_mode, upsample
 from .progress import Progress, ProgressFn, Stages
-from .settings import DEFAULT_IMAGE_SIZE, check_side, feature_cache_dir
+from .settings import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, check_side, feature_cache_dir
 
 default_cache_dir = feature_cache_dir  # the feature cache's default folder (``UADLAB_CACHE``)
 
@@ -354,6 +355,20 @@ def n_folds(head: Method, val_fraction: float, mode: str) -> int:
     return max(2, round(1 / val_fraction)) if head.fit_in_one_pass else 2
 
 
+def _merge_refit_kwargs(kws: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the shipped head's fit takes from its fold heads' fits (``Method.refit_kwargs``, e.g. the epoch
+    count each selected on its held-out fold): the median of numbers every fold gave, else the first fold's."""
+    if not kws or not kws[0]:
+        return {}
+    out = dict(kws[0])
+    for key, value in kws[0].items():
+        vals = [kw.get(key) for kw in kws]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            med = float(np.median(vals))
+            out[key] = int(round(med)) if isinstance(value, int) else med
+    return out
+
+
 def _rows(feats: PatchFeatures, rows: list[int]) -> PatchFeatures:
     """The features of ``rows`` (ascending): a view when they are contiguous, else one copy."""
     if rows and rows == list(range(rows[0], rows[-1] + 1)):
@@ -573,6 +588,7 @@ class Run:
         refit = self.config.calibration == "refit"
         inputs = self.config.inputs_of(name)
         raws, fold_s = [], 0.0
+        refit_kw: list[dict[str, Any]] = []
         for k, part in enumerate(parts):
             keep = [i for i in range(len(train)) if not part.start <= i < part.stop]
             head = self._new_head(name) if refit or k else self.heads[name]
@@ -584,12 +600,14 @@ class Run:
                               category=category, val_features=self._select(name, held_out))
             fold_s += time.perf_counter() - t0
             raws.append(self._head_raw(name, head, held_out))
+            refit_kw.append(head.refit_kwargs())
             if not refit:
                 self.heads[name] = head
         if refit or not parts:  # the shipped head sees every normal image
             head = self._new_head(name)
             self._fit_learned(name, head, train, f_all, stages.stage(f"fitting {name} on all {len(train)} normal "
-                                                                       "images"), category=category)
+                                                                       "images"), category=category,
+                              **_merge_refit_kwargs(refit_kw))
             self.heads[name] = head
             if parts:
                 self.info.setdefault("calibration_fit_s", {})[name] = fold_s
@@ -747,9 +765,7 @@ class Run:
         self.meta.update(extra or {})
         meta = {**self.meta, "run_id": self.run_id, "config": self.config.to_dict(), "info": self.info,
                 "calibration": {k: v.to_dict() for k, v in self.calibration.items()}, "created": time.time()}
-        tmp = self.dir / "run.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2, default=_jsonable))
-        os.replace(tmp, self.dir / "run.json")  # atomic: a crash never leaves half a run.json
+        write_atomic(self.dir / "run.json", json.dumps(meta, indent=2, default=_jsonable))  # never half a run.json
         return self.dir
 
     @classmethod

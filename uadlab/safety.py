@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 from . import settings
 from .errors import DataError
-from .tokens import clean as clean_token, scrub, secret_variants  # noqa: F401  (the app's names)
+from .tokens import scrub
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 # an absolute path of 2+ parts not inside a URL ("https://h/p": its slashes follow "/" or a word character)
@@ -47,6 +47,9 @@ class Limits:
     trainings: int = 1  # UADLAB_MAX_TRAININGS: trainings running at once in the process
     trainings_per_workspace: int = 1  # UADLAB_MAX_TRAININGS_PER_WORKSPACE
     expire_days: float = 7.0  # UADLAB_EXPIRE_DAYS: workspaces untouched this long are deleted (0: never)
+    disk_bytes: int = 40 * 2**30  # UADLAB_MAX_DISK_BYTES: every workspace together (new sessions get no fresh disk)
+    upload_voxels: int = 2**28  # UADLAB_MAX_UPLOAD_VOXELS: pixels x slices of the scans in one upload (~30 s to read)
+    jobs_per_session: int = 1  # UADLAB_MAX_JOBS_PER_SESSION: trainings one session has queued or running
 
     @classmethod
     def from_env(cls) -> "Limits":
@@ -57,7 +60,10 @@ class Limits:
                    int(n("UADLAB_MAX_WORKSPACE_BYTES", d.workspace_bytes)),
                    max(1, int(n("UADLAB_MAX_TRAININGS", d.trainings))),
                    max(1, int(n("UADLAB_MAX_TRAININGS_PER_WORKSPACE", d.trainings_per_workspace))),
-                   n("UADLAB_EXPIRE_DAYS", d.expire_days))
+                   n("UADLAB_EXPIRE_DAYS", d.expire_days),
+                   int(n("UADLAB_MAX_DISK_BYTES", d.disk_bytes)),
+                   int(n("UADLAB_MAX_UPLOAD_VOXELS", d.upload_voxels)),
+                   max(1, int(n("UADLAB_MAX_JOBS_PER_SESSION", d.jobs_per_session))))
 
 
 def limits() -> Limits:

@@ -28,7 +28,10 @@ _COLOURS = np.array([[0x44, 0x01, 0x54], [0x48, 0x28, 0x78], [0x3e, 0x49, 0x89],
                      [0x1f, 0x9e, 0x89], [0x35, 0xb7, 0x79], [0x6e, 0xce, 0x58], [0xb5, 0xde, 0x2b], [0xfd, 0xe7, 0x25]],
                     np.float32)
 _STOPS = np.linspace(0, 1, len(_COLOURS))
-_LUT = np.stack([np.interp(np.linspace(0, 1, 256), _STOPS, _COLOURS[:, c]) for c in range(3)], 1).astype(np.uint8)
+# rounded half up, as the viewer's Math.round: the exported colours are the viewer's to the last bit
+_LUT = np.floor(np.stack([np.interp(np.linspace(0, 1, 256), _STOPS, _COLOURS[:, c]) for c in range(3)], 1)
+                + 0.5).astype(np.uint8)
+HEAT_MAX = 512  # long side of a heat map as the viewer receives and colours it (see ui/viewer.py)
 # Okabe-Ito (colour-blind safe; yellow last, it is faint on white) and a dash per method as a second cue
 METHOD_COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
 METHOD_DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
@@ -44,7 +47,7 @@ def font(size: int = 13) -> ImageFont.ImageFont:
 def colormap(values: np.ndarray, vmin: float = VMIN, vmax: float = VMAX) -> np.ndarray:
     """(H, W) float -> (H, W, 3) uint8 on the fixed range [vmin, vmax] (values outside are clipped)."""
     t = np.clip((np.asarray(values, np.float32) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    return _LUT[(t * 255).round().astype(np.int64)]
+    return _LUT[np.floor(t * 255 + 0.5).astype(np.int64)]
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, vmin: float = VMIN, vmax: float = VMAX) -> np.ndarray:
@@ -133,6 +136,78 @@ def colorbar(height: int = 256, vmin: float = VMIN, vmax: float = VMAX, width: i
         y = pad_top + bar_h - 1 - round((bar_h - 1) * (threshold - vmin) / (vmax - vmin))
         d.line([2, y, 6 + width, y], fill=(0, 200, 255), width=2)
     return img
+
+
+# ---- what the viewer draws, as files (exports) -----------------------------------------------------------------
+def fit_size(w: int, h: int, cap: int) -> tuple[int, int]:
+    """(w, h) scaled down so that the long side is at most ``cap`` (the viewer's rule)."""
+    f = min(1.0, cap / max(w, h))
+    return max(1, round(w * f)), max(1, round(h * f))
+
+
+def heat_at(heat: np.ndarray, size: tuple[int, int], cap: int = HEAT_MAX) -> np.ndarray:
+    """A calibrated map as the viewer holds it (at most ``cap`` px, bilinear), then stretched to ``size``
+    (w, h) bilinearly: the values under the viewer's colours and contour."""
+    a = np.nan_to_num(np.asarray(heat, np.float32))
+    small = fit_size(a.shape[1], a.shape[0], cap)
+    img = Image.fromarray(a, mode="F")
+    if small != img.size:
+        img = img.resize(small, Image.BILINEAR)
+    return np.asarray(img.resize(size, Image.BILINEAR) if img.size != size else img, np.float32)
+
+
+def heat_layer(heat: np.ndarray, size: tuple[int, int], vmax: float = VMAX, cap: int = HEAT_MAX) -> np.ndarray:
+    """(h, w, 3) uint8: the viewer's heat layer of a calibrated map at ``size`` (w, h). As the viewer: the map
+    (at most ``cap`` px) is coloured on [0, vmax] with the viridis LUT, then the colours are stretched
+    bilinearly over the image (as a canvas draws a smaller layer with smoothing)."""
+    a = np.nan_to_num(np.asarray(heat, np.float32))
+    small = fit_size(a.shape[1], a.shape[0], cap)
+    if small != (a.shape[1], a.shape[0]):
+        a = np.asarray(Image.fromarray(a, mode="F").resize(small, Image.BILINEAR))
+    rgb = Image.fromarray(colormap(a, 0.0, vmax))
+    return np.asarray(rgb.resize(size, Image.BILINEAR) if rgb.size != size else rgb)
+
+
+def viewer_colorbar(width: int, vmax: float = VMAX, threshold: float | None = None, height: int = 40) -> np.ndarray:
+    """(height, width, 3) uint8: the viewer's horizontal colour bar (viridis on [0, vmax], ticks 0, 1 = normal
+    limit, ..., vmax, the threshold as a white mark) on white."""
+    f = font(11)
+    img = Image.new("RGB", (width, height), "white")
+    x0, x1, top, bar_h = 4, width - 5, 2, 10
+    ramp = colormap(np.linspace(0, vmax, max(x1 - x0, 2))[None].repeat(bar_h, 0), 0.0, vmax)
+    img.paste(Image.fromarray(ramp), (x0, top))
+    d = ImageDraw.Draw(img)
+    d.rectangle([x0 - 1, top - 1, x1, top + bar_h], outline=(102, 102, 102))
+    step = 1 if vmax <= 6 else math.ceil(vmax / 6)
+    values = list(np.arange(0, vmax + 1e-9, step))
+    if vmax - values[-1] > 0.3 * step:
+        values.append(vmax)
+    xs = lambda v: x0 + (x1 - x0) * min(max(v / vmax, 0), 1)  # noqa: E731
+    for v in values:
+        text = "1 = normal limit" if v == 1 and width >= 300 else f"{v:g}"  # a narrow bar: plain numbers
+        tw = d.textlength(text, font=f)
+        x = xs(v)
+        d.line([x, top + bar_h, x, top + bar_h + 3], fill="black")
+        d.text((min(max(x - tw / 2, 0), width - tw - 1), top + bar_h + 5), text, fill="black", font=f)
+    if threshold is not None:
+        x = round(xs(threshold))
+        d.rectangle([x - 2, top - 2, x + 2, top + bar_h + 1], fill="white", outline="black")
+    return np.asarray(img)
+
+
+def viewer_overlay(image: np.ndarray, heat: np.ndarray, threshold: float, vmax: float = VMAX, opacity: float = 0.5,
+                   mask: np.ndarray | None = None) -> np.ndarray:
+    """One method's panel of the viewer as a picture at the image's own size: the image, the heat layer at
+    ``opacity``, the region >= ``threshold`` outlined in white and the ground truth in magenta (both on a dark
+    halo), and the colour bar below."""
+    img = np.asarray(image, np.uint8)
+    img = np.repeat(img[..., None], 3, 2) if img.ndim == 2 else img[..., :3]
+    size = (img.shape[1], img.shape[0])
+    out = (img * (1 - opacity) + heat_layer(heat, size, vmax).astype(np.float32) * opacity)
+    out = outline_overlay(np.floor(out + 0.5).astype(np.uint8), heat_at(heat, size) >= threshold, CONTOUR)
+    if mask is not None:
+        out = outline_overlay(out, mask, GT_OUTLINE)
+    return np.concatenate([out, viewer_colorbar(size[0], vmax, threshold)], 0)
 
 
 @dataclass

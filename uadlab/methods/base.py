@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import DataError
-from ..backbones import OFFLINE_DEFAULT
+from ..settings import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..progress import ProgressFn
 from ..postprocess import DEFAULT_SIGMA, image_score, to_heatmap
@@ -116,6 +116,9 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         self.backbone = backbone
         self.register_buffer("_fitted", torch.zeros((), dtype=torch.bool))
         self.fit_info: dict[str, Any] = {}  # filled by fit; written into the model card
+        # the hyperparameters config.json holds: the constructor's arguments (captured by the Hub mixin before
+        # __init__ runs), plus what a fit learns about the data's shape (``record_config``)
+        self._config: dict[str, Any] = dict(getattr(self, "_hub_mixin_config", None) or {})
 
     # ---- contract ---------------------------------------------------------------------------------
     @property
@@ -167,6 +170,12 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         features with ``references_augmented=True``."""
         return list(samples)
 
+    def refit_kwargs(self) -> dict[str, Any]:
+        """What a refit of this method on all normal images takes from this fit (``fit`` keyword arguments):
+        trained heads pass the epoch count they selected on held-out normals, so the shipped head is the
+        selected one; {} for the rest."""
+        return {}
+
     def explain(self, features: PatchFeatures) -> dict[str, Any]:
         """Optional: named explanation images (numpy arrays) for ONE image; methods without any return {}."""
         return {}
@@ -184,7 +193,12 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         return cls(**{**cls.presets.get(preset, {}), **overrides})
 
     def config(self) -> dict[str, Any]:
-        return dict(self._hub_mixin_config or {})
+        return dict(self._config)
+
+    def record_config(self, **values: Any) -> None:
+        """Constructor arguments a fit derives from the data (channel counts, a grid's dilations): saved in
+        config.json, so that loading the head rebuilds its modules before the weights arrive."""
+        self._config.update(values)
 
     # ---- state of variable size (memory banks) ---------------------------------------------------
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -228,6 +242,8 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
 
     def _save_pretrained(self, save_directory: Path) -> None:
         super()._save_pretrained(save_directory)
+        # config.json from our own record (the mixin writes its private copy only when this file is absent)
+        (Path(save_directory) / "config.json").write_text(json.dumps(self.config(), sort_keys=True, indent=2))
         (Path(save_directory) / "uadlab_info.json").write_text(json.dumps(self.fit_info, indent=2, default=str))
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:

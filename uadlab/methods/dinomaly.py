@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..backbones import OFFLINE_DEFAULT
+from ..settings import OFFLINE_DEFAULT
 from .. import distributed
 from ..features import PatchFeatures
+from ..fsio import replacing
 from ..progress import Progress
 from ..postprocess import image_score, upsample
 from .base import AnomalyResult, Method, register_method
@@ -388,7 +388,7 @@ class Dinomaly(Method):
         dims = [features.maps[l].shape[1] for l in layers]
         if self.bottleneck is None:
             self._build(dims)
-            self._hub_mixin_config["in_dims"] = dims  # so config.json rebuilds the modules
+            self.record_config(in_dims=dims)  # so config.json rebuilds the modules
         elif dims != self.in_dims:
             raise ValueError(f"dinomaly: layer widths {dims} differ from in_dims {self.in_dims}")
         n, bs = len(features), min(self.batch_size, len(features))
@@ -482,9 +482,8 @@ class Dinomaly(Method):
         for i, st in opt.state_dict()["state"].items():
             t.update({f"opt.{i}.{k}": v.clone().contiguous() for k, v in st.items()})
         t["rng"] = torch.get_rng_state()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(t, str(tmp), metadata={"step": str(step), "data_key": data_key})
-        os.replace(tmp, path)
+        with replacing(path) as tmp:  # two processes training the same run never share a temporary file
+            save_file(t, str(tmp), metadata={"step": str(step), "data_key": data_key})
 
     def _resume(self, path: Path, opt: StableAdamW, data_key: str) -> int:
         """Load a checkpoint of the same data and settings; returns the step to continue from (0 if none)."""

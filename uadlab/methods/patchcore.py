@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..backbones import OFFLINE_DEFAULT
+from ..settings import OFFLINE_DEFAULT
 from .. import distributed
 from ..features import PatchFeatures
 from ..progress import Progress, ProgressFn

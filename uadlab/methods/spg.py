@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import OFFLINE_DEFAULT
+from ..settings import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..progress import Progress
 from .base import AnomalyResult, Method, register_method
@@ -241,7 +241,7 @@ class SPG(Method):
                              f"and {None if masks is None else tuple(masks.shape)}")
         if self.sae is None:
             self._build(d)
-            self._hub_mixin_config["in_dim"] = d  # so config.json rebuilds the modules
+            self.record_config(in_dim=d)  # so config.json rebuilds the modules
         elif d != self.in_dim:
             raise ValueError(f"spg: token width {d} differs from in_dim {self.in_dim}")
         g = torch.Generator().manual_seed(self.seed)

@@ -12,16 +12,17 @@ only when it is installed and the tensors are on a GPU.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import OFFLINE_DEFAULT
+from ..settings import OFFLINE_DEFAULT
 from .. import distributed
 from ..features import PatchFeatures
-from ..progress import Progress
+from ..trainer import TrainConfig, fingerprint, train
 from .base import AnomalyResult, Method, register_method
 
 DIRECTIONS = ("row", "col", "row_rev", "col_rev")  # scan orders of the token grid
@@ -186,6 +187,7 @@ class Hierarchy(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
+        self.register_buffer("err_var", torch.ones(in_dim))  # mean squared error per channel on normal tokens
         self.adapter = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, d_model))
         self.head = nn.Linear(d_model, in_dim)
 
@@ -214,6 +216,26 @@ class VarAD(Method):
     grid order, averaged over directions, then over hierarchies. Training: the same discrepancy,
     averaged, on normal images only (one random direction per sequence and step), AdamW; the epoch with
     the lowest discrepancy on the held-out normal images is kept.
+
+    Budget (``epochs``, ``patience``, ``min_delta``; ``uadlab.trainer``): training stops when the held-out
+    discrepancy has not fallen below ``best * (1 - min_delta)`` for ``patience`` epochs, at most ``epochs``
+    epochs. A refit on all normal images (the run's ``calibration="refit"``) trains the epoch count the first
+    fit selected (``refit_kwargs``). Without held-out images the fit trains ``epochs`` epochs.
+
+    Scoring (``normalize="channel"``, ours, as Spatial AR's): each channel's squared error is divided by its
+    mean on the normal training tokens (a diagonal Mahalanobis of the prediction error), so channels that
+    are easy to predict on normal images weigh more when they miss. ``"none"``: the plain mean.
+
+    What a prediction error cannot see (the cause of the gap measured below, by principle): where
+    neighbouring tokens are strongly correlated (CNN / ViT tokens share most of their receptive field), a
+    model trained on normal images predicts token t mostly from its predecessors; inside an EXTENDED
+    anomaly (a dark, smooth or faint region) the predecessors deviate the same way, so the error keeps only
+    the part of the deviation its context does not share, roughly (1 - a) of it for a neighbour correlation
+    a. A memory bank (PatchCore) or even the distance to the mean normal token sees the whole deviation.
+    So VarAD is strong on small or sharp defects in a regular context and weak on large smooth ones; more
+    training lowers the held-out loss but does not change this. Hard set (tests/hardbench.py: brick, grass,
+    gravel; Lite0 at 128, quick, refit), image / pixel AUROC: 6 fixed epochs 0.734 / 0.743; the patience
+    budget (23-49 epochs selected) 0.794 / 0.755; the token-mean baseline 0.750 / 0.820; PatchCore 0.958 / 0.953.
 
     Reimplementation defaults (OURS, not verified against the paper, whose details are unavailable):
     layers (ViT: blocks at depth/3, 2 depth/3 and the last, i.e. 4/8/12 of 12 as third-party summaries
@@ -266,10 +288,14 @@ class VarAD(Method):
     paper_inputs = dict(backbone="dinov2_vits14", resize=512, image_size=512)
     presets = {
         "tiny": dict(d_model=16, n_layers=1, d_state=4, epochs=3, batch_size=4, lr=3e-3),
-        # expand 1, state 4, 6 epochs: 23 instead of 86 CPU-s on demo brick, same AUROC (image 1.0, pixel 0.987)
-        "quick": dict(d_model=32, n_layers=2, d_state=4, expand=1, epochs=6, batch_size=4, lr=2e-3),
-        # the paper's hyperparameters are unknown: these are our larger defaults
-        "paper": dict(d_model=128, n_layers=4, d_state=16, epochs=60, batch_size=8, lr=1e-3),
+        # expand 1, state 4: a quarter of the cost of expand 2, state 8 at the same AUROC on the demo. The budget is
+        # what the model needs: until the held-out loss stops falling by 1% for 5 epochs, at most 100 epochs
+        # (issue 25: a fixed 6 epochs, ~20 steps, left a copy-the-previous-token predictor)
+        "quick": dict(d_model=32, n_layers=2, d_state=4, expand=1, epochs=100, patience=5, min_delta=0.01,
+                      batch_size=4, lr=2e-3),
+        # the paper's hyperparameters are unknown: these are our larger defaults, with the same stopping rule
+        "paper": dict(d_model=128, n_layers=4, d_state=16, epochs=200, patience=10, min_delta=0.005, batch_size=8,
+                      lr=1e-3),
     }
     # sigma: not stated by the paper, the uadlab default (postprocess.DEFAULT_SIGMA)
     score_mode = "top1"  # not stated by the paper: mean of the top 1% of the map
@@ -278,18 +304,22 @@ class VarAD(Method):
                  in_dims: list[int] | None = None, grid_layer: int | None = None,
                  directions: list[str] | None = None, d_model: int = 32, n_layers: int = 2, d_state: int = 8,
                  expand: int = 2, d_conv: int = 4, chunk: int = 32, distance: str = "l2", epochs: int = 10,
-                 batch_size: int = 4, lr: float = 2e-3, weight_decay: float = 0.01, seed: int = 0) -> None:
+                 batch_size: int = 4, lr: float = 2e-3, weight_decay: float = 0.01, patience: int | None = None,
+                 min_delta: float = 0.0, normalize: str = "channel", seed: int = 0) -> None:
         super().__init__(backbone)
         directions = list(directions or DIRECTIONS)
         bad = [d for d in directions if d not in DIRECTIONS]
         if bad or not directions:
             raise ValueError(f"directions must be a non-empty subset of {DIRECTIONS}, got {directions}")
+        if normalize not in ("none", "channel"):
+            raise ValueError(f"normalize must be 'none' or 'channel', got {normalize!r}")
         if distance not in ("cosine", "l2"):
             raise ValueError(f"distance must be 'cosine' or 'l2', got {distance!r}")
         self.layers, self.in_dims, self.grid_layer, self.directions = layers, in_dims, grid_layer, directions
         self.d_model, self.n_layers, self.d_state, self.expand = d_model, n_layers, d_state, expand
         self.d_conv, self.chunk, self.distance = d_conv, chunk, distance
         self.epochs, self.batch_size, self.lr, self.weight_decay, self.seed = epochs, batch_size, lr, weight_decay, seed
+        self.patience, self.min_delta, self.normalize = patience, min_delta, normalize
         self.hier: nn.ModuleList | None = None
         if in_dims is not None:
             self._build(in_dims)
@@ -328,18 +358,23 @@ class VarAD(Method):
             out.append(m.flatten(2).transpose(1, 2))  # (B, L, C)
         return out, grid
 
-    def _discrepancy(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """(..., C) x2 -> (...) per-token distance."""
+    def _discrepancy(self, pred: torch.Tensor, target: torch.Tensor, err_var: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., C) x2 -> (...) per-token distance; with ``err_var`` (C,) each channel's squared error is divided
+        by its mean on the normal training tokens."""
         if self.distance == "cosine":
             return 1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
+        if err_var is not None:
+            return ((pred - target).pow(2) / err_var).mean(-1)
         return (pred - target).pow(2).mean(-1)
 
     def _predict(self, tokens: list[torch.Tensor], grid: tuple[int, int], rows: torch.Tensor,
-                 dirs: torch.Tensor) -> torch.Tensor:
+                 dirs: torch.Tensor, normalised: bool = False, per_channel: bool = False) -> torch.Tensor:
         """Discrepancy maps of sequences: sequence i reads image rows[i] in order dirs[h, i] (index into DIRECTIONS).
 
         Args:
             tokens: per hierarchy (B, L, C_h) raw tokens; rows: (S,) image index per sequence; dirs: (nh, S).
+            normalised: divide each channel's squared error by ``err_var`` (``normalize="channel"``, scoring).
+            per_channel: instead return, per hierarchy, the (C_h,) mean squared error of each channel.
         Returns:
             (nh, S, L) per-token discrepancy in row-major grid order.
         """
@@ -357,18 +392,25 @@ class VarAD(Method):
         out = self.model(torch.cat(inputs))  # (nh*S, L, d): every hierarchy and order in one batch
         dist = []
         for h, o in enumerate(out.split(len(rows))):
-            d_seq = self._discrepancy(self.hier[h].head(o), targets[h])  # (S, L) in scan order
+            if per_channel:
+                dist.append((self.hier[h].head(o) - targets[h]).pow(2).mean((0, 1)))
+                continue
+            err_var = self.hier[h].err_var if normalised and self.normalize == "channel" else None
+            d_seq = self._discrepancy(self.hier[h].head(o), targets[h], err_var)  # (S, L) in scan order
             dist.append(torch.empty_like(d_seq).scatter_(1, perms[h], d_seq))  # back to grid order
-        return torch.stack(dist)
+        return dist if per_channel else torch.stack(dist)
 
     # ---- fit / score ----------------------------------------------------------------------------------
     def _fit(self, features: PatchFeatures, progress=None, val_features: PatchFeatures | None = None,
-             **kw: Any) -> None:
+             budget: int | None = None, checkpoint_dir: str | None = None, **kw: Any) -> None:
+        """Train on normal tokens until the discrepancy on ``val_features`` (held-out normals) stops falling for
+        ``patience`` epochs (at most ``epochs``), keeping the best epoch; with ``budget`` (a refit), train
+        exactly that many epochs."""
         tokens, grid = self._tokens(features)
         dims = [t.shape[-1] for t in tokens]
         if self.hier is None:
             self._build(dims)
-            self._hub_mixin_config["in_dims"] = dims  # so config.json rebuilds the modules
+            self.record_config(in_dims=dims)  # so config.json rebuilds the modules
         elif dims != self.in_dims:
             raise ValueError(f"varad: layer widths {dims} differ from in_dims {self.in_dims}")
         for t, hier in zip(tokens, self.hier):  # per-channel statistics of the normal tokens
@@ -380,58 +422,71 @@ class VarAD(Method):
         rest = [p for n, p in self.named_parameters() if not (p.ndim >= 2 and not n.endswith("A_log"))]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": rest, "weight_decay": 0.0}], lr=self.lr)
-        g = torch.Generator().manual_seed(self.seed)
         n, nh = len(features), len(tokens)
         allowed = torch.tensor([DIRECTIONS.index(d) for d in self.directions])
-        steps_per_epoch = math.ceil(n / self.batch_size)
-        total = self.epochs * steps_per_epoch
-        sched = torch.optim.lr_scheduler.LambdaLR(  # cosine from lr to lr/10
+        cfg = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, patience=self.patience,
+                          min_delta=self.min_delta, grad_clip=1.0, seed=self.seed)
+        # cosine from lr to lr/10 over the CAP (not over where patience stops): a refit of ``budget`` epochs on
+        # more images then sees the same learning rate at the same epoch as the fit that selected it
+        total = self.epochs * math.ceil(n / self.batch_size)
+        sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
         val = self._tokens(val_features) if val_features is not None and len(val_features) else None
-        best, best_state, step, history = math.inf, None, 0, []
-        for epoch in range(self.epochs):
-            self.train()
-            for idx in torch.randperm(n, generator=g).split(self.batch_size):
-                dirs = allowed[torch.randint(len(allowed), (nh, len(idx)), generator=g)]  # a random order each
-                mine = distributed.local_part(len(idx))  # under torchrun: this rank's part of the batch
-                loss = self._predict(tokens, grid, idx[mine], dirs[:, mine]).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.average_gradients(self.parameters(), len(idx))
-                nn.utils.clip_grad_norm_(self.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                step += 1
-                if progress is not None:
-                    progress(Progress(step, total, "steps", loss=loss.detach().item()))
-            if val is not None:  # checkpoint selection on held-out NORMAL images only
-                self.eval()
-                with torch.no_grad():  # in slices of batch_size images: memory stays flat at any resolution
-                    v = torch.cat([self._maps([t[i:i + self.batch_size] for t in val[0]], val[1]).flatten()
-                                   for i in range(0, len(val_features), self.batch_size)]).mean().item()
-                history.append(v)
-                if v < best:
-                    best, best_state = v, {k: t.clone() for k, t in self.state_dict().items()}
-        if best_state is not None:
-            self.load_state_dict(best_state)
-        self.fit_info.update(steps=step, val_discrepancy=history, best_epoch=history.index(best) + 1 if history else None)
 
-    def _maps(self, tokens: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        def batch_loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            dirs = allowed[torch.randint(len(allowed), (nh, len(idx)), generator=g)]  # a random order each
+            mine = distributed.local_part(len(idx))  # under torchrun: this rank's part of the batch
+            return self._predict(tokens, grid, idx[mine], dirs[:, mine]).mean()
+
+        def val_loss() -> float:  # held-out NORMAL images only, in slices: memory stays flat at any resolution
+            return torch.cat([self._maps([t[i:i + self.batch_size] for t in val[0]], val[1]).flatten()
+                              for i in range(0, len(val_features), self.batch_size)]).mean().item()
+
+        # a resumable checkpoint next to the cache, per training (data and settings): an interrupted fit resumes
+        key = fingerprint(tokens + (val[0] if val is not None else []), self.config())
+        ckpt = Path(checkpoint_dir) / f"{self.name}_{key}.safetensors" if checkpoint_dir else None
+        record = train(self, opt, batch_loss, n, cfg, val_loss=val_loss if val is not None else None,
+                       budget=budget, scheduler=sched, progress=progress, checkpoint=ckpt, key=key)
+        with torch.no_grad():  # the normal error per channel (all scan orders), for normalize="channel"
+            dirs = torch.tensor([DIRECTIONS.index(d) for d in self.directions])
+            sums = [torch.zeros_like(h.err_var) for h in self.hier]
+            for part in torch.arange(n).split(self.batch_size):
+                rows, d = part.repeat(len(dirs)), dirs.repeat_interleave(len(part))
+                for acc, e in zip(sums, self._predict(tokens, grid, rows, d.expand(nh, -1), per_channel=True)):
+                    acc += e * len(part)
+            for acc, hier in zip(sums, self.hier):
+                hier.err_var.copy_((acc / n).clamp_min(1e-8))
+        info = record.to_dict()
+        info["val_discrepancy"] = info.pop("val_loss")  # the name this head's records have always used
+        self.fit_info.update(info)
+
+    def refit_kwargs(self) -> dict[str, Any]:
+        """A refit on all normal images trains the epoch count this fit selected on its held-out images."""
+        return {"budget": self.fit_info["best_epoch"]} if self.fit_info.get("best_epoch") else {}
+
+    def _maps(self, tokens: list[torch.Tensor], grid: tuple[int, int], normalised: bool = False) -> torch.Tensor:
         """(nh, nd, B, h, w) discrepancy maps for every hierarchy and selected direction."""
         B, nd, nh = tokens[0].shape[0], len(self.directions), len(tokens)
         rows = torch.arange(B).repeat(nd)  # (nd*B,) sequence -> image
         dirs = torch.tensor([DIRECTIONS.index(d) for d in self.directions]).repeat_interleave(B)
-        d = self._predict(tokens, grid, rows, dirs.expand(nh, -1))  # (nh, nd*B, L)
+        d = self._predict(tokens, grid, rows, dirs.expand(nh, -1), normalised=normalised)  # (nh, nd*B, L)
         return d.view(nh, nd, B, *grid)
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:
         tokens, grid = self._tokens(features)
-        maps = self._maps(tokens, grid)  # (nh, nd, B, h, w)
+        maps = self._maps(tokens, grid, normalised=True)  # (nh, nd, B, h, w)
         per_hier = maps.mean(1)  # average over directions ...
         layers = list(self.layers or features.layers)
         extras = {f"hierarchy_{l}": m for l, m in zip(layers, per_hier)}
         extras.update({f"direction_{d}": m for d, m in zip(self.directions, maps.mean(0))})
         return AnomalyResult(per_hier.mean(0).float(), extras=extras)  # ... then over hierarchies: (B, h, w)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Heads saved before ``err_var`` existed load with ones there: their scores stay unnormalised."""
+        state = dict(state_dict)
+        for i, hier in enumerate(self.hier or []):
+            state.setdefault(f"hier.{i}.err_var", torch.ones_like(hier.err_var))
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     def explain(self, features: PatchFeatures) -> dict[str, Any]:
         """Per-hierarchy and per-direction discrepancy maps of one image (token grid, float)."""

@@ -9,6 +9,7 @@
     explain_tab.py  Explain: one method's explanation of one image
     viewer.py       the heatmap viewer (viewer.js, viewer.css): linked zoom, overlays, threshold, keyboard
     common.py       errors (kept in their panel), the session's workspace, progress
+    jobs.py         per-session limits of long jobs, checked when submitted (one training queued or running)
 
 Callbacks are plain functions of a few typed inputs (the tests call them); they reach the package through
 ``uadlab.workspace``. Per-session state holds ids, never models; the browser keeps a random workspace id so
@@ -25,7 +26,7 @@ import gradio as gr
 
 from .. import safety as S
 from ..workspace import browser_secret, default_selection, examples, start_sweeper
-from . import annotate_tab, compare_tab, data_tab, explain_tab, header, hub_tab, train_tab
+from . import annotate_tab, compare_tab, data_tab, explain_tab, header, hub_tab, jobs, train_tab
 from .common import open_workspace, ui_errors
 
 CSS = """
@@ -103,6 +104,7 @@ def build_app() -> gr.Blocks:
         refresh.click(*runs)
         run.change(on_run_change, [user, run], [compare.names, hub.method, explain.name, explain.method, run_info]
                    ).then(*compare.show).then(*annotate.show).then(*annotate.summary)
+    jobs.bind(demo)  # per-session job tickets look into this app's queue
     return demo
 
 

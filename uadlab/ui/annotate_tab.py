@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .. import viz
-from ..store import LABELS, Annotation
+from ..workspace.store import LABELS, MAX_NOTE_CHARS, Annotation
 from ..data import Sample
 from ..workspace import describe
 from .common import in_panel, open_workspace, ui_errors
@@ -48,10 +48,17 @@ def mask_from_editor(value: Any, size: tuple[int, int]) -> np.ndarray | None:
     return painted.astype(np.uint8)
 
 
+def _short(note: str, n: int = 80) -> str:
+    """The start of a note for the status line (the note itself stays in its box)."""
+    note = " ".join(note.split())
+    return note if len(note) <= n else note[:n] + f"… ({len(note):,} characters)"
+
+
 def _status(ann: Annotation | None, s: Sample, idx: int, n: int, counts: dict) -> str:
     done = sum(counts.values())
     state = "not annotated yet" if ann is None else (
-        f"saved: **{ann.label or 'no label'}**, mask {ann.mask_pixels} px" + (f", note: {ann.note}" if ann.note else ""))
+        f"saved: **{ann.label or 'no label'}**, mask {ann.mask_pixels} px"
+        + (f", note: {_short(ann.note)}" if ann.note else ""))
     return (f"Image {idx + 1} of {n}: `{s.name}` · dataset label: {describe(s)} · {state}\n\n"
             f"Annotated in this dataset: {done} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'})")
 
@@ -146,7 +153,7 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
                                 object_fit="contain", elem_id="review")
     with gr.Row():
         label = gr.Radio(list(LABELS), label="Label", elem_id="ann-label")
-        note = gr.Textbox(label="Note", scale=2)
+        note = gr.Textbox(label="Note", scale=2, max_length=MAX_NOTE_CHARS)
     with gr.Row():
         agree = gr.CheckboxGroup([], label="I agree with the map of")
         disagree = gr.CheckboxGroup([], label="I disagree with the map of")

@@ -148,7 +148,7 @@ def build(user: gr.State) -> SimpleNamespace:
                                   file_types=UPLOAD_TYPES, type="filepath")
             test_files = gr.File(label="test images (optional)", file_count="multiple",
                                  file_types=UPLOAD_TYPES, type="filepath")
-            mask_files = gr.File(label="test masks (optional, name.png or name_mask.png)",
+            mask_files = gr.File(label="test masks (optional, name.png or name_mask.png; a DICOM SEG for DICOM series)",
                                  file_count="multiple", file_types=UPLOAD_TYPES, type="filepath")
         unmasked_normal = gr.Checkbox(label="test images without a mask are normal", value=False)
         upload_btn = gr.Button("Load the upload", variant="primary", elem_id="load-upload")

@@ -5,13 +5,14 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from .. import safety as S
-from ..backbones import OFFLINE_DEFAULT, SHORT_NAMES, public_backbone
+from .. import safety as S, tokens
+from ..backbones import SHORT_NAMES, public_backbone
 from ..medical import WINDOW_PRESETS, Window
-from ..settings import DEFAULT_IMAGE_SIZE, MAX_SIDE, MIN_SIDE
+from ..settings import DEFAULT_IMAGE_SIZE, MAX_SIDE, MIN_SIDE, OFFLINE_DEFAULT
 from ..methods import get_method_class, list_methods
 from ..workspace import source_label, thumbnail
 from ..viz import metrics_frame
+from . import jobs
 from .common import in_panel, open_workspace, reporter, ui_errors
 
 DEFAULT_METHODS = [m for m in ("patchcore", "anomalydino") if m in list_methods()]
@@ -41,7 +42,7 @@ def on_train(user: str, backbone: str | None, methods: list[str], preset: str, i
     ws = open_workspace(user)
     run_id, evaluation = ws.runs.train(methods, public_backbone(backbone), preset,
                                        None if image_size in (None, "") else image_size, aux_source,
-                                       S.clean_token(token), progress=reporter(progress), window=window or None)
+                                       tokens.clean(token), progress=reporter(progress), window=window or None)
     msg = f"Run **{ws.runs.label(run_id)}** trained and saved. Open **Compare** to see the heatmaps."
     if not evaluation:
         msg += " (No labelled test images: no metrics.)"
@@ -64,8 +65,8 @@ def build(user: gr.State) -> SimpleNamespace:
                                 for m in list_methods()], value=DEFAULT_METHODS, label="Methods", elem_id="methods")
     window = gr.Dropdown(["auto", "minmax", "percentile:0.5,99.5", *WINDOW_PRESETS], value=Window().spec,
                          allow_custom_value=True, label="Intensity window (DICOM, NIfTI, 16-bit images)",
-                         info="auto: a DICOM file's own window, else min/max (16-bit PNG/TIFF: their full range); "
-                              "percentile: fitted on the training images; a CT preset (HU) or CENTRE/WIDTH such as "
+                         info="auto: a DICOM file's own window, else a 0.5-99.5 % percentile window fitted on the "
+                              "training images; percentile: that for DICOM too; a CT preset (HU) or CENTRE/WIDTH such as "
                               "40/400. Fitted on the training images, applied to every image, saved with the run.")
     with gr.Row():
         aux_source = gr.Radio(["other categories", "annotations"], value="other categories",
@@ -78,8 +79,10 @@ def build(user: gr.State) -> SimpleNamespace:
     table = gr.Dataframe(label="Metrics on the labelled test images", interactive=False)
     new_run = gr.State(None)
     # progress shows on the status line only: it never covers the run picker or the form
-    trained = train_btn.click(in_panel(on_train, status=0, n_outputs=3),
+    # one training queued or running per session, checked when it is submitted (ui/jobs.py)
+    trained = train_btn.click(jobs.holding("training", in_panel(on_train, status=0, n_outputs=3)),
                               [user, backbone, methods, preset, image_size, aux_source, token, window],
-                              [status, table, new_run],
-                              show_progress_on=[status], concurrency_limit=S.limits().trainings)
+                              [status, table, new_run], show_progress_on=[status],
+                              validator=jobs.validator("training", on_train, show_on="methods"),
+                              concurrency_limit=S.limits().trainings)
     return SimpleNamespace(trained=trained, new_run=new_run, data_outputs=[data_md, data_preview])

@@ -5,10 +5,14 @@
  * no script tags, and replaces or patches it when the value changes). Everything after that is client-side:
  * zoom, pan, threshold, overlays, the window / level and stepping through the images never call the server.
  *
- * Payload (see viewer.py): {vmax, threshold, items: [{name, label, w, h, img, full, gt, panels: [{method,
- * score, heat, lo, hi}]}]}. `heat` is a PNG whose R,G channels hold a 16-bit code q of the calibrated map:
- * value = lo + q * (hi - lo) / 65535. `gt` is a PNG mask (white = defect). (w, h) is the image's own size
- * (capped on the server); every layer is stretched onto that extent.
+ * Payload (see viewer.py): {vmax, threshold, presets: {name: [centre, width]}, volumes: {key: {name, handle,
+ * slices: [{name, label, finding}]}}, items: [{name, label, w, h, img, full, gt, panels: [{method, score, heat,
+ * lo, hi}], vals?: {url, lo, hi}, unit?, win?: [centre, width], inv?, vol?, zi?}]}. `heat` is a PNG whose R,G
+ * channels hold a 16-bit code q of the calibrated map: value = lo + q * (hi - lo) / 65535; `vals` holds a
+ * scan's modality values the same way (then `img` is null: the image is drawn from them through the window).
+ * `gt` is a PNG mask (white = defect). (w, h) is the image's own size (capped on the server); every layer is
+ * stretched onto that extent. An item with `vol` belongs to a volume: its slice slider reaches every slice,
+ * asking the server (`server.viewer_slice([handle, k])`, the gr.HTML's server functions) for those not embedded.
  */
 (function () {
   "use strict";
@@ -55,6 +59,25 @@
     const lut = new Uint8ClampedArray(256), w1 = Math.max(width - 1, 1e-6);
     for (let v = 0; v < 256; v++) lut[v] = Math.round(Math.min(Math.max((v - (level - 0.5)) / w1 + 0.5, 0), 1) * 255);
     return lut;
+  }
+
+  /** A scan's values through a window in their own units: y = clip((v - (level - width / 2)) / width, 0, 1),
+   * as uadlab.medical.Window.display, inverted after the window for MONOCHROME1; grey RGBA pixels. */
+  function windowValues(vals, level, width, invert) {
+    const out = new ImageData(vals.w, vals.h), d = out.data, v = vals.v, lo = level - width / 2;
+    const k = 255 / Math.max(width, 1e-12);
+    for (let i = 0; i < v.length; i++) {
+      let g = Math.round(Math.min(Math.max((v[i] - lo) * k, 0), 255));
+      if (invert) g = 255 - g;
+      d[i * 4] = d[i * 4 + 1] = d[i * 4 + 2] = g;
+      d[i * 4 + 3] = 255;
+    }
+    return out;
+  }
+
+  /** The value below which a share q of the values lies (a sorted copy, made once per item). */
+  function quantile(sorted, q) {
+    return sorted[Math.min(sorted.length - 1, Math.max(0, Math.floor(q * sorted.length)))];
   }
 
   /** A level and width that spread the image's 0.5 %..99.5 % grey range (mean of R, G, B) over 0..255. */
@@ -118,6 +141,20 @@
     }
     lctx.putImageData(out, 0, 0);
     return { w, h, v, layer };
+  }
+
+  /** A scan's values (Float32Array in modality units) from their 16-bit PNG. */
+  async function decodeValues(vals) {
+    const px = await pixelsOf(vals.url), n = px.width * px.height, d = px.data;
+    const v = new Float32Array(n), step = (vals.hi - vals.lo) / 65535;
+    for (let i = 0; i < n; i++) v[i] = vals.lo + (d[i * 4] * 256 + d[i * 4 + 1]) * step;
+    return { w: px.width, h: px.height, v, lo: vals.lo, hi: vals.hi };
+  }
+
+  /** The server functions of the gr.HTML holding `root` (null outside gradio or without them). */
+  function serverOf(root) {
+    for (let e = root; e; e = e.parentElement) if (e.uadlabServer) return e.uadlabServer;
+    return null;
   }
 
   async function decodeMask(url) {
@@ -256,6 +293,15 @@
       this.noun = first !== null && this.data.items.every((it) => scan(it.name) === first) ? "slice" : "image";
       this.level = WINDOW_ID.level;
       this.width = WINDOW_ID.width;
+      this.winMode = "grey"; // "grey" (0..255 of an ordinary image) or a scan's unit ("HU", "values")
+      this.winTouched = false; // the user set the window: it stays while the images are of one kind
+      this.volumes = this.data.volumes || {};
+      this.presets = this.data.presets || {};
+      this.zi = null; // the slice asked for in the shown item's volume
+      this.slicePayload = new Map(); // "volume:k" -> payload (or its Promise): embedded or fetched slices
+      this.data.items.forEach((it) => {
+        if (it.vol !== undefined && this.volumes[it.vol]) this.slicePayload.set(`${it.vol}:${it.zi}`, it);
+      });
       this.srcPx = new Map(); // image of the shown item -> its pixels (ImageData), for the window
       this.windowedOf = new Map(); // image of the shown item -> {canvas, key}: it through the current window
       this.zoom = { s: 1, x: 0, y: 0 }; // shared by all panels: image x/w -> s * x/w + x (units of panel width)
@@ -340,31 +386,73 @@
                   button("−", "zoom out (−)", () => this.zoomBy(1 / ZOOM_STEP)),
                   button("reset", "reset zoom and pan (0)", () => this.resetZoom()));
       // window / level of the image (all panels: the heat is drawn over the windowed image)
+      // window / level: typed (number fields, in the image's own units) or dragged (sliders)
       const win = el("span", "uadv-group");
-      const setWin = () => this.setWindow(parseFloat(this.levelIn.value), parseFloat(this.widthIn.value));
-      this.levelIn = slider("uadv-wl", `${id}-level`, 0, 255, 0.5, this.level, "window level (centre, 0 to 255)",
-                            setWin);
-      this.widthIn = slider("uadv-wl", `${id}-width`, 1, WIDTH_MAX, 1, this.width, "window width (0 to 255 units)",
-                            setWin);
-      this.winText = el("span", "uadv-wl-val");
-      const pair = (text, input) => { // a label and its slider wrap together
+      const number = (cls, nid, label) => {
+        const n = el("input", cls);
+        Object.assign(n, { type: "number", id: nid, step: "any" });
+        n.setAttribute("aria-label", label);
+        return n;
+      };
+      this.levelIn = number("uadv-wl-num", `${id}-level`, "window level (centre)");
+      this.widthIn = number("uadv-wl-num", `${id}-width`, "window width");
+      const typed = () => {
+        const l = parseFloat(this.levelIn.value), w = parseFloat(this.widthIn.value);
+        if (isFinite(l) && isFinite(w) && w > 0) { this.winTouched = true; this.setWindow(l, w, "typed"); }
+      };
+      this.levelIn.addEventListener("input", typed);
+      this.widthIn.addEventListener("input", typed);
+      const dragged = () => {
+        this.winTouched = true;
+        this.setWindow(parseFloat(this.levelRange.value), parseFloat(this.widthRange.value));
+      };
+      this.levelRange = slider("uadv-wl", `${id}-level-range`, 0, 255, 0.5, this.level, "window level slider", dragged);
+      this.widthRange = slider("uadv-wl", `${id}-width-range`, 1, WIDTH_MAX, 1, this.width, "window width slider",
+                               dragged);
+      this.winUnit = el("span", "uadv-wl-unit");
+      const pair = (text, input, range) => { // a label, its field and its slider wrap together
         const l = el("label", "uadv-check");
-        l.append(el("span", "", text), input);
+        l.append(el("span", "", text), input, range);
         return l;
       };
-      win.append(pair("window: level", this.levelIn), pair("width", this.widthIn), this.winText,
-                 button("auto", "window the 0.5 %–99.5 % grey range of this image", () => this.autoWindow()),
-                 button("reset", "reset the window (the image's grey values as they are)",
-                        () => this.setWindow(WINDOW_ID.level, WINDOW_ID.width)));
+      this.presetBox = el("span", "uadv-group uadv-presets");
+      for (const [name, [c, w]] of Object.entries(this.presets)) {
+        this.presetBox.append(button(name.replace("_", " "), `${name.replace("_", " ")} window: level ${c}, width ${w} HU`,
+                                     () => { this.winTouched = true; this.setWindow(c, w); }));
+      }
+      win.append(el("span", "", "window"), this.winUnit, pair("level", this.levelIn, this.levelRange),
+                 pair("width", this.widthIn, this.widthRange),
+                 button("auto", "window the 0.5 %–99.5 % range of this image", () => this.autoWindow()),
+                 button("reset", "reset the window (the run's window of a scan; an image's grey values as they are)",
+                        () => { this.winTouched = false; this.setWindow(...this.defaultWindow()); }),
+                 this.presetBox);
+      // a volume: the slice slider over all its slices, the slices of a finding marked under it
+      this.volBar = el("div", "uadv-bar uadv-volbar");
+      this.sliceIn = slider("uadv-slice", `${id}-slice`, 0, 1, 1, 0, "slice of the volume",
+                            () => this.goSlice(parseInt(this.sliceIn.value, 10)));
+      this.marks = el("div", "uadv-marks");
+      const track = el("span", "uadv-track");
+      track.append(this.sliceIn, this.marks);
+      this.sliceText = el("span", "uadv-pos");
+      this.sliceText.setAttribute("aria-live", "polite");
+      this.maxBtn = button("▲ highest score", "jump to the slice with the highest image score (first method)",
+                           () => this.jumpToMax());
+      this.maxBtn.id = `${id}-slice-max`;
+      const slide = el("span", "uadv-group uadv-slide"); // the slider and its arrows stay on one line
+      slide.append(el("span", "", "slice"), button("◀", "previous slice of the volume (↓)", () => this.stepSlice(-1)),
+                   track, button("▶", "next slice of the volume (↑)", () => this.stepSlice(1)));
+      this.volBar.append(slide, this.sliceText, this.maxBtn);
+      this.volBar.hidden = true;
       bar.append(nav, thr, layers, win, view);
 
       const note = el("div", "uadv-note", "Maps and image scores are calibrated on held-out normal images: " +
         "0 = median normal pixel, 1.0 = normal limit. Wheel or pinch to zoom, drag to pan (all panels " +
-        "together), click a panel to enlarge; keys ← → + − 0 Esc. Level and width window the image " +
-        "(0–255 grey values; the heatmaps are drawn over the windowed image).");
+        "together), click a panel to enlarge; keys ← → (↑ ↓: slices of a volume) + − 0 Esc. Level and width " +
+        "window the image (a scan in its own units, HU for CT; other images in 0–255 grey values; the heatmaps " +
+        "are drawn over the windowed image).");
       this.status = el("div", "uadv-status");
       this.grid = el("div", "uadv-grid");
-      app.append(bar, note, this.status, this.grid);
+      app.append(bar, this.volBar, note, this.status, this.grid);
       root.append(app);
       this.app = app;
       root.tabIndex = 0;
@@ -373,20 +461,53 @@
       this.setWindow(this.level, this.width);
     }
 
-    get item() { return this.data.items[this.shown]; } // what the panels draw (`index` may still be decoding)
+    get item() { return this.cur; } // what the panels draw (the item asked for may still be decoding)
 
-    /** Decoded assets of item i (decoded once, then cached). */
-    assets(i) {
-      if (!this.cache.has(i)) {
-        const it = this.data.items[i];
-        this.cache.set(i, Promise.all([
-          loadImage(it.img),
+    /** The key of what is asked for: item i, or slice zi of item i's volume. */
+    keyOf(i, zi) {
+      const it = this.data.items[i];
+      return it.vol !== undefined && this.volumes[it.vol] && zi !== null ? `${it.vol}:${zi}` : `#${i}`;
+    }
+
+    /** The payload of item i (slice zi of its volume): embedded, or asked from the server once and kept. */
+    payloadOf(i, zi) {
+      const key = this.keyOf(i, zi);
+      if (key.startsWith("#")) return Promise.resolve(this.data.items[i]);
+      if (!this.slicePayload.has(key)) {
+        const vol = this.volumes[this.data.items[i].vol], server = serverOf(this.root);
+        if (!vol.handle || !server || !server.viewer_slice) {
+          return Promise.reject(new Error("this slice was not sent and no server computes it here"));
+        }
+        const p = server.viewer_slice([vol.handle, zi]).then((r) => {
+          const got = typeof r === "string" ? JSON.parse(r) : r;
+          if (!got || got.error) throw new Error(got && got.error ? got.error : "no answer");
+          this.slicePayload.set(key, got);
+          return got;
+        });
+        p.catch(() => this.slicePayload.delete(key)); // a failure is asked again next time
+        this.slicePayload.set(key, p);
+        // fetched slices are kept (a few hundred KB each): forget the oldest beyond 96
+        if (this.slicePayload.size > 96 + this.data.items.length) {
+          for (const k of this.slicePayload.keys()) {
+            if (!this.data.items.some((it) => `${it.vol}:${it.zi}` === k)) { this.slicePayload.delete(k); break; }
+          }
+        }
+      }
+      return Promise.resolve(this.slicePayload.get(key));
+    }
+
+    /** Decoded assets of what `key` names (decoded once, then cached). */
+    assets(key, it) {
+      if (!this.cache.has(key)) {
+        this.cache.set(key, Promise.all([
+          it.img ? loadImage(it.img) : null,
           it.full ? loadImage(it.full) : null,
           it.gt ? decodeMask(it.gt) : null,
           Promise.all(it.panels.map((p) => decodeHeat(p, this.vmax))),
-        ]).then(([img, full, gt, heats]) => ({ img, full: full || img, gt, heats })));
+          it.vals ? decodeValues(it.vals) : null,
+        ]).then(([img, full, gt, heats, vals]) => ({ img, full: full || img, gt, heats, vals })));
       }
-      return this.cache.get(i);
+      return this.cache.get(key);
     }
 
     step(d) {
@@ -396,30 +517,116 @@
 
     /** Ask for item i: the position, slider and data-index follow at once, the panels once it is decoded. */
     go(i) {
-      const n = this.data.items.length;
       this.index = i;
-      this.pos.textContent = `${this.noun} ${i + 1} / ${n}  ${this.data.items[i].name}  ${this.data.items[i].label}`;
+      const it = this.data.items[i];
+      this.zi = it.vol !== undefined && this.volumes[it.vol] ? it.zi : null;
+      this.request();
+    }
+
+    /** Ask for slice zi of the shown item's volume. */
+    goSlice(zi) {
+      const vol = this.volumes[this.data.items[this.index].vol];
+      if (!vol) return;
+      this.zi = Math.min(Math.max(zi, 0), vol.slices.length - 1);
+      this.request();
+    }
+    stepSlice(d) { if (this.zi !== null) this.goSlice(this.zi + d); }
+
+    request() {
+      const n = this.data.items.length, i = this.index, it = this.data.items[i];
+      const vol = this.zi !== null ? this.volumes[it.vol] : null;
+      const sl = vol ? vol.slices[this.zi] : null;
+      const name = sl ? sl.name : it.name, label = sl ? (sl.name === it.name ? it.label : sl.finding ? "anomalous" : "")
+        : it.label;
+      this.pos.textContent = `${this.noun} ${i + 1} / ${n}  ${name}  ${label}`.trimEnd();
       this.itemIn.value = String(i);
       this.itemIn.setAttribute("aria-valuetext", `${this.noun} ${i + 1} / ${n}`);
       this.root.dataset.index = String(i);
+      this.volBar.hidden = !vol;
+      if (vol) {
+        if (this.marksOf !== it.vol) this.buildMarks(it.vol);
+        this.sliceIn.value = String(this.zi);
+        const where = `${sl.label} · ${this.zi + 1} / ${vol.slices.length} of ${vol.name}`;
+        this.sliceText.textContent = where + (sl.finding ? " · finding" : "");
+        this.sliceIn.setAttribute("aria-valuetext", where);
+        this.root.dataset.slice = sl.label;
+      } else {
+        delete this.root.dataset.slice;
+      }
       this.root.dataset.state = "loading";
+      clearTimeout(this.slowTimer);
+      this.slowTimer = setTimeout(() => { // say so when the server computes a slice
+        if (this.root.dataset.state === "loading" && sl) this.status.textContent = `computing the heatmaps of ${sl.label}…`;
+      }, 400);
       if (!this.loading) this.load();
     }
 
-    /** Decode and show the item asked for. One decode at a time: when the slider moved on meanwhile, the newest
+    /** The slider of a volume: its range and the slices of a finding as marks under it. */
+    buildMarks(key) {
+      const vol = this.volumes[key], n = vol.slices.length;
+      this.marksOf = key;
+      this.sliceIn.max = String(n - 1);
+      this.marks.replaceChildren();
+      vol.slices.forEach((s, k) => {
+        if (!s.finding) return;
+        const m = el("span", "uadv-finding");
+        m.style.left = `calc(8px + (100% - 16px) * ${n > 1 ? k / (n - 1) : 0})`; // under the thumb's centre
+        m.title = `${s.label}: finding`;
+        this.marks.append(m);
+      });
+      this.marks.dataset.count = String(this.marks.childElementCount);
+    }
+
+    /** Jump to the slice of the shown volume with the highest image score of the first method (the server scores
+     * every slice once). */
+    async jumpToMax() {
+      const it = this.data.items[this.index], vol = this.volumes[it.vol], server = serverOf(this.root);
+      if (!vol) return;
+      const method = this.item && this.item.panels.length ? this.item.panels[0].method : null;
+      let scores = null;
+      if (vol.handle && server && server.viewer_volume_scores) {
+        this.status.textContent = `scoring the ${vol.slices.length} slices of ${vol.name}…`;
+        try {
+          const r = await server.viewer_volume_scores(vol.handle);
+          const got = typeof r === "string" ? JSON.parse(r) : r;
+          if (got && got.error) throw new Error(got.error);
+          scores = got[method] || Object.values(got)[0];
+        } catch (err) {
+          this.status.textContent = `The slices could not be scored (${err && err.message ? err.message : err}).`;
+          return;
+        }
+      } else { // no server: the embedded slices only
+        scores = vol.slices.map((s, k) => {
+          const p = this.slicePayload.get(`${it.vol}:${k}`);
+          return p && p.panels ? p.panels[0].score : null;
+        });
+      }
+      let best = -1;
+      scores.forEach((v, k) => { if (v !== null && isFinite(v) && (best < 0 || v > scores[best])) best = k; });
+      if (best < 0) return;
+      this.status.textContent = "";
+      this.maxBtn.dataset.best = String(best);
+      this.maxBtn.title = `highest ${method || ""} score: ${vol.slices[best].label} (${fmt(scores[best])})`;
+      this.goSlice(best);
+    }
+
+    /** Decode and show what is asked for. One decode at a time: when the slider moved on meanwhile, the newest
      * item is decoded next and the ones passed over are skipped, so dragging through slices stays live. */
     async load() {
       this.loading = true;
       try {
         for (;;) { // until the item decoded is still the one asked for
-          const i = this.index;
+          const i = this.index, zi = this.zi, key = this.keyOf(i, zi);
           try {
-            const a = await this.assets(i);
+            const it = await this.payloadOf(i, zi);
             if (this.dead) return;
-            if (this.index === i) return this.showItem(i, a);
+            if (this.keyOf(this.index, this.zi) !== key) continue;
+            const a = await this.assets(key, it);
+            if (this.dead) return;
+            if (this.keyOf(this.index, this.zi) === key) return this.showItem(key, it, a);
           } catch (err) {
             if (this.dead) return;
-            if (this.index === i) {
+            if (this.keyOf(this.index, this.zi) === key) {
               this.root.dataset.state = "error";
               const why = err && err.message ? err.message : err;
               this.status.textContent = `This ${this.noun} could not be shown (${why}).`;
@@ -432,26 +639,64 @@
       }
     }
 
-    showItem(i, a) {
-      const n = this.data.items.length;
+    showItem(key, it, a) {
+      const n = this.data.items.length, i = this.index;
       // keep the neighbours decoded (instant ← / →), forget the rest (decoded maps are large). The neighbours
       // are decoded a moment later, and not at all when the user has moved on by then (a dragged slider or a
       // held key): during a drag they would triple the work per slice shown.
-      const near = new Set([i, (i + 1) % n, (i + n - 1) % n]);
-      for (const k of [...this.cache.keys()]) if (!near.has(k)) this.cache.delete(k);
+      const near = [[(i + 1) % n, null], [(i + n - 1) % n, null]].map(([j]) => [j, this.data.items[j].vol !== undefined
+        && this.volumes[this.data.items[j].vol] ? this.data.items[j].zi : null]);
+      const vol = this.zi !== null ? this.volumes[this.data.items[i].vol] : null;
+      if (vol) for (const d of [1, -1]) if (this.zi + d >= 0 && this.zi + d < vol.slices.length) near.push([i, this.zi + d]);
+      const keep = new Set([key, ...near.map(([j, z]) => this.keyOf(j, z))]);
+      for (const k of [...this.cache.keys()]) if (!keep.has(k)) this.cache.delete(k);
       setTimeout(() => {
-        if (this.dead || this.index !== i) return;
-        for (const k of near) this.assets(k).catch(() => {});
+        if (this.dead || this.keyOf(this.index, this.zi) !== key) return;
+        for (const [j, z] of near) this.payloadOf(j, z).then((p) => this.assets(this.keyOf(j, z), p)).catch(() => {});
       }, PREFETCH_MS);
+      clearTimeout(this.slowTimer);
       this.status.textContent = "";
       this.closeModal();
       this.shown = i;
+      this.cur = it;
+      this.pos.textContent = `${this.noun} ${i + 1} / ${n}  ${it.name}  ${it.label}`; // a fetched slice's own label
       this.assetsNow = a;
       this.srcPx.clear();
       this.windowedOf.clear();
+      this.useWindowOf(it);
       this.buildPanels(this.item, a);
       this.setThreshold(this.threshold);
       this.root.dataset.state = "ready";
+    }
+
+    /** The window's units follow the item: a scan's own units, else 0..255. It is kept while the kind stays and
+     * the user has set it; otherwise it starts at the item's own (the run's window of a scan). */
+    useWindowOf(it) {
+      const mode = it.vals ? (it.unit || "values") : "grey";
+      const changed = mode !== this.winMode;
+      this.winMode = mode;
+      this.winUnit.textContent = mode === "grey" ? "(0–255)" : mode === "HU" ? "(HU)" : "(raw values)";
+      this.presetBox.hidden = mode !== "HU";
+      this.root.dataset.unit = mode;
+      let lo = 0, hi = 255, wmax = WIDTH_MAX, step = 0.5;
+      if (it.vals) {
+        const [c, w] = it.win;
+        lo = Math.min(it.vals.lo, c - w / 2);
+        hi = Math.max(it.vals.hi, c + w / 2);
+        if (mode === "HU") for (const [pc, pw] of Object.values(this.presets)) { lo = Math.min(lo, pc - pw / 2); hi = Math.max(hi, pc + pw / 2); }
+        wmax = Math.max(2 * (hi - lo), 1e-6);
+        step = (hi - lo) > 200 ? 1 : (hi - lo) / 1000 || 0.001;
+      }
+      Object.assign(this.levelRange, { min: String(lo), max: String(hi), step: String(step) });
+      Object.assign(this.widthRange, { min: String(it.vals ? step : 1), max: String(wmax), step: String(step) });
+      if (changed) this.winTouched = false;
+      if (!this.winTouched) this.setWindow(...this.defaultWindow(it));
+      else this.setWindow(this.level, this.width);
+    }
+
+    /** The shown item's own window: the run's window of a scan, the identity of an ordinary image. */
+    defaultWindow(it = this.item) {
+      return it && it.vals ? it.win : [WINDOW_ID.level, WINDOW_ID.width];
     }
 
     buildPanels(it, a) {
@@ -532,21 +777,54 @@
     }
 
     // -- window / level ---------------------------------------------------------------------------------
-    setWindow(level, width) {
-      this.level = Math.min(Math.max(level, 0), 255);
-      this.width = Math.min(Math.max(width, 1), WIDTH_MAX);
-      this.levelIn.value = String(this.level);
-      this.widthIn.value = String(this.width);
-      this.winText.textContent = `${fmt(this.level, this.level % 1 ? 1 : 0)} / ${this.width}`;
+    /** Set the window (in the shown image's units); `typed`: the number fields are the source, left as typed. */
+    setWindow(level, width, typed) {
+      if (this.winMode === "grey") {
+        this.level = Math.min(Math.max(level, 0), 255);
+        this.width = Math.min(Math.max(width, 1), WIDTH_MAX);
+      } else {
+        this.level = level;
+        this.width = Math.max(width, 1e-6);
+      }
+      const round = (x) => (this.winMode === "grey" || Math.abs(x) >= 100 ? Math.round(x * 100) / 100 : +x.toPrecision(6));
+      if (!typed) {
+        this.levelIn.value = String(round(this.level));
+        this.widthIn.value = String(round(this.width));
+      }
+      this.levelRange.value = String(this.level);
+      this.widthRange.value = String(this.width);
       this.root.dataset.level = String(this.level);
       this.root.dataset.width = String(this.width);
       this.redrawAll();
     }
 
     autoWindow() {
-      if (!this.assetsNow) return;
-      const w = autoWindow(this.pixelsOf(this.assetsNow.img));
+      const a = this.assetsNow;
+      if (!a) return;
+      this.winTouched = true;
+      if (a.vals) { // the 0.5 %..99.5 % range of the scan's values, in its units
+        if (!a.sorted) a.sorted = Float32Array.from(a.vals.v).sort();
+        const lo = quantile(a.sorted, 0.005), hi = Math.max(quantile(a.sorted, 0.995), lo + 1e-6);
+        return this.setWindow((lo + hi) / 2, hi - lo);
+      }
+      const w = autoWindow(this.pixelsOf(a.img));
       this.setWindow(w.level, w.width);
+    }
+
+    /** The image under the panels: a scan's values through the window (one pass per window change), or the
+     * 8-bit image (`big`: the full-size copy) through the window's LUT. */
+    baseImage(big) {
+      const a = this.assetsNow, it = this.item;
+      if (!a.vals) return this.windowed(big ? a.full : a.img);
+      const key = `${this.level} ${this.width}`;
+      if (!a.valCanvas || a.valCanvas.key !== key) {
+        const c = a.valCanvas ? a.valCanvas.canvas : document.createElement("canvas");
+        c.width = a.vals.w;
+        c.height = a.vals.h;
+        c.getContext("2d").putImageData(windowValues(a.vals, this.level, this.width, it.inv), 0, 0);
+        a.valCanvas = { canvas: c, key };
+      }
+      return a.valCanvas.canvas;
     }
 
     /** The pixels of `src` (an image of the shown item), read once per item. */
@@ -616,8 +894,8 @@
       ctx.fillRect(0, 0, W, H);
       const k = (z.s * cssW * dpr) / it.w; // device pixels per image pixel
       ctx.setTransform(k, 0, 0, k, z.x * cssW * dpr, z.y * cssW * dpr);
-      const a = this.assetsNow, src = k * it.w > 1.5 * a.img.naturalWidth ? a.full : a.img;
-      this.paint(ctx, p, k, dpr, this.windowed(src));
+      const a = this.assetsNow;
+      this.paint(ctx, p, k, dpr, this.baseImage(!a.vals && k * it.w > 1.5 * a.img.naturalWidth));
       p.el.dataset.transform = `${z.s.toFixed(4)} ${z.x.toFixed(4)} ${z.y.toFixed(4)}`;
     }
 
@@ -778,7 +1056,7 @@
       m.canvas.height = Math.round(it.h * dpr);
       const ctx = m.canvas.getContext("2d");
       ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-      this.paint(ctx, m.panel, dpr, dpr, this.windowed(this.assetsNow.full));
+      this.paint(ctx, m.panel, dpr, dpr, this.baseImage(true));
     }
 
     closeModal() {
@@ -798,6 +1076,8 @@
       switch (e.key) {
         case "ArrowRight": this.step(1); return true;
         case "ArrowLeft": this.step(-1); return true;
+        case "ArrowUp": if (this.zi === null) return false; this.stepSlice(1); return true;
+        case "ArrowDown": if (this.zi === null) return false; this.stepSlice(-1); return true;
         case "+": case "=": this.zoomBy(ZOOM_STEP); return true;
         case "-": case "_": this.zoomBy(1 / ZOOM_STEP); return true;
         case "0": this.resetZoom(); return true;

@@ -14,12 +14,22 @@ zooming, panning, the threshold and stepping through images never wait for the s
   part before its last ``#``, as the NIfTI loader names slices ``<file>#z042``; no slider for one item); a
   dragged slider shows the slices live: only the newest item asked for is decoded, the ones passed over are
   skipped; all items are embedded in the HTML;
-- window / level of the image in its 0..255 grey values (level 128, width 256 = the image as it is; an
-  "auto" button windows its 0.5..99.5 % grey range): DICOM's LINEAR function, as
+- window / level, typed (number fields) or dragged (sliders). For scans (items with ``values``: DICOM, NIfTI,
+  16-bit images) in the scan's OWN units (HU for CT, raw values otherwise), starting at the run's window
+  for that image, with the CT presets (brain, soft tissue, lung, bone) for HU; y = clip((v - (level -
+  width / 2)) / width, 0, 1) * 255 (as :meth:`uadlab.medical.Window.display`), MONOCHROME1 inverted after
+  it. The window stays while one steps through slices of the same kind. For ordinary images in their 0..255
+  grey values (level 128, width 256 = the image as it is): DICOM's LINEAR function, as
   :func:`uadlab.medical.voi_window`, y = clip((v - (level - 0.5)) / (width - 1) + 0.5, 0, 1) * 255 per
-  channel, a LUT on the pixels. It applies to the original panel, the enlarged view AND the image under the
-  heat in every method's panel (they all draw the same windowed canvas: one LUT pass per change). The heat
-  colours themselves are never windowed.
+  channel. "auto" windows the 0.5..99.5 % range of the shown image. It applies to the original panel, the
+  enlarged view AND the image under the heat in every method's panel (they all draw the same windowed
+  canvas: one pass per change). The heat colours themselves are never windowed.
+- whole scans: an item of a volume or DICOM series (``ViewItem.volume``) gets a slice slider over ALL the
+  volume's slices (:class:`Volume`), labelled in the volume's own numbering (``z 12``, ``instance 7``), with
+  the slices of a finding (ground truth) marked on it and a button jumping to the slice with the highest
+  score. Slices not embedded are asked from the server when reached (``volume.handle`` through the gr.HTML's
+  server functions ``viewer_slice([handle, k])`` and ``viewer_volume_scores(handle)``, see compare_tab),
+  computed there lazily and cached on both sides.
 
 What is sent: each image as a data URL at most ``PANEL_MAX`` px on its long side for the panels, plus a copy
 at its own resolution (at most ``FULL_MAX``) for the enlarged view when that is larger; each heat map as a
@@ -54,7 +64,7 @@ from PIL import Image
 
 PANEL_MAX = 1024  # long side of the image in the panels
 FULL_MAX = 2048  # long side of the enlarged view (the image's own resolution up to this cap)
-HEAT_MAX = 512  # long side of a heat map sent to the browser
+HEAT_MAX = 512  # long side of a heat map sent to the browser (viz.HEAT_MAX: exports colour it as the viewer)
 LABELS = ("normal", "anomalous", "unlabelled")
 _ELEM_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
@@ -70,13 +80,39 @@ class Panel:
 
 @dataclass
 class ViewItem:
-    """A test image with one panel per method and its ground truth, if any."""
+    """A test image with one panel per method and its ground truth, if any.
+
+    Scans add ``values`` (the image in its modality units, same size), their ``unit`` ("HU" for CT, "" for
+    raw values), the run's ``window`` (centre, width) on them and MONOCHROME1's ``invert``: the viewer then
+    windows the values itself. ``volume`` / ``slice_pos`` place the item in a :class:`Volume` of the viewer.
+    """
 
     name: str
     image: np.ndarray  # (H, W, 3) uint8 at the image's own resolution ((H, W) grayscale is accepted)
     panels: list[Panel] = field(default_factory=list)
     mask: np.ndarray | None = None  # (H, W) bool ground truth
     label: str = "unlabelled"  # "normal" / "anomalous" / "unlabelled"
+    values: np.ndarray | None = None  # (H, W) float modality units
+    unit: str = ""
+    window: tuple[float, float] | None = None  # (centre, width) in modality units
+    invert: bool = False
+    volume: str | None = None  # key of the viewer's ``volumes``
+    slice_pos: int | None = None  # position in that volume's slices
+
+
+@dataclass
+class Volume:
+    """A volume or series the items belong to: every slice in order, named in its own numbering.
+
+    Attributes:
+        name: what the slider says it browses (``patient00.nii.gz``, ``series3``).
+        slices: per slice (in order) ``{"name": sample name, "label": "z 12", "finding": bool}``.
+        handle: the server's key to compute slices not embedded (None: only embedded slices can be shown).
+    """
+
+    name: str
+    slices: list[dict[str, Any]]
+    handle: str | None = None
 
 
 def _asset(name: str) -> str:
@@ -157,12 +193,21 @@ def _score(x: Any) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None  # JSON has no NaN
 
 
-def _item_payload(it: ViewItem) -> dict[str, Any]:
+def item_payload(it: ViewItem) -> dict[str, Any]:
+    """What the browser gets of one item (JSON-ready; see viewer.js)."""
     rgb = _rgb(it.image, it.name)
     img = Image.fromarray(rgb)
     w, h = _fit(img.width, img.height, FULL_MAX)  # the enlarged view's size
-    panel_url = _image_url(img, PANEL_MAX)
-    full_url = _image_url(img, FULL_MAX) if max(img.size) > PANEL_MAX else None
+    vals = None
+    if it.values is not None:
+        v = np.asarray(it.values, np.float32)
+        if v.shape != rgb.shape[:2]:
+            raise ValueError(f"viewer item {it.name!r}: values are {v.shape}, the image is {rgb.shape[:2]}")
+        vals = encode_heat(v, FULL_MAX)  # 16 bits over the slice's own range: < 0.1 HU steps for CT
+        vals = {"url": vals["heat"], "lo": vals["lo"], "hi": vals["hi"]}
+    # with values the browser draws the image from them: the 8-bit copies are not sent
+    panel_url = _image_url(img, PANEL_MAX) if vals is None else None
+    full_url = _image_url(img, FULL_MAX) if vals is None and max(img.size) > PANEL_MAX else None
     gt = None
     if it.mask is not None:
         m = np.asarray(it.mask)
@@ -178,11 +223,32 @@ def _item_payload(it: ViewItem) -> dict[str, Any]:
             raise ValueError(f"viewer item {it.name!r}: the map of {p.method} must be (H, W), not {heat.shape}")
         panels.append({"method": str(p.method), "score": _score(p.image_score), **encode_heat(heat)})
     label = it.label if it.label in LABELS else "unlabelled"
-    return {"name": str(it.name), "label": label, "w": w, "h": h, "img": panel_url, "full": full_url,
-            "gt": gt, "panels": panels}
+    out = {"name": str(it.name), "label": label, "w": w, "h": h, "img": panel_url, "full": full_url,
+           "gt": gt, "panels": panels}
+    if vals is not None:
+        lo, hi = vals["lo"], vals["hi"]
+        c, wd = it.window if it.window is not None else ((lo + hi) / 2, max(hi - lo, 1e-6))
+        if not (math.isfinite(c) and math.isfinite(wd) and wd > 0):
+            raise ValueError(f"viewer item {it.name!r}: bad window {it.window}")
+        out.update(vals=vals, unit=str(it.unit or ""), win=[float(c), float(wd)], inv=bool(it.invert))
+    if it.volume is not None:
+        out.update(vol=str(it.volume), zi=int(it.slice_pos or 0))
+    return out
 
 
-def viewer_html(items: Sequence[ViewItem], threshold: float = 1.0, vmax: float = 3.0, elem_id: str = "viewer") -> str:
+_item_payload = item_payload  # the former private name
+
+
+def _volume_payload(key: str, v: Volume) -> dict[str, Any]:
+    if not v.slices:
+        raise ValueError(f"volume {v.name!r} has no slices")
+    slices = [{"name": str(s["name"]), "label": str(s.get("label", k)), "finding": bool(s.get("finding"))}
+              for k, s in enumerate(v.slices)]
+    return {"name": str(v.name), "slices": slices, "handle": v.handle}
+
+
+def viewer_html(items: Sequence[ViewItem], threshold: float = 1.0, vmax: float = 3.0, elem_id: str = "viewer",
+                volumes: dict[str, Volume] | None = None, presets: dict[str, tuple[float, float]] | None = None) -> str:
     """The viewer of ``items`` as an HTML string for a gr.HTML whose page has :data:`HEAD`.
 
     Args:
@@ -193,7 +259,11 @@ def viewer_html(items: Sequence[ViewItem], threshold: float = 1.0, vmax: float =
             ``{elem_id}-thr-range``, ``{elem_id}-opacity``, ``{elem_id}-show-heat|contour|gt``, the item
             slider ``{elem_id}-item``, the window ``{elem_id}-level`` and ``{elem_id}-width``, and the enlarged
             view ``{elem_id}-modal``. The root reports ``data-index``, ``data-state`` (loading / ready /
-            error), ``data-threshold``, ``data-zoom``, ``data-level`` and ``data-width``.
+            error), ``data-threshold``, ``data-zoom``, ``data-level`` and ``data-width`` (in the shown
+            image's units, ``data-unit``), and for a volume ``data-slice`` (the slice's own label); the
+            volume's slice slider is ``{elem_id}-slice``.
+        volumes: the volumes items belong to (``ViewItem.volume`` keys).
+        presets: window presets {name: (centre, width)} offered for HU images (default: the CT presets).
 
     Raises:
         ValueError: a bad image, map or mask (naming the item), or a bad threshold, vmax or elem_id.
@@ -207,17 +277,32 @@ def viewer_html(items: Sequence[ViewItem], threshold: float = 1.0, vmax: float =
     if not items:
         return (f'<div class="uadv-root uadv-empty" id="{elem_id}"><p>No images to show: choose test images '
                 "and a trained run.</p></div>")
+    volumes = volumes or {}
+    missing = {it.volume for it in items if it.volume is not None} - set(volumes)
+    if missing:
+        raise ValueError(f"viewer items name volumes {sorted(missing)} that are not given")
+    if presets is None:
+        from ..medical import WINDOW_PRESETS as presets
     payload = json.dumps({"vmax": float(vmax), "threshold": float(threshold),
-                          "items": [_item_payload(it) for it in items]}, separators=(",", ":"))
+                          "items": [item_payload(it) for it in items],
+                          "volumes": {k: _volume_payload(k, v) for k, v in volumes.items()},
+                          "presets": {k: [float(c), float(w)] for k, (c, w) in presets.items()}},
+                         separators=(",", ":"))
     uid = hashlib.sha1(payload.encode()).hexdigest()[:16]
     # html.escape quotes & < > " ': user-chosen names cannot leave the attribute
     return (f'<div class="uadv-root" id="{elem_id}" data-uid="{uid}" data-payload="{html.escape(payload)}">'
             '<div class="uadv-fallback">Loading the heatmap viewer (it needs JavaScript)…</div></div>')
 
 
+# the gr.HTML hands its server functions to the viewers inside it (viewer.js looks for ``uadlabServer`` upwards)
+JS_ON_LOAD = "element.uadlabServer = server;"
+
+
 def viewer_component(items: Sequence[ViewItem] = (), threshold: float = 1.0, vmax: float = 3.0,
-                     elem_id: str = "viewer", **kwargs: Any):
-    """A gr.HTML showing the viewer of ``items`` that brings :data:`HEAD` itself (kwargs go to gr.HTML)."""
+                     elem_id: str = "viewer", volumes: dict[str, Volume] | None = None, **kwargs: Any):
+    """A gr.HTML showing the viewer of ``items`` that brings :data:`HEAD` itself (kwargs go to gr.HTML; give
+    ``server_functions=[viewer_slice, viewer_volume_scores]`` for volumes with a handle)."""
     import gradio as gr
 
-    return gr.HTML(viewer_html(items, threshold, vmax, elem_id), head=HEAD, js_on_load=None, **kwargs)
+    return gr.HTML(viewer_html(items, threshold, vmax, elem_id, volumes), head=HEAD,
+                   js_on_load=JS_ON_LOAD if kwargs.get("server_functions") else None, **kwargs)

@@ -1,6 +1,6 @@
 """Annotations and reviews of a workspace: the images to annotate, saving label/mask/note/verdicts, the
 counts and summaries the screens show, and the MVTec-layout export. Persistence is the store's
-(``uadlab.store``: one SQLite file, committed at once)."""
+(``store``: one SQLite file, committed at once)."""
 from __future__ import annotations
 
 import time
@@ -10,8 +10,8 @@ import numpy as np
 
 from ..data import DataError, Sample
 from ..safety import export_path
-from ..store import Annotation
 from .sources import dataset_key
+from .store import Annotation
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -74,9 +74,22 @@ class Annotations:
     def review_summary(self, run_id: str) -> dict[str, dict[str, int]]:
         return self.store.review_summary(self.user, run_id)
 
-    def samples(self, key: str, require_masks: bool = False) -> list[Sample]:
-        """The labelled annotations of a dataset as samples (for metrics, or a zero-shot auxiliary set)."""
-        return self.store.to_samples(self.user, key, require_masks=require_masks)
+    def samples(self, key: str, require_masks: bool = False, images: Sequence[Sample] | None = None) -> list[Sample]:
+        """The labelled annotations of a dataset as samples (for metrics, or a zero-shot auxiliary set).
+
+        Args:
+            images: the dataset's samples (scans are read through them); default: the current data's, when
+                ``key`` is the current data.
+        """
+        if images is None:
+            choice = self.ws.data.choice()
+            images = self._all(self.ws.data.dataset(choice)) if choice and dataset_key(choice) == key else []
+        return self.store.to_samples(self.user, key, require_masks=require_masks,
+                                     samples={s.name: s for s in images})
+
+    @staticmethod
+    def _all(ds) -> list[Sample]:
+        return list(ds.train) + list(ds.test)
 
     def export(self) -> "Path":
         """The current dataset's annotations (with its normal training images) as an MVTec-layout zip.
@@ -92,4 +105,5 @@ class Annotations:
         cat = str(choice.get("category") or "annotated")
         cat = "annotated" if cat == "all" else cat
         out = export_path(f"annotations-{cat}-{time.strftime('%Y%m%d-%H%M%S')}.zip")
-        return self.store.export_mvtec_zip(self.user, key, out, category=cat, train=ds.train)
+        return self.store.export_mvtec_zip(self.user, key, out, category=cat, train=ds.train,
+                                           samples={s.name: s for s in self._all(ds)})

@@ -1,5 +1,6 @@
 """Sessions: the random workspace id a browser keeps, the key that protects it, the process-wide caches
-keyed by it, and the expiry of workspaces nobody used for ``UADLAB_EXPIRE_DAYS``."""
+keyed by it, the long jobs each one has queued (``JOBS``), and the expiry of workspaces nobody used for
+``UADLAB_EXPIRE_DAYS``."""
 from __future__ import annotations
 
 import logging
@@ -9,13 +10,13 @@ import shutil
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from .. import settings
-from ..safety import TRAININGS, limits, remove_stale_exports, workspace_root
-from ..store import AnnotationStore
+from .. import lru, settings
+from ..safety import TRAININGS, QuotaError, limits, remove_stale_exports, workspace_root
+from .store import AnnotationStore
 
 _USER_RE = re.compile(r"^[0-9a-f]{8,64}$")
 ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")  # upload and run ids (they become folder names)
@@ -55,45 +56,83 @@ def browser_secret(root: str | Path | None = None) -> str:
     return path.read_text().strip()
 
 
-class LRU:
-    """A small thread-safe least-recently-used cache shared by all sessions of the process.
-
-    Keys start with the user id, so an expired workspace leaves nothing behind (``forget``).
-    """
+class LRU(lru.LRU):
+    """A process-wide cache shared by all sessions whose keys start with the user id, so an expired
+    workspace leaves nothing behind (``forget``)."""
 
     instances: list["LRU"] = []
 
     def __init__(self, size: int) -> None:
-        self.size = size
-        self._d: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
+        super().__init__(size)
         LRU.instances.append(self)
-
-    def get(self, key: Any, make: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self._d:
-                self._d.move_to_end(key)
-                return self._d[key]
-        value = make()  # outside the lock: loading a run must not block other users
-        self.put(key, value)
-        return value
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
-
-    def drop(self, match: Callable[[Any], bool]) -> None:
-        with self._lock:
-            for k in [k for k in self._d if match(k)]:
-                del self._d[k]
 
     @classmethod
     def forget(cls, users: set[str]) -> None:
         for lru in cls.instances:
             lru.drop(lambda k: k[0] in users)
+
+
+class Jobs:
+    """Long jobs (trainings) a session has queued or running, counted BEFORE they enter the server's queue.
+
+    A job takes a ticket when it is submitted (``reserve``) and gives it back when it ends (``held_by``): past
+    the limit, the submission is refused at once with a clear message, so one visitor cannot fill the queue
+    that every visitor shares. A ticket whose job never started (its browser went away and gradio dropped the
+    queued event) does not count: ``reserve`` asks ``alive(holder)`` about unstarted tickets older than
+    ``min_age`` seconds, and drops any unstarted ticket older than ``max_wait`` seconds.
+    """
+
+    def __init__(self, max_wait: float = 3600, min_age: float = 10) -> None:
+        self.max_wait, self.min_age = max_wait, min_age
+        self._lock = threading.Lock()
+        self._tickets: list[list] = []  # [key, holder, since, started], oldest first
+
+    def reserve(self, key: str, limit: int, holder: str = "", what: str = "training",
+                alive: Callable[[str], bool] | None = None) -> None:
+        """Take a ticket for one more job of ``key``, or raise QuotaError when ``limit`` are queued or running.
+
+        Args:
+            holder: who submitted (gradio's session hash), for ``alive``.
+            alive: whether a holder's submission is still in the server's queue.
+        """
+        now = time.monotonic()
+        with self._lock:
+            def stale(t: list) -> bool:
+                age = now - t[2]
+                return not t[3] and (age > self.max_wait or (age > self.min_age and alive is not None
+                                                             and not alive(t[1])))
+
+            self._tickets = [t for t in self._tickets if not stale(t)]
+            mine = [t for t in self._tickets if t[0] == key]
+            if len(mine) >= limit:
+                state = "running" if any(t[3] for t in mine) else "queued"
+                raise QuotaError(f"you already have a {what} {state} (at most {limit} per session): wait until it "
+                                 "has finished, then start the next one")
+            self._tickets.append([key, holder, now, False])
+
+    @contextmanager
+    def held_by(self, key: str) -> Iterator[None]:
+        """Run one job of ``key`` on its oldest waiting ticket (a new one when it has none: a job started from
+        Python) and give the ticket back at the end."""
+        with self._lock:
+            t = next((t for t in self._tickets if t[0] == key and not t[3]), None)
+            if t is None:
+                t = [key, "", time.monotonic(), True]
+                self._tickets.append(t)
+            t[3] = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._tickets = [x for x in self._tickets if x is not t]
+
+    def count(self, key: str) -> int:
+        """Tickets of ``key``: jobs queued or running."""
+        with self._lock:
+            return sum(t[0] == key for t in self._tickets)
+
+
+JOBS = Jobs()
 
 
 def expire_workspaces(days: float | None = None, root: str | Path | None = None, now: float | None = None) -> list[str]:

@@ -12,13 +12,14 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from PIL import Image
 
 from .. import medical, settings
-from ..data import (IMAGE_EXTS, DataError, Dataset, Sample, file_stem, load_files, load_hf, load_mvtec, load_unpacked,
-                    safe_extract_zip)
+from ..data import (IMAGE_EXTS, SKIPPED_MEMBERS, DataError, Dataset, Sample, file_stem, is_image_name, load_files,
+                    load_hf, load_mvtec, load_unpacked, safe_extract_zip, skipped_warnings)
+from ..fsio import write_atomic
 from ..progress import ProgressFn
 from ..safety import confine, hub_id, limits, resolve_local_folder
 from .session import ID_RE, LRU
@@ -90,6 +91,15 @@ def _confined(ds: Dataset, folder: Path) -> Dataset:
 
 
 def _open_upload(root: Path) -> Dataset:
+    ds = _read_upload(root)
+    skipped = root / SKIPPED_MEMBERS  # files of the upload that were not kept (not images, masks or scans)
+    if skipped.exists():
+        info = json.loads(skipped.read_text())
+        ds.warnings += skipped_warnings(info["names"], info["count"])
+    return ds
+
+
+def _read_upload(root: Path) -> Dataset:
     manifest = root / "manifest.json"
     if manifest.exists():  # loose files: train/, test/, masks/ (images, DICOM files, NIfTI volumes)
         info = json.loads(manifest.read_text())
@@ -100,17 +110,25 @@ def _open_upload(root: Path) -> Dataset:
             stem = file_stem(p)
             masks[stem[:-5] if stem.endswith("_mask") else stem] = str(p)
         train = load_files(files("train"), label=0, skip_bad=True, warn=warn)
-        masked = [p for p in files("test") if file_stem(p) in masks]
-        unmasked = [p for p in files("test") if file_stem(p) not in masks]
-        test = (load_files(masked, label=1, masks=masks, skip_bad=True, warn=warn)  # slices without lesion: 0
+        # DICOM SEG masks pair with the DICOM test files by SOP Instance UID, not by name: read them together
+        segs = [p for p in files("masks") if medical.medical_kind(p) == "dicom"]
+        paired = lambda p: file_stem(p) in masks or bool(segs and medical.medical_kind(p) == "dicom")  # noqa: E731
+        masked = [p for p in files("test") if paired(p)]
+        unmasked = [p for p in files("test") if not paired(p)]
+        test = (load_files(masked + segs if masked else [], label=1, masks=masks, skip_bad=True, warn=warn)  # no lesion: 0
                 + load_files(unmasked, label=0 if info.get("unmasked_test_normal") else -1, skip_bad=True, warn=warn))
         for s in test:
             s.defect = "defect" if s.label == 1 else ("good" if s.label == 0 else "")
         ds = Dataset("upload", train, test, warn)
         if not ds.train and not ds.test:
-            raise DataError("the upload holds no usable images")
+            raise DataError("the upload holds no usable images" + (f" ({warn[0]})" if warn else ""))
         return ds
     return load_unpacked(root, skip_bad=True, unwrap=True)  # a zip: MVTec layout or plain normal images
+
+
+def scan_voxels(paths: Iterable[str | os.PathLike]) -> int:
+    """The voxels the DICOM and NIfTI files among ``paths`` declare (headers only: nothing is decoded)."""
+    return sum(medical.declared_voxels(p) for p in paths if medical.medical_kind(p))
 
 
 def dataset_key(choice: dict[str, Any]) -> str:
@@ -129,8 +147,30 @@ def source_label(choice: dict[str, Any]) -> str:
     return f"{base}/{choice.get('category') or 'all'}"
 
 
+def _scan_of(s: Sample) -> str | None:
+    """The volume or DICOM series a slice belongs to (its file / series name), None for an image."""
+    if s.source is None:
+        return None
+    return s.name.split("#")[0] if "#" in s.name else s.name.rsplit("/", 1)[0]
+
+
 def default_selection(samples: Sequence[Sample], n: int = 5) -> list[str]:
-    """A few test images worth looking at: one normal, then one per defect type (then any)."""
+    """A few test images worth looking at: one normal, then one per defect type (then any). Slices of scans:
+    one slice per volume (the viewer browses the rest of it), the middle slice of its finding when it has
+    one, else its middle slice; volumes with a finding and without alternate."""
+    scans: dict[str, list[Sample]] = {}
+    for s in samples:
+        key = _scan_of(s)
+        if key is not None:
+            scans.setdefault(key, []).append(s)
+    if scans:
+        def pick(slices: list[Sample]) -> str:
+            hit = [s for s in slices if s.label == 1]
+            return (hit or slices)[len(hit or slices) // 2].name
+        sick = [pick(v) for v in scans.values() if any(s.label == 1 for s in v)]
+        well = [pick(v) for v in scans.values() if not any(s.label == 1 for s in v)]
+        mixed = [x for pair in zip(well, sick) for x in pair] + well[len(sick):] + sick[len(well):]
+        return mixed[:n]
     picked: list[str] = []
     seen: set[str] = set()
     for s in samples:
@@ -211,9 +251,7 @@ class DataSources:
             if new_upload and choice.get("kind") == "upload" and ID_RE.match(str(choice.get("id", ""))):
                 shutil.rmtree(self.uploads / choice["id"], ignore_errors=True)
             raise
-        tmp = self.ws.dir / "data.json.tmp"
-        tmp.write_text(json.dumps(choice))
-        os.replace(tmp, self.ws.dir / "data.json")
+        write_atomic(self.ws.dir / "data.json", json.dumps(choice))  # two tabs may write at once
         return ds
 
     def _prune_streamed(self, keep: Path, idle_s: float = 3600) -> None:
@@ -254,14 +292,18 @@ class DataSources:
                 infos = zf.infolist()
         except (zipfile.BadZipFile, OSError) as e:
             raise DataError(f"{Path(zip_path).name}: not a valid zip file ({e})") from None
-        images = sum(Path(i.filename).suffix.lower() in IMAGE_EXTS or bool(medical.medical_kind(i.filename))
-                     for i in infos)
-        free = self.ws.check_upload(os.path.getsize(zip_path), images, sum(i.file_size for i in infos))
+        members = [i for i in infos if not i.is_dir() and is_image_name(i.filename)]
+        free = self.ws.check_upload(os.path.getsize(zip_path), len(members), sum(i.file_size for i in members))
         uid = _new_upload_id()
+        root = self.uploads / uid
         try:
-            safe_extract_zip(zip_path, self.uploads / uid, max_bytes=free)  # the sizes in a zip's header can lie
+            skipped: list[str] = []  # only images, masks and scans are unpacked: other files would only take disk
+            safe_extract_zip(zip_path, root, max_bytes=free, images_only=True, skipped=skipped)
+            self.ws.check_upload(0, 0, 0, voxels=scan_voxels(p for p in root.rglob("*") if p.is_file()))
+            if skipped:
+                (root / SKIPPED_MEMBERS).write_text(json.dumps({"names": skipped[:20], "count": len(skipped)}))
         except BaseException:
-            shutil.rmtree(self.uploads / uid, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
             raise
         return {"kind": "upload", "id": uid, "label": Path(zip_path).name}
 
@@ -279,15 +321,24 @@ class DataSources:
         if missing:
             raise DataError(f"{missing[0]}: the uploaded file is gone (uploads are kept for an hour): upload it again")
         self.ws.check_upload(sum(os.path.getsize(f) for _, files in groups for f in files or ()),
-                             len(train) + len(test))
+                             len(train) + len(test), voxels=scan_voxels(f for _, files in groups for f in files or ()))
         root = self.uploads / _new_upload_id()
+        skipped: list[str] = []
         try:
             for sub, files in groups:
                 (root / sub).mkdir(parents=True, exist_ok=True)
                 for f in files or ():
+                    if not (is_image_name(f) or medical.medical_kind(f)):  # other files would only take disk
+                        skipped.append(Path(f).name)
+                        continue
                     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(f).name) or "file"
                     shutil.copyfile(f, root / sub / name)
             (root / "manifest.json").write_text(json.dumps({"unmasked_test_normal": bool(unmasked_test_normal)}))
+            if skipped:
+                (root / SKIPPED_MEMBERS).write_text(json.dumps({"names": skipped[:20], "count": len(skipped)}))
+            if not any(any((root / sub).iterdir()) for sub in ("train", "test")):
+                raise DataError(f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}: not images, masks "
+                                f"or scans ({' '.join(sorted(IMAGE_EXTS))}, DICOM, NIfTI)")
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise

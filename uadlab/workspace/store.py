@@ -21,14 +21,16 @@ import zipfile
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .data import Sample
+from ..data import Sample
+from ..medical import medical_kind
 
 LABELS = ("normal", "anomalous", "unsure")
+MAX_NOTE_CHARS = 10_000  # a note is a remark on one image, not a file: the database is shared by every user
 VERDICTS = ("agree", "disagree")
 _KEEP = object()  # "leave this field unchanged" in partial updates
 
@@ -79,6 +81,11 @@ class Annotation:
         return 0 if self.mask is None else int(self.mask.sum())
 
     def load_image(self) -> Image.Image:
+        """The annotated image as RGB from its file or stored PNG (a slice of a scan comes from its dataset's
+        sample instead: see ``AnnotationStore.export_mvtec_zip``)."""
+        if self.image_path and medical_kind(self.image_path):
+            raise FileNotFoundError(f"{self.sample}: a slice of a DICOM/NIfTI scan is read through its dataset, "
+                                    "which is not loaded")
         if self.image_path and Path(self.image_path).exists():
             return Image.open(self.image_path).convert("RGB")
         if self.image_png is not None:
@@ -122,12 +129,15 @@ class AnnotationStore:
         Args:
             label: "normal", "anomalous", "unsure" or None (no label yet).
             mask: (H, W) array (nonzero = defect) or None to clear the mask.
-            note: free text.
+            note: free text, at most ``MAX_NOTE_CHARS`` characters (ValueError past it, nothing saved).
             image_path: where the image lives (for exports).
             image: the image itself, stored as PNG only when it has no path (in-memory datasets).
         """
         if label is not _KEEP and label is not None and label not in LABELS:
             raise ValueError(f"label must be one of {LABELS} or None, got {label!r}")
+        if note is not _KEEP and note is not None and len(str(note)) > MAX_NOTE_CHARS:
+            raise ValueError(f"the note has {len(str(note)):,} characters; the limit is {MAX_NOTE_CHARS:,}: "
+                             "shorten it (nothing was saved)")
         now = time.time()
         mask_png = _KEEP if mask is _KEEP else (None if mask is None or not np.any(mask) else mask_to_png(mask))
         image_png = _KEEP
@@ -216,11 +226,13 @@ class AnnotationStore:
 
     # ---- annotations as data ------------------------------------------------------------------------
     def to_samples(self, user: str, dataset: str, require_masks: bool = False,
-                   category: str = "annotations") -> list[Sample]:
+                   category: str = "annotations", samples: Mapping[str, Sample] | None = None) -> list[Sample]:
         """Labelled samples from the annotations (unsure and unlabelled ones are left out).
 
         Args:
             require_masks: drop anomalous images without a painted mask (SPG's auxiliary set needs masks).
+            samples: the dataset's samples by name: an annotated sample found there is read as it is (a DICOM
+                frame or NIfTI slice through its reader and window), others from the stored path or PNG.
         """
         out = []
         for a in self.list(user, dataset):
@@ -229,6 +241,14 @@ class AnnotationStore:
             label = int(a.label == "anomalous")
             if label and a.mask is None and require_masks:
                 continue
+            base = (samples or {}).get(a.sample)
+            if base is not None:
+                out.append(Sample(a.sample, base.path, base.image, label, mask=a.mask if label else None,
+                                  category=category, defect="annotated" if label else "good", source=base.source,
+                                  window=base.window, patient=base.patient))
+                continue
+            if a.image_path and medical_kind(a.image_path):
+                continue  # a scan slice without its dataset: nothing to read it with
             image = None
             if not (a.image_path and Path(a.image_path).exists()):
                 if a.image_png is None:
@@ -240,12 +260,17 @@ class AnnotationStore:
         return out
 
     def export_mvtec_zip(self, user: str, dataset: str, out_path: str | Path, category: str = "annotated",
-                         train: Sequence[Sample] = ()) -> Path:
+                         train: Sequence[Sample] = (), samples: Mapping[str, Sample] | None = None) -> Path:
         """Write the annotated images of ``dataset`` as an MVTec-layout zip and return its path.
 
         Layout: ``<category>/test/good/``, ``<category>/test/anomalous/``,
         ``<category>/ground_truth/anomalous/<name>_mask.png`` and, when ``train`` is given,
-        ``<category>/train/good/``. Unsure and unlabelled images are left out.
+        ``<category>/train/good/``. Unsure and unlabelled images are left out. Images are 8-bit PNGs as the
+        app shows them: annotated samples found in ``samples`` (by name; DICOM frames and NIfTI slices must
+        be) are rendered through their reader and window, others come from the stored file or PNG.
+
+        Raises:
+            FileNotFoundError: an annotated slice of a scan is not in ``samples``.
         """
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,9 +283,12 @@ class AnnotationStore:
             for a in self.list(user, dataset):
                 if a.label not in ("normal", "anomalous"):
                     continue
+                base = (samples or {}).get(a.sample)
                 try:
-                    img = a.load_image()
+                    img = base.load() if base is not None else a.load_image()
                 except FileNotFoundError:
+                    if a.image_path and medical_kind(a.image_path):
+                        raise
                     continue
                 stem = _safe_name(a.sample)
                 folder = "good" if a.label == "normal" else "anomalous"

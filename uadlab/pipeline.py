@@ -429,7 +429,7 @@ class Run:
         self.cache = cache or FeatureCache(default_cache_dir())
         self.heads: dict[str, Method] = {}
         self.calibration: dict[str, Calibration] = {}
-        self.info: dict[str, Any] = {"fit_s": {}, "metrics": {}}
+        self.info: dict[str, Any] = {M.FIT_S: {}, "metrics": {}}
         self.meta: dict[str, Any] = {}  # what the caller records with the run (data source, evaluation, ...)
         self._token = token  # used for this process only; never saved
         self._backbones: dict[Inputs, Backbone] = {}
@@ -569,7 +569,7 @@ class Run:
                 protocols[name] = "split"
             else:
                 held[name], protocols[name] = self._fit_folds(name, train, f_all, parts[name], stages, category)
-            self.info["fit_s"][name] = time.perf_counter() - t0
+            self.info[M.FIT_S][name] = time.perf_counter() - t0
             self._calibrate(name, held[name], protocols.get(name, "none"))
         if not any(h.combines_heads for h in self.heads.values()):
             held.clear()
@@ -742,7 +742,7 @@ class Run:
             mask = masks[self.config.inputs_of(name)]
             metrics = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(mask, sc.maps),
                        M.HEAD_MS: float(np.median(sc.head_ms)), M.HEAD_MB: head_megabytes(self.heads[name]),
-                       M.FIT_S: self.info["fit_s"].get(name),
+                       M.FIT_S: self.info[M.FIT_S].get(name),
                        # how the label-free calibration holds on unseen normal images: the share above 1.0
                        # (images: at most the calibration's promise; pixels: near 1 - q)
                        M.NORMAL_PX_OVER_1: float((sc.maps[normal] > 1.0).mean()) if normal.any() else None,

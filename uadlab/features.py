@@ -265,15 +265,23 @@ class FeatureCache:
     ) -> PatchFeatures:
         """Features of ``samples`` (objects with ``load()`` -> PIL and ``content_key()``), from cache or backbone.
 
-        Under torchrun each rank extracts its shard (``distributed.shard``) and every rank receives all of them,
-        in order (``distributed.all_gather_cat``): the ranks share the backbone's work, not a file system.
+        Under torchrun each rank extracts its shard and every rank receives all of them, in order
+        (``distributed.all_gather_cat``): the ranks share the backbone's work, not a file system. The shards
+        are whole batches where there are at least as many batches as ranks, so a cold cache gives exactly
+        the one-process features (a convolution's rounding depends on the batch it runs in).
 
         Returns:
             PatchFeatures of all samples in order, in the cache's ``dtype`` (memory-mapped from ``pack_min``
             images); ``meta["backbone_s"]`` holds the seconds spent in the backbone (by this rank).
         """
         if distributed.is_distributed() and len(samples) >= distributed.world_size():
-            mine = self._extract(backbone, samples[distributed.shard(len(samples))], batch_size, progress)
+            batches = -(-len(samples) // batch_size)
+            if batches >= distributed.world_size():  # whole batches per rank: the one-process batches
+                part = distributed.shard(batches)
+                part = slice(part.start * batch_size, min(part.stop * batch_size, len(samples)))
+            else:
+                part = distributed.shard(len(samples))
+            mine = self._extract(backbone, samples[part], batch_size, progress)
             return PatchFeatures({l: distributed.all_gather_cat(m) for l, m in mine.maps.items()}, mine.image_size,
                                 None if mine.cls is None else distributed.all_gather_cat(mine.cls), mine.backbone,
                                 dict(mine.meta))

@@ -741,6 +741,7 @@ class Run:
         for name, sc in scored.items():
             mask = masks[self.config.inputs_of(name)]
             metrics = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(mask, sc.maps),
+                       **M.intervals(labels, sc.scores, mask, sc.maps),  # 95% intervals, n normal / anomalous, note
                        M.HEAD_MS: float(np.median(sc.head_ms)), M.HEAD_MB: head_megabytes(self.heads[name]),
                        M.FIT_S: self.info[M.FIT_S].get(name),
                        # how the label-free calibration holds on unseen normal images: the share above 1.0

@@ -374,6 +374,11 @@ def _emptiest_corner(lines: Sequence[tuple[Sequence[float], Sequence[float]]]) -
 METRIC_COLUMNS = [(M.IMAGE_AUROC, "image AUROC"), (M.IMAGE_AP, "image AP"), (M.IMAGE_F1MAX, "image F1-max"),
                   (M.PIXEL_AUROC, "pixel AUROC"), (M.PIXEL_AP, "pixel AP"), (M.PIXEL_F1MAX, "pixel F1-max"),
                   (M.AUPRO, "AUPRO"), (M.FIT_S, "fit s"), (M.HEAD_MS, "ms / image"), (M.HEAD_MB, "head MB")]
+# a bootstrap 95% interval (metrics.intervals) shown right after each AUROC / AP, then the sample sizes
+INTERVAL_COLUMNS = {M.IMAGE_AUROC: (M.IMAGE_AUROC_CI, "image AUROC 95% CI"), M.IMAGE_AP: (M.IMAGE_AP_CI, "image AP 95% CI"),
+                    M.PIXEL_AUROC: (M.PIXEL_AUROC_CI, "pixel AUROC 95% CI"), M.PIXEL_AP: (M.PIXEL_AP_CI, "pixel AP 95% CI")}
+COUNT_COLUMNS = [(M.N_NORMAL, "n normal"), (M.N_ANOMALOUS, "n anomalous")]
+NOTE_COLUMN = "note"
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -386,16 +391,63 @@ def _digits(key: str) -> int:
     return 1 if key in (M.FIT_S, M.HEAD_MS) else 2 if key == M.HEAD_MB else 3
 
 
+def _interval(v: Any) -> str:
+    """"0.812–0.969" from an interval (a pair, or a JSON list from a saved run); "–" when missing."""
+    try:
+        low, high = (float(x) for x in v)
+    except (TypeError, ValueError):
+        return "–"
+    return "–" if math.isnan(low) or math.isnan(high) else f"{low:.3f}–{high:.3f}"
+
+
+def _note(r: "Evaluation") -> str:
+    if r.get(M.N_NORMAL) is None or r.get(M.N_ANOMALOUS) is None:
+        return r.get(M.NOTE) or ""
+    return M.sample_note(int(r[M.N_NORMAL]), int(r[M.N_ANOMALOUS]))
+
+
+def table_columns() -> list[tuple[str, str]]:
+    """(key, header) of every column after "method": each metric, its interval after it, sample sizes, note."""
+    cols: list[tuple[str, str]] = []
+    for key, label in METRIC_COLUMNS:
+        cols.append((key, label))
+        if key in INTERVAL_COLUMNS:
+            cols.append(INTERVAL_COLUMNS[key])
+    return cols + COUNT_COLUMNS + [(M.NOTE, NOTE_COLUMN)]
+
+
+def _cell(r: "Evaluation", key: str) -> str:
+    if key in M.UNCERTAINTY[:4]:
+        return _interval(r.get(key))
+    if key == M.NOTE:
+        return _note(r)
+    if key in (M.N_NORMAL, M.N_ANOMALOUS):
+        return "–" if r.get(key) is None else str(int(r[key]))
+    return _f(r.get(key), _digits(key))
+
+
 def metrics_table(results: dict[str, "Evaluation"]) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of the metrics table as text, one row per method; missing values show as "–"."""
-    headers = ["method"] + [label for _, label in METRIC_COLUMNS]
-    rows = [[name] + [_f(r.get(key), _digits(key)) for key, _ in METRIC_COLUMNS] for name, r in results.items()]
+    cols = table_columns()
+    headers = ["method"] + [label for _, label in cols]
+    rows = [[name] + [_cell(r, key) for key, _ in cols] for name, r in results.items()]
     return headers, rows
 
 
+def small_sample_note(results: dict[str, "Evaluation"]) -> str:
+    """One sentence for the screen when the metrics rest on fewer than 10 normal or anomalous images; ""."""
+    notes = {_note(r) for r in results.values()} - {""}
+    if not notes:
+        return ""
+    return ("**Small sample.** AUROC / AP are " + "; ".join(sorted(notes)) +
+            ". The 95% intervals in the table show how little they say.")
+
+
 def metrics_frame(results: dict[str, "Evaluation"]):
-    """The metrics table as a pandas DataFrame: "method" plus NUMERIC (float) columns, rounded for display,
-    NaN where a value is missing, so a gr.Dataframe sorts them as numbers."""
+    """The metrics table as a pandas DataFrame: "method", then the metrics as NUMERIC (float) columns, rounded
+    for display, NaN where a value is missing, so a gr.Dataframe sorts them as numbers; after each AUROC / AP
+    its bootstrap 95% interval (text), then n normal / n anomalous and a note where the sample is too small
+    to mean anything (fewer than 10 images of a class)."""
     import pandas as pd
 
     def num(v: Any, digits: int) -> float:
@@ -404,6 +456,10 @@ def metrics_frame(results: dict[str, "Evaluation"]):
         except (TypeError, ValueError):
             return math.nan
 
-    rows = [[name] + [num(r.get(key), _digits(key)) for key, _ in METRIC_COLUMNS] for name, r in results.items()]
-    frame = pd.DataFrame(rows, columns=["method"] + [label for _, label in METRIC_COLUMNS])
-    return frame.astype({label: "float64" for _, label in METRIC_COLUMNS})
+    cols = table_columns()
+    numeric = {key for key, _ in METRIC_COLUMNS + COUNT_COLUMNS}
+    rows = [[name] + [num(r.get(key), _digits(key) if key in dict(METRIC_COLUMNS) else 0) if key in numeric
+                      else _cell(r, key) for key, _ in cols] for name, r in results.items()]
+    frame = pd.DataFrame(rows, columns=["method"] + [label for _, label in cols])
+    frame = frame.astype({label: "float64" for key, label in METRIC_COLUMNS})
+    return frame.astype({label: "Int64" for _, label in COUNT_COLUMNS})  # whole numbers, missing as <NA>

@@ -119,9 +119,9 @@ def _bench_once(data, ds: Dataset, config: RunConfig, categories, multi_class: b
     def emit(run: Run, cat: str, test, bms: dict[str, float]) -> None:
         res = run.evaluate(test, progress())
         for name, r in res.items():
-            row = {"method": name, "category": cat, **{k: r.get(k) for k in COLUMNS[2:] if k not in (
+            row = {"method": name, "category": cat, **{k: r.metrics.get(k) for k in COLUMNS[2:] if k not in (
                        "backbone_ms", "peak_rss_mb")}, "backbone_ms": bms[name], "peak_rss_mb": peak_rss_mb(),
-                   **{k: r.get(k) for k in INTERVALS + [M.NOTE]}}
+                   **{k: r.metrics.get(k) for k in INTERVALS + [M.NOTE]}}  # NaN stays NaN: missing, not zero
             rows.append(row)
             ci = r.get(M.IMAGE_AUROC_CI)
             log(f"  {name:12s} {cat:10s} image AUROC {row[M.IMAGE_AUROC]:.4f}"

@@ -88,6 +88,9 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         zero_shot: True when the method trains on an auxiliary labelled set instead of target normals.
         combines_heads: True for heads that combine the calibrated outputs of the run's other heads (the
             ensemble); the run fits and scores them through ``combine``, not through features.
+        fit_in_one_pass: True for heads whose fit is one pass over the features (memory banks, statistics):
+            the run's refit protocol cross-fits them in K = round(1 / val_fraction) folds; heads trained for
+            many steps in 2 (``pipeline.n_folds``).
         presets: named hyperparameter sets, e.g. {"quick": {...}, "paper": {...}}.
         paper_inputs: the paper's backbone and input geometry (``backbone``, ``resize``, ``image_size``),
             used by ``--preset paper`` where the user did not choose them; {} when the paper does not say.
@@ -101,6 +104,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
     summary: ClassVar[str] = ""
     zero_shot: ClassVar[bool] = False
     combines_heads: ClassVar[bool] = False
+    fit_in_one_pass: ClassVar[bool] = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     paper_inputs: ClassVar[dict[str, Any]] = {}
     sigma: ClassVar[float] = DEFAULT_SIGMA
@@ -246,6 +250,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         """A model card with backbone, method, hyperparameters, metrics and how to load the head."""
         metrics = kwargs.get("metrics") or self.fit_info.get("metrics") or {}
         example = kwargs.get("example_image")
+        calibration = (kwargs.get("calibration") or self.fit_info.get("calibration") or {}).get("statement")
         cfg = json.dumps(self.config(), indent=2, sort_keys=True)
         rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
         text = f"""---
@@ -273,6 +278,10 @@ Method: {self.paper or self.name}
 ```json
 {cfg}
 ```
+
+## Calibration
+
+{calibration or "Not recorded: this head's scores are uncalibrated raw values."}
 
 ## Metrics
 

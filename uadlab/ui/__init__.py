@@ -60,6 +60,9 @@ CSS = """
 /* the review gallery shows all its rows (gradio caps an "auto" gallery at its first height) */
 #review {height: auto !important;}
 #review .grid-wrap.fixed-height {max-height: none !important; height: auto !important; overflow: visible;}
+/* Compare's status (an error first, then what 1.0 promises per head) scrolls in a few lines: the heatmaps
+   stay above the fold */
+#compare-status {max-height: 4.6em; overflow-y: auto;}
 /* an empty status line takes no room (not even the gap between blocks) */
 #example-status:not(:has(p)) {display: none;}
 /* the run picker keeps its room on a phone, and a long run name shows more of itself there */

@@ -17,7 +17,7 @@ def test_k_shot_run_keeps_every_patch_of_the_k_references(tiny_demo, tmp_path):
     head = run.heads["anomalydino"]
     h, w = run.features(ds.train[:1]).grid
     assert head.memory_bank.shape[0] == 2 * h * w  # refit on all k = 2 references, no coreset
-    assert head.fit_info["category"] == "brick" and head.fit_info["masking"] is False  # textures: not in the table
+    assert head.fit_record.category == "brick" and head.fit_record.details["masking"] is False  # textures: not in the table
 
 
 def _object_tokens(seed=0):

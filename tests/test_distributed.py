@@ -48,7 +48,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert two.meta["world_size"] == 2 and one.meta["world_size"] == 1
     pc1, pc2 = one.heads["patchcore"], two.heads["patchcore"]
     assert pc1.memory_bank.shape == pc2.memory_bank.shape  # same bank size (two-round coreset over the union)
-    assert pc2.fit_info["world_size"] == 2
+    assert pc2.fit_record.details["world_size"] == 2
     assert torch.allclose(one.heads["anomalydino"].memory_bank, two.heads["anomalydino"].memory_bank, atol=1e-5)
     test = load_data(str(data)).test
     r1, r2 = one.evaluate(test, record=False), two.evaluate(test, record=False)

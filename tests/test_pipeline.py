@@ -91,7 +91,7 @@ def test_calibration_protocol_fits_on_all_normals(tiny_demo, tmp_path, mode, exp
     grid = run.features(train[:1]).select(run.heads["anomalydino"].layers_for(run.backbone.spec)).grid[0]
     assert _bank_images(run, "anomalydino", grid) == expected
     assert run.info["n_fit"] == 4 and run.info["n_calibration"] == 1 and run.info["n_train"] == 5
-    assert run.heads["anomalydino"].fit_info["calibration"] == run.calibration["anomalydino"].to_dict()
+    assert run.heads["anomalydino"].fit_record.calibration == run.calibration["anomalydino"]
 
 
 def test_calibration_mode_is_checked():

@@ -108,9 +108,9 @@ def test_learns_normality(fitted):
     assert torch.isfinite(anomalous).all() and anomalous.shape == (4, 12, 12)
     assert anomalous[:, 4:7, 4:7].mean() > 5 * normal[:, 4:7, 4:7].mean()
     assert anomalous[:, 4:7, 4:7].mean() > 5 * anomalous[:, 9:, 9:].mean()  # far from the defect: still normal
-    info = fitted.fit_info
-    assert info["selection"] == "val_loss" and len(info["val_loss"]) == TINY["epochs"]
-    assert info["val_loss"][info["best_epoch"] - 1] == min(info["val_loss"])
+    info = fitted.fit_record.train
+    assert info.selection == "val_loss" and len(info.val_loss) == TINY["epochs"]
+    assert info.val_loss[info.best_epoch - 1] == min(info.val_loss)
 
 
 def test_seeded_and_reproducible():
@@ -134,9 +134,9 @@ def test_switches_change_outputs(fitted):
         head = create_method("spatial_ar", **{**small, **kw}).fit(x, val_features=v)
         m = head.score(v).patch_map
         assert torch.isfinite(m).all() and not torch.allclose(m, base), kw
-    assert head.fit_info["selection"] == "last" and head.fit_info["best_epoch"] == 2
+    assert head.fit_record.train.selection == "last" and head.fit_record.train.best_epoch == 2
     capped = create_method("spatial_ar", **{**small, "epochs": 10, "max_steps": 4}).fit(x)  # 2 steps per epoch
-    assert capped.fit_info["epochs"] == 2 and capped.fit_info["steps"] == 4
+    assert capped.fit_record.train.epochs == 2 and capped.fit_record.train.steps == 4
     nll = create_method("spatial_ar", **small, loss="gaussian_nll")
     nll.fit(x)
     assert nll.net.convs[-1].out_channels == 12  # mean and log-variance per channel
@@ -214,11 +214,11 @@ def test_refit_trains_the_selected_epoch_count():
     """A budget (a refit) trains exactly that many epochs and keeps them; refit_kwargs hands on the selection."""
     x, v = feats(textures(8)), feats(textures(2, seed=1))
     first = create_method("spatial_ar", **{**TINY, "epochs": 6}).fit(x, val_features=v)
-    best = first.fit_info["best_epoch"]
-    assert first.refit_kwargs() == {"budget": best} and first.fit_info["selection"] == "val_loss"
+    best = first.fit_record.train.best_epoch
+    assert first.refit_kwargs() == {"budget": best} and first.fit_record.train.selection == "val_loss"
     again = create_method("spatial_ar", **{**TINY, "epochs": 6}).fit(x, **first.refit_kwargs())
-    assert again.fit_info["epochs"] == best and again.fit_info["selection"] == "budget"
-    assert again.fit_info["steps"] == best * 2 and again.fit_info["val_loss"] == []
+    assert again.fit_record.train.epochs == best and again.fit_record.train.selection == "budget"
+    assert again.fit_record.train.steps == best * 2 and again.fit_record.train.val_loss == []
     assert create_method("spatial_ar").refit_kwargs() == {}  # nothing selected yet
 
 
@@ -234,7 +234,7 @@ def test_pipeline_refit_ships_the_selected_head(tiny_demo, tmp_path, monkeypatch
 
     def recording_fit(self, features, progress=None, **kw):  # the real fit; keeps each fit's record
         out = real_fit(self, features, progress=progress, **kw)
-        seen.append(dict(self.fit_info))
+        seen.append(self.fit_record.train)
         return out
 
     monkeypatch.setattr(SpatialAR, "fit", recording_fit)
@@ -243,6 +243,6 @@ def test_pipeline_refit_ships_the_selected_head(tiny_demo, tmp_path, monkeypatch
                         method_kwargs={"spatial_ar": {"epochs": 8}}), cache=FeatureCache(tmp_path))
     run.fit(train)
     first, final = seen
-    assert first["selection"] == "val_loss" and len(first["val_loss"]) == 8
-    assert final["selection"] == "budget" and final["epochs"] == first["best_epoch"]
-    assert run.heads["spatial_ar"].fit_info["epochs"] == first["best_epoch"]
+    assert first.selection == "val_loss" and len(first.val_loss) == 8
+    assert final.selection == "budget" and final.epochs == first.best_epoch
+    assert run.heads["spatial_ar"].fit_record.train.epochs == first.best_epoch

@@ -77,7 +77,7 @@ def test_zero_shot_transfer_to_unseen_category(fitted):
     assert m[gt].mean() > m[~gt].mean() + 0.2
     img = m.flatten(1).max(1).values
     assert img[labels == 1].min() > img[labels == 0].max()
-    assert fitted.fit_info["alive_atoms"] > 0 and fitted.fit_info["sae_fvu"] < 1
+    assert fitted.fit_record.details["alive_atoms"] > 0 and fitted.fit_record.details["sae_fvu"] < 1
 
 
 def test_l1_default_and_topk_ablation(fitted, aux):
@@ -110,7 +110,7 @@ def test_image_labels_only(aux):
     """An auxiliary set without masks trains through the MIL image loss and still transfers."""
     feats, labels, _ = aux
     head = create_method("spg", **SMALL).fit(feats, labels=labels, masks=None)
-    assert head.fit_info["supervision"] == "image labels only"
+    assert head.fit_record.details["supervision"] == "image labels only"
     test, tl, tm = synthetic(2, 8, 3)
     m = head.score(test).patch_map
     gt = torch.nn.functional.avg_pool2d(tm[:, None], 4)[:, 0] > 0.5

@@ -137,7 +137,7 @@ def test_synthetic_anomaly_scores_higher():
     assert pm[0, 3:6, 3:6].mean() > 1.4 * pm[1].mean()  # the blob is well above a normal image
     assert pm[0, 3:6, 3:6].mean() > 1.2 * pm[0, :2].mean()  # ... and above the normal part of the same image
     assert set(res.extras) >= {"hierarchy_stage2", "direction_row", "direction_col_rev"}
-    assert head.fit_info["best_epoch"] >= 1 and len(head.fit_info["val_discrepancy"]) == TRAIN["epochs"]
+    assert head.fit_record.train.best_epoch >= 1 and len(head.fit_record.train.val_loss) == TRAIN["epochs"]
     ex = head.explain(test[0])
     assert ex["direction_row"].shape == (8, 8)
 
@@ -177,12 +177,12 @@ def test_trains_until_the_held_out_loss_stops_falling_and_refits_to_that_budget(
     train, val = _texture(8, 0), _texture(4, 2)
     # only a 90% drop counts as better: the first epoch stays best, two stale epochs stop training
     head = create_method("varad", **{**TINY, "epochs": 30, "patience": 2, "min_delta": 0.9}).fit(train, val_features=val)
-    info = head.fit_info
-    assert info["epochs"] == 3 and info["stopped_early"] and info["best_epoch"] == 1
-    assert len(info["val_discrepancy"]) == 3 and info["selection"] == "val_loss"
+    info = head.fit_record.train
+    assert info.epochs == 3 and info.stopped_early and info.best_epoch == 1
+    assert len(info.val_loss) == 3 and info.selection == "val_loss"
     assert head.refit_kwargs() == {"budget": 1}
     again = create_method("varad", **{**TINY, "epochs": 30, "patience": 2}).fit(train, **head.refit_kwargs())
-    assert again.fit_info["epochs"] == 1 and again.fit_info["selection"] == "budget" and again.fit_info["steps"] == 2
+    assert again.fit_record.train.epochs == 1 and again.fit_record.train.selection == "budget" and again.fit_record.train.steps == 2
     quick = get_method_class("varad").presets["quick"]
     assert quick["patience"] and quick["epochs"] >= 50  # a cap, not a fixed count
 

@@ -44,12 +44,13 @@ def prepare_head(run, method: str, folder: str | Path, example_image: Image.Imag
     head = run.heads[method]
     cfg = run.config
     metrics = _finite_metrics((getattr(run, "meta", {}).get("evaluation") or {}).get(method)
-                              or head.fit_info.get("metrics") or {})
+                              or head.fit_record.metrics)
     inputs = cfg.inputs_of(method)  # the head's own backbone geometry (a paper preset may give each its own)
-    head.fit_info.update(method=method, image_size=inputs.image_size, resize=inputs.resize, weights=cfg.weights,
-                         sigma=cfg.sigma, score_mode=cfg.score_mode, metrics=metrics)
+    rec = head.fit_record
+    rec.method, rec.image_size, rec.resize, rec.weights = method, inputs.image_size, inputs.resize, cfg.weights
+    rec.sigma, rec.score_mode, rec.metrics = cfg.sigma, cfg.score_mode, metrics
     if method in run.calibration:
-        head.fit_info["calibration"] = run.calibration[method].to_dict()
+        rec.calibration = run.calibration[method]
     if example_image is not None:
         example_image.convert("RGB").save(folder / EXAMPLE_FILE)
     (folder / "README.md").unlink(missing_ok=True)

@@ -502,10 +502,10 @@ class Run:
             self._fit_learned(name, head, train, f_all, step, category=category, **self.heads[name].refit_kwargs())
             self.info.setdefault("calibration_fit_s", {})[name] = self.info["fit_s"][name]
             self.info["fit_s"][name] = time.perf_counter() - t0
-            head.fit_info["calibration"] = self.heads[name].fit_info.get("calibration")
+            head.fit_record.calibration = self.heads[name].fit_record.calibration
             self.heads[name] = head
         for head in self.heads.values():  # a head scores right only through the window it was fitted with
-            head.fit_info["window"] = self.info["window"]
+            head.fit_record.window = self.info["window"]
         stages.finish("trained")
         return self
 
@@ -570,7 +570,7 @@ class Run:
         parts = [self._raw(name, {k: f[s:s + 32] for k, f in f_val.items()}) for s in range(0, n, 32)]
         cal = Calibration.fit(torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts]))
         self.calibration[name] = cal
-        self.heads[name].fit_info["calibration"] = cal.to_dict()
+        self.heads[name].fit_record.calibration = cal
 
     # ---- scoring --------------------------------------------------------------------------------------------
     def score(self, samples: Sequence[Sample] | PatchFeatures, methods: Sequence[str] | None = None,
@@ -635,7 +635,7 @@ class Run:
             results[name] = r
         if record:
             for name, r in results.items():
-                self.heads[name].fit_info["metrics"] = {k: v for k, v in r.items() if k not in CURVES and v is not None}
+                self.heads[name].fit_record.metrics = {k: v for k, v in r.items() if k not in CURVES and v is not None}
             self.info["metrics"] = {k: {kk: vv for kk, vv in v.items() if kk not in CURVES} for k, v in results.items()}
         return results
 
@@ -685,16 +685,15 @@ class Run:
     def from_head(cls, head: Method, cache: FeatureCache | None = None, token: str | None = None) -> "Run":
         """A run of one loaded head (e.g. pulled from the Hub): its backbone, geometry and calibration come
         from what the head recorded when it was saved, so it scores exactly like the run that trained it."""
-        info = head.fit_info
-        recorded = dict(image_size=info.get("image_size"), resize=info.get("resize"), weights=info.get("weights"),
-                        sigma=info.get("sigma"), score_mode=info.get("score_mode"),
-                        window=(info.get("window") or {}).get("spec"))
+        info = head.fit_record
+        recorded = dict(image_size=info.image_size, resize=info.resize, weights=info.weights, sigma=info.sigma,
+                        score_mode=info.score_mode, window=Window.from_dict(info.window) if info.window else None)
         config = RunConfig(backbone=head.backbone, methods=[head.name],  # what it did not record: the defaults
                            **{k: v for k, v in recorded.items() if v is not None})
         run = cls(config, cache=cache, token=token, heads={head.name: head})
-        run.window = Window.from_dict(info.get("window"))
-        if info.get("calibration"):
-            run.calibration[head.name] = Calibration(**info["calibration"])
+        run.window = Window.from_dict(info.window)
+        if info.calibration is not None:
+            run.calibration[head.name] = info.calibration
         return run
 
 

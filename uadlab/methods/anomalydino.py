@@ -177,7 +177,8 @@ class AnomalyDINO(Method):
         t = self._tokens(features)
         self.memory_bank = t.reshape(-1, t.shape[-1]).contiguous()
         cached_index(self, self.memory_bank, "ip", self.knn, progress)  # built now: the fit, not the first score, pays for it
-        self.fit_info.update(bank_size=int(len(self.memory_bank)), masking=bool(mask), category=category)
+        self.fit_record.category = category
+        self.fit_record.details.update(bank_size=int(len(self.memory_bank)), masking=bool(mask))
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:
         t = self._tokens(features)

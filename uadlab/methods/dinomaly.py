@@ -431,7 +431,7 @@ class Dinomaly(Method):
         if val_features is not None and len(val_features):  # reported only: the paper keeps the last weights
             with torch.no_grad():
                 info["val_mean_map"] = float(self._maps(*self._tokens(val_features))[0].mean())
-        self.fit_info.update(info)
+        self.fit_record.details.update(info)
 
     def _maps(self, tokens: list[torch.Tensor], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean map (B, h, w) and per-group maps (G, B, h, w): 1 - cos_C(encoder group, decoder group)."""

@@ -63,7 +63,7 @@ class Ensemble(Method):
         """Nothing to learn: check the members among the run's ``heads`` and mark the head fitted."""
         self.check_members(heads)
         self._fitted.fill_(True)
-        self.fit_info.update(combine=self.combine_mode)
+        self.fit_record.details.update(combine=self.combine_mode)
         return self.eval()
 
     def combine(self, maps: list[torch.Tensor], scores: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,7 +69,7 @@ class Intensity(Method):
         else:
             counts = torch.histc(x, bins=self.bins, min=0.0, max=1.0) + 1.0  # add-one smoothing
             self.rarity = -(counts / counts.sum()).log()
-        self.fit_info.update(train_images=len(features))
+        self.fit_record.details.update(train_images=len(features))
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:
         x = features.maps[PIXELS][:, 0].float()  # (B, S, S)

@@ -309,7 +309,7 @@ class PatchCore(Method):
             bank = self._select(features, n, W, progress)
         self.memory_bank = bank.contiguous()
         cached_index(self, self.memory_bank, "l2", self.knn, progress)  # built now: the fit, not the first score, pays for it
-        self.fit_info.update(bank_size=int(n), train_patches=int(N), coreset_s=time.perf_counter() - t0,
+        self.fit_record.details.update(bank_size=int(n), train_patches=int(N), coreset_s=time.perf_counter() - t0,
                              world_size=distributed.world_size())
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:

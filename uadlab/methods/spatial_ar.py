@@ -360,11 +360,12 @@ class SpatialAR(Method):
                        val_loss=val_loss if x_val is not None else None, checkpoint=ckpt, key=key)
         with torch.no_grad():
             self._fit_normal_stats(x_all)
-        self.fit_info.update(record.to_dict())
+        self.fit_record.train = record
 
     def refit_kwargs(self) -> dict[str, Any]:
         """A refit on all normal images trains the epoch count this fit selected on its held-out images."""
-        return {"budget": self.fit_info["best_epoch"]} if self.fit_info.get("best_epoch") else {}
+        train = self.fit_record.train
+        return {"budget": train.best_epoch} if train is not None and train.best_epoch else {}
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:
         return AnomalyResult(self._maps(self._tokens(features)))  # (B, h, w)

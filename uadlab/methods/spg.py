@@ -253,7 +253,7 @@ class SPG(Method):
         t1 = time.perf_counter()
         self._fit_guides(tok, glob, grid, labels.float(), None if masks is None else masks.float(), g, progress,
                          n_sae, total)
-        self.fit_info.update(aux_images=B, aux_anomalous=int((labels > 0).sum()), tokens=B * L, **sae_info,
+        self.fit_record.details.update(aux_images=B, aux_anomalous=int((labels > 0).sum()), tokens=B * L, **sae_info,
                              supervision="image labels only" if masks is None else "pixel masks",
                              sae_s=round(t1 - t0, 2), guide_s=round(time.perf_counter() - t1, 2),
                              top_atoms={k: [[i, round(v, 4)] for i, v in a] for k, a in self.top_atoms(8).items()})

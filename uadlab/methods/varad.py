@@ -456,13 +456,12 @@ class VarAD(Method):
                     acc += e * len(part)
             for acc, hier in zip(sums, self.hier):
                 hier.err_var.copy_((acc / n).clamp_min(1e-8))
-        info = record.to_dict()
-        info["val_discrepancy"] = info.pop("val_loss")  # the name this head's records have always used
-        self.fit_info.update(info)
+        self.fit_record.train = record  # its held-out loss is the scan-order discrepancy
 
     def refit_kwargs(self) -> dict[str, Any]:
         """A refit on all normal images trains the epoch count this fit selected on its held-out images."""
-        return {"budget": self.fit_info["best_epoch"]} if self.fit_info.get("best_epoch") else {}
+        train = self.fit_record.train
+        return {"budget": train.best_epoch} if train is not None and train.best_epoch else {}
 
     def _maps(self, tokens: list[torch.Tensor], grid: tuple[int, int], normalised: bool = False) -> torch.Tensor:
         """(nh, nd, B, h, w) discrepancy maps for every hierarchy and selected direction."""

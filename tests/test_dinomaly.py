@@ -6,7 +6,7 @@ import torch
 
 from uadlab.backbones import BackboneSpec
 from uadlab.features import PatchFeatures
-from uadlab.methods import get_method_class
+from uadlab.methods import FitContext, get_method_class
 from uadlab.methods.dinomaly import (Attention, Dinomaly, StableAdamW, hard_mining_cosine, split_groups,
                                      warm_cosine_lr)
 
@@ -151,14 +151,14 @@ def test_resume_after_interruption(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Dinomaly(**cfg).fit(x, progress=crash, checkpoint_dir=str(tmp_path))
+        Dinomaly(**cfg).fit(x, progress=crash, context=FitContext(checkpoint_dir=str(tmp_path)))
     assert len(list(tmp_path.glob("dinomaly_*.safetensors"))) == 1
-    resumed = Dinomaly(**cfg).fit(x, checkpoint_dir=str(tmp_path))
+    resumed = Dinomaly(**cfg).fit(x, context=FitContext(checkpoint_dir=str(tmp_path)))
     assert resumed.fit_record.details["resumed_from"] == 8
     assert not list(tmp_path.glob("dinomaly_*.safetensors"))  # completed: the resume file is gone
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
-    other = Dinomaly(**cfg).fit(synth(8, 1), checkpoint_dir=str(tmp_path))  # other data: starts afresh
+    other = Dinomaly(**cfg).fit(synth(8, 1), context=FitContext(checkpoint_dir=str(tmp_path)))  # other data: starts afresh
     assert other.fit_record.details["resumed_from"] == 0
 
 

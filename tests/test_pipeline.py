@@ -3,6 +3,7 @@ import pytest
 
 from uadlab.data import load_mvtec
 from uadlab.features import FeatureCache
+from uadlab.methods import FitContext
 from uadlab.pipeline import Run, RunConfig, list_runs, split_normals
 
 
@@ -300,5 +301,5 @@ def test_dinomaly_paper_budget_follows_the_setting():
         totals: list[int] = []
         head = get_method_class("dinomaly").from_preset("paper", layers=["stage2", "stage3"], batch_size=2)
         with pytest.raises(Stop):
-            head.fit(feats, progress=stop, category=category)
+            head.fit(feats, progress=stop, context=FitContext(category=category))
         assert totals == [budget]

@@ -31,7 +31,7 @@ from .data import Dataset, Sample
 from .errors import DataError
 from .features import FeatureCache, PatchFeatures
 from .medical import Window
-from .methods import Method, get_method_class, list_methods
+from .methods import FitContext, Method, get_method_class, list_methods
 from .postprocess import Calibration, check_score_mode, upsample
 from .progress import Progress, ProgressFn, Stages
 from .settings import DEFAULT_IMAGE_SIZE, check_side, feature_cache_dir
@@ -490,8 +490,8 @@ class Run:
             elif head.zero_shot:
                 self._fit_zero_shot(name, head, aux, step)
             else:
-                self._fit_learned(name, head, [train[i] for i in fit_i], f_fit, step, category=category,
-                                  val_features=None if f_val is None else self._select(name, f_val))
+                self._fit_learned(name, head, [train[i] for i in fit_i], f_fit, step, FitContext(
+                    category=category, val_features=None if f_val is None else self._select(name, f_val)))
             self.info["fit_s"][name] = time.perf_counter() - t0
             # zero-shot heads never saw the target's normals: calibrate on all of them
             self._calibrate(name, f_all if head.zero_shot else (f_val if f_val is not None else f_fit))
@@ -499,7 +499,8 @@ class Run:
             step = stages.stage(f"refitting {name} on all {len(train)} normal images")
             head = self._new_head(name)
             t0 = time.perf_counter()
-            self._fit_learned(name, head, train, f_all, step, category=category, **self.heads[name].refit_kwargs())
+            self._fit_learned(name, head, train, f_all, step,
+                              FitContext(category=category, budget=self.heads[name].refit_budget()))
             self.info.setdefault("calibration_fit_s", {})[name] = self.info["fit_s"][name]
             self.info["fit_s"][name] = time.perf_counter() - t0
             head.fit_record.calibration = self.heads[name].fit_record.calibration
@@ -510,16 +511,16 @@ class Run:
         return self
 
     def _fit_learned(self, name: str, head: Method, samples: Sequence[Sample], feats: "dict[Inputs, PatchFeatures]",
-                     step: ProgressFn, **kw: Any) -> None:
+                     step: ProgressFn, context: FitContext) -> None:
         """Fit a head on normal images; heads that train for long keep resumable checkpoints next to the cache."""
         inputs = self.config.inputs_of(name)
         f = feats[inputs]
         refs = head.reference_augment(samples)
         if len(refs) != len(samples):  # image-space augmentation of the references (AnomalyDINO's rotations)
             f = self.features(refs, lambda p: step(replace(p, stage="features of the augmented references")), inputs)
-            kw = {**kw, "references_augmented": True}
+            context = replace(context, references_augmented=True)
         head.fit(f.select(head.layers_for(self.backbone_of(name).spec)), progress=step,
-                 checkpoint_dir=str(self.cache.root.parent / "checkpoints"), **kw)
+                 context=replace(context, checkpoint_dir=str(self.cache.root.parent / "checkpoints")))
 
     def _fit_zero_shot(self, name: str, head: Method, aux: Sequence[Sample] | None, step: ProgressFn) -> None:
         if not aux:
@@ -529,8 +530,8 @@ class Run:
         f_aux = self.features(aux, lambda p: step(replace(p, stage="features of the auxiliary set")), inputs)
         labels = torch.tensor([max(s.label, 0) for s in aux], dtype=torch.float32)
         masks = masks_at(self.backbone_of(name), aux)
-        head.fit(f_aux.select(head.layers_for(self.backbone_of(name).spec)), progress=step, labels=labels,
-                 masks=None if masks is None else torch.from_numpy(masks).float())
+        head.fit(f_aux.select(head.layers_for(self.backbone_of(name).spec)), progress=step,
+                 context=FitContext(labels=labels, masks=None if masks is None else torch.from_numpy(masks).float()))
 
     def _raw(self, name: str, feats: "PatchFeatures | dict[Inputs, PatchFeatures]",
              done: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:

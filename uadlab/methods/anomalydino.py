@@ -18,7 +18,7 @@ from ..data import Sample
 from ..backbones import OFFLINE_DEFAULT, resolve_name
 from ..features import PatchFeatures
 from ..layers import KNN_MODES, cached_index
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 # The paper's masking table ("agnostic" preprocessing, official src/utils.py): mask the test image's
 # background for these MVTec-AD categories and for every VisA category; never for the other MVTec ones.
@@ -166,8 +166,8 @@ class AnomalyDINO(Method):
         x = features.stacked(self.layers or features.layers)  # (B, C, h, w)
         return F.normalize(x.permute(0, 2, 3, 1), dim=-1)  # (B, h, w, C), unit vectors
 
-    def _fit(self, features: PatchFeatures, progress=None, category: str | None = None,
-             references_augmented: bool = False, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
+        category, references_augmented = context.category, context.references_augmented
         if self.rotation and not references_augmented:
             raise ValueError("anomalydino: rotation=True needs the features of reference_augment(samples); fit them "
                              "with references_augmented=True (or set rotation=false)")

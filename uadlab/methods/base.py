@@ -136,6 +136,30 @@ class FitRecord:
         return cls(train=TrainRecord(**train) if train is not None else None, details=d, **kw)
 
 
+@dataclass
+class FitContext:
+    """What a fit may use besides the training features; every field is optional and each method reads
+    the ones it needs (the run fills them, a caller of ``Method.fit`` may too).
+
+    Attributes:
+        category: the one category of the normal training images (None: several, i.e. multi-class training).
+        val_features: features of held-out NORMAL training images, for selection and reports (never test data).
+        checkpoint_dir: a folder for resumable training checkpoints (a place on this machine, not a setting).
+        budget: train exactly this many epochs, without selection (a refit with ``Method.refit_budget()``).
+        references_augmented: the features are of ``reference_augment(samples)``, not of the samples.
+        labels: zero-shot heads: the image labels (B,) of the auxiliary labelled set the features are of.
+        masks: zero-shot heads: that set's pixel masks (B, H, W) in the network input, None if it has none.
+    """
+
+    category: str | None = None
+    val_features: PatchFeatures | None = None
+    checkpoint_dir: str | None = None
+    budget: int | None = None
+    references_augmented: bool = False
+    labels: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+
+
 class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=["anomaly-detection", "uadlab"]):
     """Base class of every method. Subclasses set ``name``, ``paper`` and ``summary`` and implement
     ``_fit`` and ``_score``.
@@ -180,11 +204,13 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
     def is_fitted(self) -> bool:
         return bool(self._fitted)
 
-    def fit(self, features: PatchFeatures, progress: ProgressFn | None = None, **kwargs: Any) -> "Method":
-        """Learn from the features of normal images (or a labelled auxiliary set for zero-shot methods)."""
+    def fit(self, features: PatchFeatures, progress: ProgressFn | None = None,
+            context: FitContext | None = None) -> "Method":
+        """Learn from the features of normal images (zero-shot methods: of a labelled auxiliary set, whose
+        labels and masks are in ``context``)."""
         if len(features) == 0:
             raise ValueError(f"{self.name}: cannot fit on zero images")
-        self._fit(features, progress=progress, **kwargs)
+        self._fit(features, progress, context if context is not None else FitContext())
         self._fitted.fill_(True)
         self.eval()
         return self
@@ -225,17 +251,16 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         features with ``references_augmented=True``."""
         return list(samples)
 
-    def refit_kwargs(self) -> dict[str, Any]:
-        """What a refit of this method on all normal images takes from this fit (``fit`` keyword arguments):
-        trained heads pass the epoch count they selected on held-out normals, so the shipped head is the
-        selected one; {} for the rest."""
-        return {}
+    def refit_budget(self) -> int | None:
+        """The ``FitContext.budget`` of a refit of this method on all normal images: trained heads give the
+        epoch count they selected on held-out normals, so the shipped head is the selected one; None for the rest."""
+        return None
 
     def explain(self, features: PatchFeatures) -> dict[str, Any]:
         """Optional: named explanation images (numpy arrays) for ONE image; methods without any return {}."""
         return {}
 
-    def _fit(self, features: PatchFeatures, progress: ProgressFn | None = None, **kwargs: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress: ProgressFn | None, context: FitContext) -> None:
         raise NotImplementedError
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:

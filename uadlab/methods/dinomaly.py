@@ -27,7 +27,7 @@ from .. import distributed
 from ..features import PatchFeatures
 from ..progress import Progress
 from ..postprocess import image_score, upsample
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 ATTENTIONS = ("linear", "softmax")
 LOSSES = ("hard_mining", "global_cosine")
@@ -373,8 +373,7 @@ class Dinomaly(Method):
         return float(loss.detach())
 
     # ---- fit / score ---------------------------------------------------------------------------------------
-    def _fit(self, features: PatchFeatures, progress=None, val_features: PatchFeatures | None = None,
-             checkpoint_dir: str | None = None, category: str | None = None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
         """Train ``steps`` steps on batches of cached features (``steps=None``: the official budget, 5,000 steps
         for one ``category``, class-separated, and 10,000 for several, multi-class: the pipeline passes the
         category when the training images have one).
@@ -384,6 +383,7 @@ class Dinomaly(Method):
         written every ``checkpoint_every`` steps and resumed from if training was interrupted; it is deleted
         when the training completes.
         """
+        val_features, checkpoint_dir, category = context.val_features, context.checkpoint_dir, context.category
         layers = list(self.layers or features.layers)
         dims = [features.maps[l].shape[1] for l in layers]
         if self.bottleneck is None:

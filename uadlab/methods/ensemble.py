@@ -12,7 +12,7 @@ import torch
 
 from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 
 @register_method
@@ -73,7 +73,7 @@ class Ensemble(Method):
             return m.max(0).values, s.max(0).values
         return m.mean(0), s.mean(0)
 
-    def _fit(self, features: PatchFeatures, progress=None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
         raise TypeError("the ensemble is fitted by a Run (it combines the run's other heads)")
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:

@@ -11,7 +11,7 @@ import torch
 
 from ..backbones import OFFLINE_DEFAULT, PIXELS
 from ..features import PatchFeatures
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 
 @register_method
@@ -60,7 +60,7 @@ class Intensity(Method):
     def layers_for(self, spec) -> list[str]:
         return [PIXELS]
 
-    def _fit(self, features: PatchFeatures, progress=None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
         x = features.maps[PIXELS][:, 0].float()  # (B, S, S) in [0, 1]
         if self.mode == "zscore":
             self.mean = x.mean(0)

@@ -16,7 +16,7 @@ from .. import distributed
 from ..features import PatchFeatures
 from ..progress import Progress, ProgressFn
 from ..layers import KNN_MODES, cached_index
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 
 def neighbourhood_mean(features: PatchFeatures, layers: list[str], patch_size: int = 3,
@@ -287,7 +287,7 @@ class PatchCore(Method):
             start += len(r)
         return bank
 
-    def _fit(self, features: PatchFeatures, progress=None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
         """Greedy coreset of ``coreset_ratio`` of all training patches. Under torchrun (several processes)
         the two-round distributed greedy of Malkomes et al. (NeurIPS 2015): each rank selects ``n`` points
         of its shard of the images, then the same greedy over the union of the ranks' selections selects

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..backbones import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..progress import Progress
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 GUIDES = ("global_normal", "global_anomaly", "local_normal", "local_anomaly")  # rows of theta / the guides
 
@@ -229,8 +229,8 @@ class SPG(Method):
         return p.transpose(1, 2).reshape(p.shape[0], 2, *grid)
 
     # ---- training ---------------------------------------------------------------------------------------------
-    def _fit(self, features: PatchFeatures, progress=None, labels: torch.Tensor | None = None,
-             masks: torch.Tensor | None = None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
+        labels, masks = context.labels, context.masks  # the auxiliary set's
         if labels is None:
             raise ValueError("spg is zero-shot: fit needs labels (B,) (and masks (B, H, W) if any) of an auxiliary "
                              "labelled set")

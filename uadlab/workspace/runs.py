@@ -18,7 +18,7 @@ from ..safety import TRAININGS, QuotaError, disk_usage, export_path, limits, meg
 from ..viz import GridRow, compare_grid
 from .examples import examples_dir
 from .session import ID_RE, LRU
-from .sources import dataset_key, describe, source_label
+from .sources import DataChoice, dataset_key, describe, source_label
 
 if TYPE_CHECKING:
     from ..pipeline import Run, Scored
@@ -68,8 +68,8 @@ class Runs:
 
     def dataset(self, run_id: str) -> Dataset:
         """The data the run was trained on (its test split is what the screens show)."""
-        choice = self.get(run_id).meta.get("data")
-        if not choice:
+        choice = run_data(self.get(run_id).meta)
+        if choice is None:
             raise DataError(f"run {run_id} does not record its data source")
         return self.ws.data.dataset(choice)
 
@@ -109,7 +109,7 @@ class Runs:
             if labelled:
                 step = Stages(within(progress, 0.85, 0.99), [1]).stage(f"evaluating on {len(labelled)} labelled test images")
                 evaluation = run.evaluate(labelled, progress=step)
-            run.save({"data": choice, "dataset_key": dataset_key(choice), "dataset": ds.summary(),
+            run.save({"data": choice.to_dict(), "dataset_key": dataset_key(choice), "dataset": ds.summary(),
                       "evaluation": evaluation, "estimated_bytes": estimate})
             size = disk_usage(run.dir)
             try:  # the estimate bounds the data-sized heads; a network larger than foreseen must not stay either
@@ -126,7 +126,7 @@ class Runs:
         """The run's metrics with the dataset's test labels (saved at training) or with the user's annotations."""
         run = self.get(run_id)
         if labels == "annotations":
-            key = run.meta.get("dataset_key") or dataset_key(run.meta.get("data", {}))
+            key = run.meta.get("dataset_key") or dataset_key(run_data(run.meta) or DataChoice("?"))
             ds = self.dataset(run_id)
             samples = self.ws.annotations.samples(key, images=list(ds.train) + list(ds.test))
             if not samples:
@@ -324,11 +324,21 @@ def estimate_run_bytes(run: "Run", train: Sequence[Sample]) -> int:
     return total
 
 
+def run_data(meta: dict[str, Any]) -> DataChoice | None:
+    """The data choice a saved run was trained on (None when its run.json does not record a valid one)."""
+    data = meta.get("data")
+    try:
+        return DataChoice.from_dict(data) if isinstance(data, dict) else None
+    except TypeError:  # no kind: written by hand or damaged
+        return None
+
+
 def run_label(meta: dict[str, Any]) -> str:
     """A run named after its data, methods, backbone and time (``demo/brick · patchcore · ... · 12-01 07:10``)."""
     cfg = meta.get("config", {})
     when = "example" if meta.get("example") else time.strftime("%m-%d %H:%M", time.localtime(meta.get("created", 0)))
-    data = source_label(meta["data"]) if isinstance(meta.get("data"), dict) else meta.get("dataset_key", "?")
+    choice = run_data(meta)
+    data = source_label(choice) if choice is not None else meta.get("dataset_key", "?")
     return f"{data} · {'+'.join(cfg.get('methods', []))} · {cfg.get('backbone')} · {when}"
 
 

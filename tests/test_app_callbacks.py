@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import load_data as _load, no_progress as _progress
+from uadlab import metrics as M
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_annotate_save_reload_export_and_labels(app, trained):
     assert any("/test/good/" in n for n in names) and any("/test/anomalous/" in n for n in names)
     assert any("/train/good/" in n for n in names)
     res = app.W.Workspace(user).runs.evaluation(run_id, "annotations")
-    assert set(res) == {"patchcore"} and "image_auroc" in res["patchcore"]
+    assert set(res) == {"patchcore"} and res["patchcore"].get(M.IMAGE_AUROC) is not None
 
 
 def test_other_users_see_nothing(app, trained):
@@ -248,10 +249,10 @@ def test_viz_shared_scale_and_helpers():
     assert viz.explanation_image(np.random.rand(7, 7)).shape == (224, 224, 3)
     assert viz.explanation_image(np.zeros((40, 40, 3), np.uint8)).shape[2] == 3
     assert viz.explanation_image(torch.rand(14, 14)).dtype == np.uint8
-    headers, rows = viz.metrics_table({"m": {"image_auroc": 0.9, "pixel_auroc": float("nan")}})
+    headers, rows = viz.metrics_table({"m": M.Evaluation({M.IMAGE_AUROC: 0.9, M.PIXEL_AUROC: float("nan")})})
     assert rows[0][headers.index("pixel AUROC")] == "–" and rows[0][headers.index("image AUROC")] == "0.900"
-    fig = viz.curves_figure({"m": {"curves": {"fpr": [0, 1], "tpr": [0, 1], "precision": [1, 0.5],
-                                              "recall": [0, 1]}, "image_auroc": 0.5, "image_ap": 0.5}})
+    fig = viz.curves_figure({"m": M.Evaluation({M.IMAGE_AUROC: 0.5, M.IMAGE_AP: 0.5},
+                                               M.Curves(fpr=[0, 1], tpr=[0, 1], precision=[1, 0.5], recall=[0, 1]))})
     assert len(fig.data) == 3 and fig.layout.xaxis2 is not None  # chance + ROC + PR in two subplots
 
 

@@ -442,5 +442,5 @@ def test_medical_bench_cli(tmp_path, capsys):
     assert main(["bench", "--data", str(tmp_path), "--methods", "intensity", "--preset", "tiny",
                  "--image-size", "64", "--window", "percentile:0.5,99.9"]) == 0
     row = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| intensity | brain")][0]
-    pixel_auroc = float(row.split("|")[6])
+    pixel_auroc = float(row.split("|")[6].split("[")[0])  # the cell is "value [lo, hi]" (bootstrap interval)
     assert pixel_auroc > 0.8

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from uadlab import metrics as M
 from uadlab.data import load_mvtec
 from uadlab.features import FeatureCache
 from uadlab.methods import FitContext
@@ -45,15 +46,21 @@ def test_evaluate_save_and_list(fitted):
     res = run.evaluate(ds.test)
     assert set(res) == {"patchcore", "anomalydino"}
     for r in res.values():
-        assert r["image_auroc"] > 0.7 and r["pixel_auroc"] > 0.8 and len(r["curves"]["fpr"]) > 2
-        pc = r["pixel_curves"]  # pixel ROC points: from (0, 0) to (1, 1), their area near the pixel AUROC
-        assert pc["fpr"][0] == 0 and pc["tpr"][-1] == 1
-        assert abs(np.trapezoid(pc["tpr"], pc["fpr"]) - r["pixel_auroc"]) < 0.02
-    run.save({"dataset": ds.summary()})
+        assert r.get(M.IMAGE_AUROC) > 0.7 and r.get(M.PIXEL_AUROC) > 0.8 and len(r.curves.fpr) > 2
+        pc = r.pixel_curves  # pixel ROC points: from (0, 0) to (1, 1), their area near the pixel AUROC
+        assert pc.fpr[0] == 0 and pc.tpr[-1] == 1
+        assert abs(np.trapezoid(pc.tpr, pc.fpr) - r.get(M.PIXEL_AUROC)) < 0.02
+        assert set(r.metrics) <= set(M.ALL)  # curve points are never metrics
+    run.save({"dataset": ds.summary(), "evaluation": res})
     runs = list_runs(work)
     assert runs[0]["run_id"] == run.run_id and runs[0]["dataset"]["train"] == len(ds.train)
-    assert "image_auroc" in runs[0]["info"]["metrics"]["patchcore"]
-    assert not {"curves", "pixel_curves"} & set(runs[0]["info"]["metrics"]["patchcore"])  # points are not metrics
+    assert M.IMAGE_AUROC in runs[0]["info"]["metrics"]["patchcore"]
+    assert set(runs[0]["info"]["metrics"]["patchcore"]) <= set(M.ALL)  # points are not metrics
+    loaded = Run.load(work / run.run_id, cache=run.cache).meta["evaluation"]["patchcore"]  # typed again
+    assert loaded.finite() == res["patchcore"].finite() and loaded.curves == res["patchcore"].curves
+    assert list(loaded[M.IMAGE_AUROC_CI]) == list(res["patchcore"][M.IMAGE_AUROC_CI])  # a pair, saved as a list
+    assert "conformal" in runs[0]["calibration"]["patchcore"]["statement"] or \
+        "cannot be calibrated" in runs[0]["calibration"]["patchcore"]["statement"]
     (work / "broken").mkdir()
     (work / "broken" / "run.json").write_text("{half")
     assert len(list_runs(work)) == 1  # a damaged run is skipped, not a crash
@@ -63,7 +70,7 @@ def test_split_keeps_normals_apart():
     items = list(range(10))
     fit, val = split_normals(items, 0.2, seed=0)
     assert len(val) == 2 and not set(fit) & set(val) and sorted(fit + val) == items
-    assert split_normals([1], 0.2, 0) == ([1], [1])
+    assert split_normals([1], 0.2, 0) == ([1], [])  # one image: nothing held out, nothing calibrated
 
 
 def test_zero_shot_needs_aux(tiny_demo):
@@ -82,17 +89,21 @@ def _bank_images(run: Run, name: str, grid: int) -> int:
     return run.heads[name].memory_bank.shape[0] // (grid * grid)
 
 
-@pytest.mark.parametrize("mode,expected", [("refit", 5), ("holdout", 4)])
-def test_calibration_protocol_fits_on_all_normals(tiny_demo, tmp_path, mode, expected):
-    """refit: the final head sees every normal image, the held-out calibration carries over; holdout: 80%."""
+@pytest.mark.parametrize("mode,expected,held,protocol", [("refit", 5, 5, "monotone"), ("holdout", 4, 1, "split")])
+def test_calibration_protocol_fits_on_all_normals(tiny_demo, tmp_path, mode, expected, held, protocol):
+    """refit: the shipped head sees every normal image and every image got a cross-fitted held-out score;
+    holdout: the head fitted on 80% is shipped and calibrated on the rest."""
     ds = load_mvtec(tiny_demo, categories=["brick"])
     train = ds.train[:5]
     run = Run(RunConfig(methods=["anomalydino"], image_size=64, calibration=mode), cache=FeatureCache(tmp_path))
     run.fit(train)
     grid = run.features(train[:1]).select(run.heads["anomalydino"].layers_for(run.backbone.spec)).grid[0]
     assert _bank_images(run, "anomalydino", grid) == expected
-    assert run.info["n_fit"] == 4 and run.info["n_calibration"] == 1 and run.info["n_train"] == 5
-    assert run.heads["anomalydino"].fit_record.calibration == run.calibration["anomalydino"]
+    assert run.info["n_fit"] == expected and run.info["n_calibration"] == held and run.info["n_train"] == 5
+    cal = run.calibration["anomalydino"]
+    assert run.heads["anomalydino"].fit_record.calibration == cal
+    assert (cal.n, cal.protocol, cal.calibrated) == (held, protocol, False)  # 5 images cannot promise 1%
+    assert "cannot be calibrated" in cal.statement and f"1/{held + 1}" in cal.statement
 
 
 def test_calibration_mode_is_checked():
@@ -108,10 +119,12 @@ def test_ensemble_combines_calibrated_members(fitted, tmp_path):
     out = ens.score(ds.test)
     assert set(out) == {"patchcore", "anomalydino", "ensemble"}
     labels = np.array([s.label for s in ds.test])
-    # the ensemble's raw map is the mean of its members' calibrated maps; it is then calibrated again
+    # the ensemble's raw map is the weighted mean of its members' calibrated maps; it is then calibrated again
     raw, _ = ens._raw("ensemble", ens.features(ds.test[:2]))
-    members = np.mean([out[m].maps[:2] for m in ("patchcore", "anomalydino")], axis=0)
-    np.testing.assert_allclose(raw.numpy(), members, rtol=1e-4, atol=1e-4)
+    w = ens.heads["ensemble"].fit_record.details["weights"]  # chosen from held-out normal scores, recorded
+    assert set(w) == {"patchcore", "anomalydino"} and sum(w.values()) == pytest.approx(1, abs=1e-3)
+    members = sum(w[m] * out[m].maps[:2] for m in ("patchcore", "anomalydino"))
+    np.testing.assert_allclose(raw.numpy(), members, rtol=1e-3, atol=1e-3)
     assert out["ensemble"].scores[labels == 1].mean() > out["ensemble"].scores[labels == 0].mean()
     again = Run.load(ens.save(), cache=run.cache).score(ds.test[:2])["ensemble"]
     np.testing.assert_allclose(again.maps, out["ensemble"].maps[:2], rtol=1e-5, atol=1e-5)
@@ -303,3 +316,16 @@ def test_dinomaly_paper_budget_follows_the_setting():
         with pytest.raises(Stop):
             head.fit(feats, progress=stop, context=FitContext(category=category))
         assert totals == [budget]
+
+
+def test_model_card_lists_metrics_only_and_states_the_calibration(fitted, tmp_path):
+    """Issue 25.8: curve points once leaked into model cards as a metrics row; the card states what 1.0 promises."""
+    from uadlab.hub import prepare_head
+
+    run, ds, _, _ = fitted
+    run.meta["evaluation"] = run.evaluate(ds.test, record=False)
+    card = (prepare_head(run, "patchcore", tmp_path / "card") / "README.md").read_text()
+    metrics = card.split("## Metrics")[1].split("##")[0]
+    assert f"| {M.IMAGE_AUROC} |" in metrics and f"| {M.HEAD_MS} |" in metrics
+    assert "curves" not in metrics and "fpr" not in metrics
+    assert "## Calibration" in card and run.calibration["patchcore"].statement in card

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from uadlab.metrics import Evaluation
 from uadlab import metrics as M
 from uadlab import viz
 from uadlab.ui.viewer import FULL_MAX, HEAD, HEAT_MAX, PANEL_MAX, Panel, ViewItem, decode_heat, viewer_html
@@ -138,7 +139,7 @@ def test_curves_figure_2x2_one_colour_and_dash_per_method_metrics_in_legend():
                "dinomaly": {"curves": _curve(0.5), "pixel_curves": _curve(0.4), "image_auroc": 0.8,
                             "image_ap": 0.7, "pixel_auroc": 0.9, "pixel_ap": 0.4},
                "novel": {"curves": _curve(0.6), "image_auroc": 0.7, "image_ap": 0.65}}  # no masks: no pixel curves
-    fig = viz.curves_figure(results)
+    fig = viz.curves_figure({m: Evaluation.from_dict(r) for m, r in results.items()})
     lines = [t for t in fig.data if t.name != "chance"]
     axes = {(t.xaxis, t.yaxis) for t in fig.data}
     assert axes == {("x", "y"), ("x2", "y2"), ("x3", "y3"), ("x4", "y4")}  # 2 x 2 subplots
@@ -159,7 +160,7 @@ def test_metrics_frame_is_numeric_and_sorts_as_numbers():
     results = {"a": {"image_auroc": 0.9, "pixel_auroc": float("nan"), "fit_s": 12.34},
                "b": {"image_auroc": 0.85, "pixel_auroc": 0.97, "head_ms": None},
                "c": {"image_auroc": 0.95123, "pixel_auroc": 0.9}}
-    frame = viz.metrics_frame(results)
+    frame = viz.metrics_frame({m: Evaluation.from_dict(r) for m, r in results.items()})
     assert list(frame.columns) == ["method"] + [label for _, label in viz.table_columns()]
     assert all(str(frame[label].dtype) == "float64" for _, label in viz.METRIC_COLUMNS)
     assert frame["pixel AUROC"].isna().tolist() == [True, False, False] and frame["ms / image"].isna().all()

@@ -19,6 +19,7 @@ import pytest
 from conftest import free_port, viewer_shares, viewer_transforms, wheel_zoom
 from uadlab.medical import voi_window
 from uadlab.ui.viewer import Panel, ViewItem, viewer_component, viewer_html
+from uadlab.metrics import Evaluation
 from uadlab.viz import curves_figure, metrics_frame
 
 METHODS = ("patchcore", "anomalydino", "dinomaly")
@@ -63,7 +64,7 @@ def _results() -> dict:
         out[m] = {"curves": c, "image_auroc": 1 / (1 + k), "image_ap": 0.9 - 0.1 * i}
         if i < 2:
             out[m].update(pixel_curves=c, pixel_auroc=1 / (1 + k), pixel_ap=0.5 - 0.1 * i)
-    return out
+    return {m: Evaluation.from_dict(r) for m, r in out.items()}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def served():
     with gr.Blocks() as demo:
         view = viewer_component(items, elem_id="viewer")
         swap = gr.Button("swap", elem_id="swap")
-        gr.Dataframe(metrics_frame(results), elem_id="metrics")
+        gr.Dataframe(metrics_frame({m: Evaluation.from_dict(r) for m, r in results.items()}), elem_id="metrics")
         viewer_component(items[1:], elem_id="second")  # a second viewer on the page stays independent
         viewer_component(_slices(), elem_id="slices")
         gr.Plot(curves_figure(_results()), elem_id="curves")

@@ -21,17 +21,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import metrics as M
 from .data import Dataset, load_data
 from .features import FeatureCache
 from .methods import get_method_class
 from .pipeline import Run, RunConfig, auxiliary_set, default_cache_dir, peak_rss_mb
 from .progress import ProgressFn
 
-COLUMNS = ["method", "category", "image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
-           "pixel_f1max", "aupro", "fit_s", "backbone_ms", "head_ms", "head_mb", "peak_rss_mb",
-           "normal_px_over_1", "normal_img_over_1", "n_normal", "n_anomalous"]
+COLUMNS = ["method", "category", *M.IMAGE_METRICS, *M.PIXEL_METRICS, M.FIT_S, "backbone_ms", M.HEAD_MS, M.HEAD_MB,
+           "peak_rss_mb", M.NORMAL_PX_OVER_1, M.NORMAL_IMG_OVER_1, M.N_NORMAL, M.N_ANOMALOUS]
 METRICS = COLUMNS[2:9]
-INTERVALS = ["image_auroc_ci", "image_ap_ci", "pixel_auroc_ci", "pixel_ap_ci"]
+INTERVALS = [M.IMAGE_AUROC_CI, M.IMAGE_AP_CI, M.PIXEL_AUROC_CI, M.PIXEL_AP_CI]
 NOT_MEANINGFUL = "†"
 
 
@@ -119,16 +119,15 @@ def _bench_once(data, ds: Dataset, config: RunConfig, categories, multi_class: b
     def emit(run: Run, cat: str, test, bms: dict[str, float]) -> None:
         res = run.evaluate(test, progress())
         for name, r in res.items():
-            row = {"method": name, "category": cat, **{k: r[k] for k in METRICS}, "fit_s": r["fit_s"],
-                   "backbone_ms": bms[name], "head_ms": r["head_ms"], "head_mb": r["head_mb"], "peak_rss_mb": peak_rss_mb(),
-                   "normal_px_over_1": r["normal_px_over_1"], "normal_img_over_1": r["normal_img_over_1"],
-                   **{k: r.get(k) for k in INTERVALS + ["n_normal", "n_anomalous", "note"]}}
+            row = {"method": name, "category": cat, **{k: r.metrics.get(k) for k in COLUMNS[2:] if k not in (
+                       "backbone_ms", "peak_rss_mb")}, "backbone_ms": bms[name], "peak_rss_mb": peak_rss_mb(),
+                   **{k: r.metrics.get(k) for k in INTERVALS + [M.NOTE]}}  # NaN stays NaN: missing, not zero
             rows.append(row)
-            ci = r.get("image_auroc_ci")
-            log(f"  {name:12s} {cat:10s} image AUROC {row['image_auroc']:.4f}"
+            ci = r.get(M.IMAGE_AUROC_CI)
+            log(f"  {name:12s} {cat:10s} image AUROC {row[M.IMAGE_AUROC]:.4f}"
                 + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else "")
-                + f"  pixel AUROC {row['pixel_auroc']:.4f}  fit {row['fit_s']:.1f}s  head {row['head_ms']:.1f} ms/img"
-                + (f"  ({row['note']})" if row.get("note") else ""))
+                + f"  pixel AUROC {row[M.PIXEL_AUROC]:.4f}  fit {row[M.FIT_S]:.1f}s  head {row[M.HEAD_MS]:.1f} ms/img"
+                + (f"  ({row[M.NOTE]})" if row.get(M.NOTE) else ""))
 
     if trained:
         groups = [("all", cats)] if multi_class else [(c, [c]) for c in cats]
@@ -156,10 +155,10 @@ def _bench_once(data, ds: Dataset, config: RunConfig, categories, multi_class: b
             for k in COLUMNS[2:]:
                 vals = [r[k] for r in mine if r[k] is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
                 mean[k] = float(np.mean(vals)) if vals else float("nan")
-            for k in ("n_normal", "n_anomalous"):  # test images behind the mean: all categories'
+            for k in (M.N_NORMAL, M.N_ANOMALOUS):  # test images behind the mean: all categories'
                 mean[k] = sum(int(r[k]) for r in mine if r.get(k) is not None)
-            small = [r["category"] for r in mine if r.get("note")]
-            mean["note"] = f"includes categories with too few test images: {', '.join(small)}" if small else ""
+            small = [r["category"] for r in mine if r.get(M.NOTE)]
+            mean[M.NOTE] = f"includes categories with too few test images: {', '.join(small)}" if small else ""
             rows.append(mean)
     return rows
 
@@ -185,7 +184,7 @@ def over_seeds(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             if k in METRICS:
                 row[f"{k}_std"] = float(np.std(good, ddof=1)) if len(good) > 1 else float("nan")
                 row[f"{k}_seeds"] = [float(v) if _finite(v) else None for v in vals]
-        for k in ("n_normal", "n_anomalous"):
+        for k in (M.N_NORMAL, M.N_ANOMALOUS):
             row[k] = first.get(k)
         for k in INTERVALS:
             bounds = [r[k] for r in same if r.get(k) is not None and all(_finite(float(b)) for b in r[k])]
@@ -210,8 +209,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             ci = r.get(f"{k}_ci")
             if ci is not None and all(_finite(float(b)) for b in ci):
                 text += f" [{float(ci[0]):.3f}, {float(ci[1]):.3f}]"
-            return text + (NOT_MEANINGFUL if r.get("note") else "")
-        if k in ("n_normal", "n_anomalous"):
+            return text + (NOT_MEANINGFUL if r.get(M.NOTE) else "")
+        if k in (M.N_NORMAL, M.N_ANOMALOUS):
             return str(int(v))
         if isinstance(v, float):
             return f"{v:.4f}" if k.startswith("normal_") else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
@@ -223,7 +222,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append("AUROC / AP: value" + (" ± standard deviation over seeds" if any("seeds" in r for r in rows) else "")
                  + " [bootstrap 95% interval, 1,000 stratified resamples of the test images].")
-    if any(r.get("note") for r in rows):
+    if any(r.get(M.NOTE) for r in rows):
         lines.append(f"{NOT_MEANINGFUL} not meaningful: fewer than 10 normal or anomalous test images "
                      f"(n_normal / n_anomalous).")
     return "\n".join(lines)

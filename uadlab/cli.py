@@ -53,11 +53,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=None, help="short name (dinov2_vits14, dinov3_vits16, efficientnet_lite0 "
                    "...) or any timm model name; default: efficientnet_lite0, or the paper's with --preset paper")
     p.add_argument("--weights", default=None, help="default | hub | packaged | random | PATH (default: default)")
+    p.add_argument("--alpha", type=float, default=None, help="the image false-alarm rate a calibrated score of 1.0 "
+                   "promises on new normal images (default 0.01; n held-out normal images promise no less than "
+                   "1/(n+1), and fewer say so instead of giving a threshold)")
     p.add_argument("--image-size", type=_side, default=None, help=f"center-crop side, {MIN_SIDE} to {MAX_SIDE} px "
                    "(default: the preset's geometry; with --preset paper each method's paper's)")
     p.add_argument("--resize", type=_side, default=None, help="resize side before the center crop")
-    p.add_argument("--preset", default="quick", help="quick | paper | tiny (paper: each method with its paper's "
-                   "backbone and input geometry, several backbones in one run if the papers differ)")
+    p.add_argument("--preset", default="quick", help="quick (default: small settings on the offline Lite0 at 224 px) "
+                   "| paper (each method with its paper's hyperparameters, backbone and input geometry; several "
+                   "backbones in one run if the papers differ) | tiny (shrunk heads, for tests)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--window", default=None, help="intensity window of DICOM / NIfTI / 16-bit images: auto (the "
                    "DICOM file's own, else a 0.5-99.5 %% percentile window fitted on the training images), minmax, "
@@ -99,7 +103,8 @@ def run_config(a, methods: list[str]):
     (a preset brings each method's paper backbone and geometry where the user did not choose them)."""
     from .pipeline import RunConfig
 
-    given = {k: v for k, v in dict(weights=a.weights, seed=a.seed, window=a.window).items() if v is not None}
+    given = {k: v for k, v in dict(weights=a.weights, seed=a.seed, window=a.window,
+                                   alpha=getattr(a, "alpha", None)).items() if v is not None}
     cfg = RunConfig.resolve(methods, a.preset, a.backbone, a.image_size, a.resize,
                             method_kwargs=parse_params(a.param), **given)
     if a.preset == "paper":
@@ -196,7 +201,14 @@ def cmd_fit(a) -> int:
     if distributed.is_main():  # under torchrun every rank holds the same heads: rank 0 writes the run
         path = run.save({"dataset": ds.summary(), "world_size": distributed.world_size()})
         print(f"saved run {run.run_id} to {path}")
+        _print_calibration(run)
     return 0
+
+
+def _print_calibration(run, file=None) -> None:
+    """What each head's 1.0 promises, in words (a head too few held-out images cannot calibrate says so)."""
+    for name, cal in run.calibration.items():
+        print(f"{name}: {cal.statement}", file=file)
 
 
 def cmd_score(a) -> int:
@@ -209,6 +221,7 @@ def cmd_score(a) -> int:
     out = run.score(samples)
     rows = [{"image": s.name, **{m: float(sc.scores[i]) for m, sc in out.items()}} for i, s in enumerate(samples)]
     print(json.dumps(rows, indent=2))
+    _print_calibration(run, sys.stderr)  # stdout stays JSON
     return 0
 
 
@@ -220,9 +233,10 @@ def cmd_eval(a) -> int:
     run = Run.load(a.run)
     ds = load_data(a.data, categories=a.categories.split(",") if a.categories else None, **_hf(a))
     res = run.evaluate(ds.test)
-    rows = [{"method": m, "category": ",".join(ds.categories), **{k: v for k, v in r.items() if k != "curves"},
-             "backbone_ms": None, "peak_rss_mb": None} for m, r in res.items()]
+    rows = [{"method": m, "category": ",".join(ds.categories), **r.metrics, "backbone_ms": None, "peak_rss_mb": None}
+            for m, r in res.items()]
     print(markdown(rows))
+    _print_calibration(run)
     return 0
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import tokens
 from .errors import UadlabError
+from .metrics import Evaluation
 from .methods import Method, get_method_class
 
 EXAMPLE_FILE = "example_heatmap.png"
@@ -31,8 +32,7 @@ class HubError(UadlabError, RuntimeError):
 
 
 def _finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items()
-            if k != "curves" and v is not None and not (isinstance(v, float) and math.isnan(v))}
+    return {k: v for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
 def prepare_head(run, method: str, folder: str | Path, example_image: Image.Image | None = None) -> Path:
@@ -43,8 +43,10 @@ def prepare_head(run, method: str, folder: str | Path, example_image: Image.Imag
     folder.mkdir(parents=True, exist_ok=True)
     head = run.heads[method]
     cfg = run.config
-    metrics = _finite_metrics((getattr(run, "meta", {}).get("evaluation") or {}).get(method)
-                              or head.fit_record.metrics)
+    evaluation = (getattr(run, "meta", {}).get("evaluation") or {}).get(method)
+    # the metrics only: curve points are plotted, never listed (an Evaluation keeps them apart)
+    metrics = Evaluation.from_dict(evaluation).finite() if evaluation is not None else \
+        _finite_metrics(head.fit_record.metrics)
     inputs = cfg.inputs_of(method)  # the head's own backbone geometry (a paper preset may give each its own)
     rec = head.fit_record
     rec.method, rec.image_size, rec.resize, rec.weights = method, inputs.image_size, inputs.resize, cfg.weights
@@ -55,7 +57,8 @@ def prepare_head(run, method: str, folder: str | Path, example_image: Image.Imag
         example_image.convert("RGB").save(folder / EXAMPLE_FILE)
     (folder / "README.md").unlink(missing_ok=True)
     head.save_pretrained(folder, model_card_kwargs={"metrics": metrics,
-                                                    "example_image": EXAMPLE_FILE if example_image else None})
+                                                    "example_image": EXAMPLE_FILE if example_image else None,
+                                                    "calibration": head.fit_record.calibration})
     return folder
 
 

@@ -6,9 +6,90 @@ process, which a fit (the memory peak of ``uadlab fit`` / ``bench``) does not ne
 """
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
+
+# ---- the names of what an evaluation records: spelled here only (everywhere else: M.IMAGE_AUROC, ...) ---------
+IMAGE_AUROC, IMAGE_AP, IMAGE_F1MAX = "image_auroc", "image_ap", "image_f1max"
+PIXEL_AUROC, PIXEL_AP, PIXEL_F1MAX, AUPRO = "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"
+FIT_S, HEAD_MS, HEAD_MB = "fit_s", "head_ms", "head_mb"  # what a head costs: fit seconds, ms / image, MB
+# how the label-free calibration holds on the unseen NORMAL test images: the share above 1.0 (images: at most
+# the calibration's promise; pixels: near 1 - q)
+NORMAL_IMG_OVER_1, NORMAL_PX_OVER_1 = "normal_img_over_1", "normal_px_over_1"
+# the uncertainty behind them (``intervals``): bootstrap 95% intervals, sample sizes, a note when too small
+IMAGE_AUROC_CI, IMAGE_AP_CI = "image_auroc_ci", "image_ap_ci"
+PIXEL_AUROC_CI, PIXEL_AP_CI = "pixel_auroc_ci", "pixel_ap_ci"
+N_NORMAL, N_ANOMALOUS, NOTE = "n_normal", "n_anomalous", "note"
+IMAGE_METRICS = (IMAGE_AUROC, IMAGE_AP, IMAGE_F1MAX)
+PIXEL_METRICS = (PIXEL_AUROC, PIXEL_AP, PIXEL_F1MAX, AUPRO)
+COST = (FIT_S, HEAD_MS, HEAD_MB)
+CALIBRATION_CHECK = (NORMAL_IMG_OVER_1, NORMAL_PX_OVER_1)
+UNCERTAINTY = (IMAGE_AUROC_CI, IMAGE_AP_CI, PIXEL_AUROC_CI, PIXEL_AP_CI, N_NORMAL, N_ANOMALOUS, NOTE)
+ALL = IMAGE_METRICS + PIXEL_METRICS + COST + CALIBRATION_CHECK + UNCERTAINTY  # every key an Evaluation may hold
+
+
+@dataclass
+class Curves:
+    """ROC (fpr, tpr) and precision-recall (recall, precision) points of one level, thinned for plotting;
+    empty when undefined (no masks, one class only)."""
+
+    fpr: list[float] = field(default_factory=list)
+    tpr: list[float] = field(default_factory=list)
+    precision: list[float] = field(default_factory=list)
+    recall: list[float] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.fpr)
+
+
+@dataclass
+class Evaluation:
+    """One head's evaluation: numbers (``metrics``, keyed by this module's names, None = missing) apart from
+    the curve points that are plotted (``curves`` image level, ``pixel_curves`` pixel level). Only
+    ``metrics`` are recorded as metrics (run records, model cards, benchmark rows)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)  # numbers; intervals (lo, hi); counts; the note
+    curves: Curves = field(default_factory=Curves)
+    pixel_curves: Curves = field(default_factory=Curves)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.metrics) - set(ALL)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; known: {', '.join(ALL)}")
+
+    def __getitem__(self, key: str) -> float | None:
+        """``evaluation[M.IMAGE_AUROC]``: a metric (never a curve: those are ``curves`` / ``pixel_curves``)."""
+        if key not in ALL:
+            raise KeyError(f"{key!r} is not a metric (known: {', '.join(ALL)}); curve points are the "
+                           "attributes curves and pixel_curves")
+        return self.metrics.get(key)
+
+    def get(self, key: str) -> float | None:
+        """A metric's value; None when missing or undefined (NaN)."""
+        v = self.metrics.get(key)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    def finite(self) -> dict[str, float]:
+        """The numbers that have a value (what a model card lists: no intervals, no note)."""
+        return {k: v for k in self.metrics if isinstance(v := self.get(k), (int, float)) and not isinstance(v, bool)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": dict(self.metrics), "curves": asdict(self.curves), "pixel_curves": asdict(self.pixel_curves)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | "Evaluation") -> "Evaluation":
+        """From ``to_dict`` output, or from the flat dict older runs saved (metrics and curves side by side)."""
+        if isinstance(d, Evaluation):
+            return d
+        if "metrics" in d and isinstance(d["metrics"], dict):
+            flat, metrics = d, d["metrics"]
+        else:
+            flat, metrics = d, {k: v for k, v in d.items() if k in ALL}
+        return cls({k: v for k, v in metrics.items() if k in ALL}, Curves(**(flat.get("curves") or {})),
+                   Curves(**(flat.get("pixel_curves") or {})))
 
 
 def _both_classes(labels: np.ndarray) -> bool:
@@ -90,18 +171,18 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, num_thres
 
 def image_metrics(labels, scores) -> dict[str, float]:
     m = binary_metrics(labels, scores)
-    return {"image_auroc": m["auroc"], "image_ap": m["ap"], "image_f1max": m["f1max"]}
+    return {IMAGE_AUROC: m["auroc"], IMAGE_AP: m["ap"], IMAGE_F1MAX: m["f1max"]}
 
 
 def pixel_metrics(masks: np.ndarray | None, maps: np.ndarray, max_pixels: int = 4_000_000) -> dict[str, float]:
     """Pixel AUROC, AP, F1-max and AUPRO; all NaN when there are no masks (missing, not zero)."""
     nan = float("nan")
     if masks is None:
-        return {"pixel_auroc": nan, "pixel_ap": nan, "pixel_f1max": nan, "aupro": nan}
+        return {PIXEL_AUROC: nan, PIXEL_AP: nan, PIXEL_F1MAX: nan, AUPRO: nan}
     masks = np.asarray(masks).astype(np.uint8)
     maps = np.asarray(maps, dtype=np.float32)
     m = binary_metrics(*_pixels(masks, maps, max_pixels))
-    return {"pixel_auroc": m["auroc"], "pixel_ap": m["ap"], "pixel_f1max": m["f1max"], "aupro": aupro(masks, maps)}
+    return {PIXEL_AUROC: m["auroc"], PIXEL_AP: m["ap"], PIXEL_F1MAX: m["f1max"], AUPRO: aupro(masks, maps)}
 
 
 def _pixels(masks: np.ndarray, maps: np.ndarray, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +358,6 @@ def intervals(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None =
     n_normal, n_anomalous = int((labels == 0).sum()), int((labels == 1).sum())
     px = pixel_bootstrap_intervals(masks, maps, labels, n_resamples, seed=seed) if masks is not None else \
         _percentiles({"auroc": np.array([]), "ap": np.array([])}, 0.95)
-    return {"image_auroc_ci": img["auroc"], "image_ap_ci": img["ap"], "pixel_auroc_ci": px["auroc"],
-            "pixel_ap_ci": px["ap"], "n_normal": n_normal, "n_anomalous": n_anomalous,
-            "note": sample_note(n_normal, n_anomalous)}
+    return {IMAGE_AUROC_CI: img["auroc"], IMAGE_AP_CI: img["ap"], PIXEL_AUROC_CI: px["auroc"],
+            PIXEL_AP_CI: px["ap"], N_NORMAL: n_normal, N_ANOMALOUS: n_anomalous,
+            NOTE: sample_note(n_normal, n_anomalous)}

@@ -33,7 +33,7 @@ from .features import FeatureCache, PatchFeatures
 from .fsio import write_atomic
 from .medical import Window
 from .methods import FitContext, Method, get_method_class, list_methods
-from .postprocess import Calibration, check_score_mode, upsample
+from .postprocess import DEFAULT_ALPHA, Calibration, check_score_mode, upsample
 from .progress import Progress, ProgressFn, Stages
 from .settings import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, check_side, feature_cache_dir
 
@@ -97,14 +97,21 @@ class RunConfig:
     ``method_inputs`` gives a method its own (``--preset paper``: each method its paper's backbone and
     geometry). Heatmaps are shown in the main geometry.
 
-    ``calibration`` says how the label-free calibration is estimated without costing the heads data:
+    ``calibration`` says how the label-free calibration (``postprocess.Calibration``: image threshold 1.0 =
+    a split-conformal order statistic promising at most ``alpha`` false alarms on new normal images) gets
+    held-out normal scores OF THE HEAD THAT IS SHIPPED without costing the heads data:
 
-    - ``"refit"`` (default): fit each head on ``1 - val_fraction`` of the normal images, calibrate it on the
-      held-out rest, then fit it again on ALL normal images and keep that calibration. The numbers come
-      from a head fit on every normal image (as in the papers and anomalib); the cost is one extra fit on
-      ``1 - val_fraction`` of the data per head (memory banks: seconds; trained heads: twice the steps).
-    - ``"holdout"``: fit on ``1 - val_fraction`` only and calibrate on the rest (cheaper; the heads then
-      see fewer images than a paper's protocol).
+    - ``"refit"`` (default): cross-fitting. The normal images are split into K folds (``n_folds``: K =
+      round(1 / val_fraction) for memory banks, 2 for trained heads); a head fitted on the other folds scores
+      each fold, so every normal image gets a held-out score
+      (n = all of them: 99 normal images can promise 1%); the shipped head is then fitted on ALL normal
+      images (as in the papers and anomalib). For memory banks searched exactly (AnomalyDINO) the promise
+      carries over to the shipped head exactly (a bank with more normal images scores no image higher); for
+      trained heads and coresets it assumes the head fitted on all scores normal images no higher than its
+      fold heads (measured: benchmarks/false_alarms.py). Cost: K fits on (K - 1) / K of the data per head
+      before the final fit (trained heads: two half fits, about the old fit on 80% and refit).
+    - ``"holdout"``: fit on ``1 - val_fraction`` only and calibrate on the rest with that same head (exact
+      split conformal; cheaper, but the heads see fewer images and n is smaller).
 
     Zero-shot heads never see the target's normal images, so they calibrate on all of them. ``sigma`` and
     ``score_mode`` override every method's own post-processing (None: each method's paper choice).
@@ -126,6 +133,7 @@ class RunConfig:
     method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     window: Window = field(default_factory=Window)
     method_inputs: dict[str, Inputs] = field(default_factory=dict)
+    alpha: float = DEFAULT_ALPHA
 
     def __post_init__(self) -> None:
         main = Inputs(self.backbone, self.image_size, self.resize)
@@ -143,6 +151,9 @@ class RunConfig:
                              "calibration, between 0 and 1 (e.g. 0.2)")
         if self.calibration not in CALIBRATION_MODES:
             raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {self.calibration!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 1:
+            raise ValueError(f"alpha {self.alpha!r}: give the image false-alarm rate 1.0 should promise, between 0 "
+                             "and 1 (e.g. 0.01; n held-out normal images promise no less than 1 / (n + 1))")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed {self.seed!r}: give a whole number >= 0")
         if self.sigma is not None and (isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float))
@@ -294,16 +305,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-CURVES = ("curves", "pixel_curves")  # curve points in Run.evaluate's results: plotted, never recorded as metrics
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(fit, held-out) indices: ``val_fraction`` of ``n`` normal images (at least one) held out for calibration.
 
-    With one image nothing can be held out: both lists are [0] (calibrated on the training image itself).
+    With one image nothing can be held out: ([0], []) (the head cannot be calibrated).
     """
     if n < 2:
-        return list(range(n)), list(range(n))
+        return list(range(n)), []
     idx = np.random.default_rng(seed).permutation(n)
     n_val = min(n - 1, max(1, int(round(n * val_fraction))))
     return sorted(int(i) for i in idx[n_val:]), sorted(int(i) for i in idx[:n_val])
@@ -313,6 +323,51 @@ def split_normals(samples: Sequence[Sample], val_fraction: float, seed: int) -> 
     """Hold out ``val_fraction`` of the normal training images (at least one) for calibration."""
     fit_i, val_i = split_indices(len(samples), val_fraction, seed)
     return [samples[i] for i in fit_i], [samples[i] for i in val_i]
+
+
+def fold_order(n: int, val_fraction: float, seed: int, mode: str = "refit") -> tuple[list[int], int]:
+    """(order, n_held): the ``n`` normal images in the order a run extracts them, and how many lead it as
+    held-out images. ``holdout``: the ``val_fraction`` part first (at least one image), then the fitting part;
+    ``refit``: a random permutation, every image held out once (``fold_slices`` cuts it into folds). Fewer
+    than two images: nothing held out."""
+    if n < 2:
+        return list(range(n)), 0
+    if mode == "holdout":
+        fit_i, val_i = split_indices(n, val_fraction, seed)
+        return val_i + fit_i, len(val_i)
+    return [int(i) for i in np.random.default_rng(seed).permutation(n)], n
+
+
+def fold_slices(n_held: int, k: int) -> list[slice]:
+    """``k`` contiguous folds (at most ``n_held``) of the first ``n_held`` images of ``fold_order``."""
+    if n_held == 0:
+        return []
+    bounds = np.cumsum([0] + [len(p) for p in np.array_split(np.arange(n_held), min(k, n_held))]).tolist()
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def n_folds(head: Method, val_fraction: float, mode: str) -> int:
+    """Cross-fitting folds of a head: K = round(1 / val_fraction) for heads fitted in one pass over the
+    features (memory banks: seconds), 2 for heads trained for many steps (their cost stays near the old
+    fit-then-refit: two half fits and the final one); ``holdout``: 1."""
+    if mode == "holdout":
+        return 1
+    return max(2, round(1 / val_fraction)) if head.fit_in_one_pass else 2
+
+
+def _merge_budgets(budgets: list[int | None]) -> int | None:
+    """The budget of the shipped head's fit from its fold heads' fits (``Method.refit_budget``: the epoch count
+    each selected on its held-out fold): their median when every fold gave one, else None."""
+    if not budgets or any(b is None for b in budgets):
+        return None
+    return int(round(float(np.median(budgets))))
+
+
+def _rows(feats: PatchFeatures, rows: list[int]) -> PatchFeatures:
+    """The features of ``rows`` (ascending): a view when they are contiguous, else one copy."""
+    if rows and rows == list(range(rows[0], rows[-1] + 1)):
+        return feats[rows[0]:rows[-1] + 1]
+    return feats[torch.tensor(rows, dtype=torch.long)]
 
 
 def masks_at(backbone: Backbone, samples: Sequence[Sample]) -> np.ndarray | None:
@@ -368,7 +423,7 @@ class Run:
         self.cache = cache or FeatureCache(default_cache_dir())
         self.heads: dict[str, Method] = {}
         self.calibration: dict[str, Calibration] = {}
-        self.info: dict[str, Any] = {"fit_s": {}, "metrics": {}}
+        self.info: dict[str, Any] = {M.FIT_S: {}, "metrics": {}}
         self.meta: dict[str, Any] = {}  # what the caller records with the run (data source, evaluation, ...)
         self._token = token  # used for this process only; never saved
         self._backbones: dict[Inputs, Backbone] = {}
@@ -450,66 +505,111 @@ class Run:
     def fit(self, train: Sequence[Sample], progress: ProgressFn | None = None,
             aux: Sequence[Sample] | None = None) -> "Run":
         """Fit every head on the normal ``train`` images (zero-shot heads on the labelled ``aux`` set) and
-        calibrate it label-free on held-out normal images (see ``RunConfig``: refit or holdout)."""
+        calibrate it label-free on held-out normal scores of the head that is shipped (see ``RunConfig``)."""
         learned = [n for n, h in self.heads.items() if not h.zero_shot and not h.combines_heads]
         if not train and learned:
             raise ValueError("no normal training images")
         seed_everything(self.config.seed)
-        refit = self.config.calibration == "refit"
-        fit_i, val_i = split_indices(len(train), self.config.val_fraction, self.config.seed)
+        order_i, n_held = fold_order(len(train), self.config.val_fraction, self.config.seed, self.config.calibration)
         cats = {s.category for s in train}
         category = cats.pop() if len(cats) == 1 else None  # one category: class-separated; several: multi-class
         self.window = self.config.window.fit(train)  # on the normal training images only
         self.info["window"] = self.window.to_dict()
         order = sorted(self.heads, key=lambda n: self.heads[n].combines_heads)  # ensembles after their members
-        held_out = val_i != fit_i
-        refits = learned if refit and held_out else []
+        # the images in fold order: every held-out fold is one slice of one feature tensor (views, not copies)
+        train = [train[i] for i in order_i]
+        refit = self.config.calibration == "refit"
+        parts = {n: fold_slices(n_held, n_folds(self.heads[n], self.config.val_fraction, self.config.calibration))
+                 for n in learned}
         groups = self._feature_inputs()
         for inputs in groups:  # every backbone loads before any work: one that cannot fails now, with its reason
             self._backbone_at(inputs)
         # stages: extraction (weighed as all fits together: a cold cache costs that much, shared among the
-        # backbones), one fit per head, one refit per learned head (a refit costs about a fit)
+        # backbones), then per learned head one fit per fold and (refit) the final fit on all, one stage for
+        # every other head
+        fits = {n: (len(parts[n]) + (refit or not parts[n])) if n in learned else 1 for n in order}
         n_groups = max(1, len(groups))
-        stages = Stages(progress, [(len(order) or 1) / n_groups] * n_groups + [1] * (len(order) + len(refits)))
-        if held_out:  # the fit images first: the two parts are views of one feature tensor, not copies
-            train, fit_i, val_i = [train[i] for i in fit_i + val_i], list(range(len(fit_i))), \
-                list(range(len(fit_i), len(train)))
+        stages = Stages(progress, [(len(order) or 1) / n_groups] * n_groups + [1] * sum(fits.values()))
         f_all: dict[Inputs, PatchFeatures] = {}
         for inputs in groups if train else []:
             label = "extracting features of the normal images" + (f" ({inputs.describe()})" if len(groups) > 1 else "")
             f_all[inputs] = self.features(train, stages.stage(label), inputs)
-        f_fit = {k: f[: len(fit_i)] for k, f in f_all.items()} if train else None
-        f_val = {k: f[len(fit_i):] for k, f in f_all.items()} if train and held_out else None
-        self.info.update(n_train=len(train), n_fit=len(fit_i), n_calibration=len(val_i),
-                         calibration_mode=self.config.calibration)
+        self.info.update(n_train=len(train), n_fit=len(train) if refit else len(train) - n_held,
+                         n_calibration=n_held, calibration_mode=self.config.calibration,
+                         folds={n: len(p) for n, p in parts.items()}, alpha=self.config.alpha)
+        held: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}  # raw held-out (maps, scores) per head
+        protocols: dict[str, str] = {}
         for name in order:
             head = self.heads[name]
-            step = stages.stage(f"fitting {name} on {len(fit_i) if not head.zero_shot else len(aux or [])} images")
             t0 = time.perf_counter()
-            if head.combines_heads:
-                head.fit_members(self.heads)
-            elif head.zero_shot:
-                self._fit_zero_shot(name, head, aux, step)
+            if head.combines_heads:  # weighed and calibrated on its members' calibrated held-out outputs
+                stages.stage(f"combining {name}")
+                members = head.members_in(self.heads)
+                outs = [held.get(m) for m in members]
+                ok = all(o is not None for o in outs) and n_held > 0
+                cal = [self.calibration[m] for m in members]
+                head.fit_members(self.heads, {m: c.scores(o[1][:n_held]) for m, c, o in zip(members, cal, outs)}
+                                 if ok else None)
+                if ok:
+                    mine = self.config.inputs_of(name)
+                    held[name] = head.combine([to_geometry(c.maps(o[0][:n_held]), self.config.inputs_of(m), mine)
+                                               for m, c, o in zip(members, cal, outs)],
+                                              [c.scores(o[1][:n_held]) for c, o in zip(cal, outs)])
+                    ps = {protocols[m] for m in members}
+                    protocols[name] = next(p for p in ("cross-fit", "monotone", "split") if p in ps)
+            elif head.zero_shot:  # never saw the target's normals: every one of them is held out
+                self._fit_zero_shot(name, head, aux, stages.stage(f"fitting {name} on {len(aux or [])} images"))
+                held[name] = self._head_raw(name, head, f_all) if f_all else None
+                protocols[name] = "split"
             else:
-                self._fit_learned(name, head, [train[i] for i in fit_i], f_fit, step, FitContext(
-                    category=category, val_features=None if f_val is None else self._select(name, f_val)))
-            self.info["fit_s"][name] = time.perf_counter() - t0
-            # zero-shot heads never saw the target's normals: calibrate on all of them
-            self._calibrate(name, f_all if head.zero_shot else (f_val if f_val is not None else f_fit))
-        for name in refits:  # the final heads see every normal image; the calibration carries over
-            step = stages.stage(f"refitting {name} on all {len(train)} normal images")
-            head = self._new_head(name)
-            t0 = time.perf_counter()
-            self._fit_learned(name, head, train, f_all, step,
-                              FitContext(category=category, budget=self.heads[name].refit_budget()))
-            self.info.setdefault("calibration_fit_s", {})[name] = self.info["fit_s"][name]
-            self.info["fit_s"][name] = time.perf_counter() - t0
-            head.fit_record.calibration = self.heads[name].fit_record.calibration
-            self.heads[name] = head
+                held[name], protocols[name] = self._fit_folds(name, train, f_all, parts[name], stages, category)
+            self.info[M.FIT_S][name] = time.perf_counter() - t0
+            self._calibrate(name, held[name], protocols.get(name, "none"))
+        if not any(h.combines_heads for h in self.heads.values()):
+            held.clear()
         for head in self.heads.values():  # a head scores right only through the window it was fitted with
             head.fit_record.window = self.info["window"]
         stages.finish("trained")
         return self
+
+    def _fit_folds(self, name: str, train: list[Sample], f_all: "dict[Inputs, PatchFeatures]", parts: list[slice],
+                   stages: Stages, category: str | None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+        """Fit a learned head and return its raw held-out (maps, scores) and how they relate to the shipped head.
+
+        holdout: one fold; the head fitted without it is shipped and scored it (split conformal). refit: K
+        folds, a head fitted on the others scores each (cross-fitting); then the shipped head is fitted on all.
+        """
+        refit = self.config.calibration == "refit"
+        inputs = self.config.inputs_of(name)
+        raws, fold_s = [], 0.0
+        budgets: list[int | None] = []
+        for k, part in enumerate(parts):
+            keep = [i for i in range(len(train)) if not part.start <= i < part.stop]
+            head = self._new_head(name) if refit or k else self.heads[name]
+            step = stages.stage(f"fitting {name} on {len(keep)} images" +
+                                (f" (fold {k + 1} of {len(parts)})" if refit else ""))
+            t0 = time.perf_counter()
+            held_out = {inputs: f_all[inputs][part]}
+            self._fit_learned(name, head, [train[i] for i in keep], {inputs: _rows(f_all[inputs], keep)}, step,
+                              FitContext(category=category, val_features=self._select(name, held_out)))
+            fold_s += time.perf_counter() - t0
+            raws.append(self._head_raw(name, head, held_out))
+            budgets.append(head.refit_budget())
+            if not refit:
+                self.heads[name] = head
+        if refit or not parts:  # the shipped head sees every normal image
+            head = self._new_head(name)
+            self._fit_learned(name, head, train, f_all, stages.stage(f"fitting {name} on all {len(train)} normal "
+                                                                       "images"),
+                              FitContext(category=category, budget=_merge_budgets(budgets)))
+            self.heads[name] = head
+            if parts:
+                self.info.setdefault("calibration_fit_s", {})[name] = fold_s
+        if not raws:
+            return None, "none"
+        held = torch.cat([m for m, _ in raws]), torch.cat([s for _, s in raws])
+        monotone = getattr(self.heads[name], "monotone_bank", False)
+        return held, ("monotone" if monotone else "cross-fit") if refit else "split"
 
     def _fit_learned(self, name: str, head: Method, samples: Sequence[Sample], feats: "dict[Inputs, PatchFeatures]",
                      step: ProgressFn, context: FitContext) -> None:
@@ -533,6 +633,18 @@ class Run:
         masks = masks_at(self.backbone_of(name), aux)
         head.fit(f_aux.select(head.layers_for(self.backbone_of(name).spec)), progress=step,
                  context=FitContext(labels=labels, masks=None if masks is None else torch.from_numpy(masks).float()))
+
+    def _head_raw(self, name: str, head: Method, feats: "dict[Inputs, PatchFeatures]") -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
+        """Uncalibrated heatmaps and scores of ``head`` (fitted as the run's ``name``, not combining), in its own
+        geometry, in chunks of images: a method's post-processing of 600 maps at once (a 33-tap Gaussian at
+        224 px) took 4 GB of temporaries."""
+        f = self._select(name, feats)
+        parts = []
+        for s in range(0, len(f), 32):
+            res = head.score(f[s:s + 32])
+            parts.append(head.heatmap(res, f.image_size, self.config.sigma, self.config.score_mode))
+        return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
 
     def _raw(self, name: str, feats: "PatchFeatures | dict[Inputs, PatchFeatures]",
              done: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -561,16 +673,12 @@ class Run:
             done[name] = out
         return out
 
-    def _calibrate(self, name: str, f_val: "PatchFeatures | dict[Inputs, PatchFeatures] | None") -> None:
-        if not f_val:  # zero-shot heads with no target normals: identity calibration
-            self.calibration[name] = Calibration()
-            return
-        f_val = self._groups(f_val)
-        # in chunks of images: a method's post-processing of all held-out images at once (a 33-tap Gaussian
-        # over 600 maps of 224 px) took 4 GB of temporaries
-        n = len(next(iter(f_val.values())))
-        parts = [self._raw(name, {k: f[s:s + 32] for k, f in f_val.items()}) for s in range(0, n, 32)]
-        cal = Calibration.fit(torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts]))
+    def _calibrate(self, name: str, held: tuple[torch.Tensor, torch.Tensor] | None, protocol: str) -> None:
+        """The head's calibration from its raw held-out normal (maps, scores); none held out: not calibrated."""
+        if held is None:
+            cal = Calibration(alpha=self.config.alpha)
+        else:
+            cal = Calibration.fit(held[0], held[1], alpha=self.config.alpha, protocol=protocol)
         self.calibration[name] = cal
         self.heads[name].fit_record.calibration = cal
 
@@ -612,10 +720,10 @@ class Run:
         return {n: Scored(np.array(scores[n]), np.stack(maps[n]), times[n]) for n in methods or list(self.heads)}
 
     def evaluate(self, test: Sequence[Sample], progress: ProgressFn | None = None,
-                 record: bool = True) -> dict[str, dict[str, Any]]:
+                 record: bool = True) -> dict[str, M.Evaluation]:
         """Metrics and curves of every head on labelled test images (unlabelled ones are ignored), each in its
-        own geometry (a paper preset's pixel metrics at that paper's input size); with ``record`` they are kept
-        in the run's info and the heads' model cards."""
+        own geometry (a paper preset's pixel metrics at that paper's input size); with ``record`` the metrics
+        (never the curves) are kept in the run's info and the heads' model cards."""
         test = [s for s in test if s.label in (0, 1)]
         if not test:
             raise ValueError("no labelled test images to evaluate on")
@@ -623,23 +731,23 @@ class Run:
         masks = {i: masks_at(self._backbone_at(i), test) for i in self.config.inputs_list()}
         scored = self.score(test, progress=progress, native=True)
         results = {}
+        normal = labels == 0
         for name, sc in scored.items():
-            normal = labels == 0
             mask = masks[self.config.inputs_of(name)]
-            r = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(mask, sc.maps),
-                 **M.intervals(labels, sc.scores, mask, sc.maps),  # 95% intervals, n normal / anomalous, note
-                 "curves": M.curves(labels, sc.scores), "pixel_curves": M.pixel_curves(mask, sc.maps),
-                 "head_ms": float(np.median(sc.head_ms)),
-                 "head_mb": head_megabytes(self.heads[name]), "fit_s": self.info["fit_s"].get(name),
-                 # how the label-free calibration holds on unseen normal images: the share above 1.0
-                 # should be near 1 - q (pixels; q = 0.999 by default)
-                 "normal_px_over_1": float((sc.maps[normal] > 1.0).mean()) if normal.any() else None,
-                 "normal_img_over_1": float((sc.scores[normal] > 1.0).mean()) if normal.any() else None}
-            results[name] = r
+            metrics = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(mask, sc.maps),
+                       **M.intervals(labels, sc.scores, mask, sc.maps),  # 95% intervals, n normal / anomalous, note
+                       M.HEAD_MS: float(np.median(sc.head_ms)), M.HEAD_MB: head_megabytes(self.heads[name]),
+                       M.FIT_S: self.info[M.FIT_S].get(name),
+                       # how the label-free calibration holds on unseen normal images: the share above 1.0
+                       # (images: at most the calibration's promise; pixels: near 1 - q)
+                       M.NORMAL_PX_OVER_1: float((sc.maps[normal] > 1.0).mean()) if normal.any() else None,
+                       M.NORMAL_IMG_OVER_1: float((sc.scores[normal] > 1.0).mean()) if normal.any() else None}
+            results[name] = M.Evaluation(metrics, M.Curves(**M.curves(labels, sc.scores)),
+                                         M.Curves(**M.pixel_curves(mask, sc.maps)))
         if record:
             for name, r in results.items():
-                self.heads[name].fit_record.metrics = {k: v for k, v in r.items() if k not in CURVES and v is not None}
-            self.info["metrics"] = {k: {kk: vv for kk, vv in v.items() if kk not in CURVES} for k, v in results.items()}
+                self.heads[name].fit_record.metrics = {k: v for k, v in r.metrics.items() if v is not None}
+            self.info["metrics"] = {k: dict(v.metrics) for k, v in results.items()}
         return results
 
     # ---- persistence -----------------------------------------------------------------------------------------------
@@ -677,8 +785,10 @@ class Run:
         run = cls(config, cache=cache, token=token, heads=heads)
         run.run_id, run.dir = meta["run_id"], run_dir
         run.info = meta.get("info", run.info)
-        run.calibration = {k: Calibration(**v) for k, v in meta.get("calibration", {}).items()}
+        run.calibration = {k: Calibration.from_dict(v) for k, v in meta.get("calibration", {}).items()}
         run.meta = {k: v for k, v in meta.items() if k not in ("run_id", "config", "info", "calibration")}
+        if isinstance(run.meta.get("evaluation"), dict):  # typed again (older runs saved flat dicts)
+            run.meta["evaluation"] = {k: M.Evaluation.from_dict(v) for k, v in run.meta["evaluation"].items()}
         run.window = Window.from_dict(run.info.get("window"))
         return run
 
@@ -699,6 +809,8 @@ class Run:
 
 
 def _jsonable(o):
+    if isinstance(o, M.Evaluation):
+        return o.to_dict()
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, np.ndarray):

@@ -9,11 +9,16 @@ Nothing here is min-max normalised per image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from . import metrics as M
+
+if TYPE_CHECKING:
+    from .metrics import Evaluation
 
 VMIN, VMAX = 0.0, 3.0  # the shared calibrated range of every heatmap in the app (the viewer's too)
 SCALE_NOTE = "calibrated score: 1 = 99.9th percentile of held-out normal pixels"
@@ -304,12 +309,12 @@ def explanation_image(arr: Any, size: int = 224) -> np.ndarray:
 
 
 # ---- curves and tables ------------------------------------------------------------------------------
-def curves_figure(results: dict[str, dict[str, Any]], title: str = "ROC and precision-recall curves"):
+def curves_figure(results: dict[str, "Evaluation"], title: str = "ROC and precision-recall curves"):
     """ROC and PR curves of every method at image level (top row) and pixel level (bottom row).
 
     Each method has one colour (Okabe-Ito) AND one dash style in all four subplots; each subplot has its own
-    legend, whose labels carry the AUROC (ROC) or AP (PR) of that level. Pixel curves come from
-    ``results[m]["pixel_curves"]``; a level without curves (no masks, one class only) stays empty.
+    legend, whose labels carry the AUROC (ROC) or AP (PR) of that level (``metrics.Evaluation``: image curves in
+    ``curves``, pixel curves in ``pixel_curves``); a level without curves (no masks, one class only) stays empty.
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -317,8 +322,10 @@ def curves_figure(results: dict[str, dict[str, Any]], title: str = "ROC and prec
     fig = make_subplots(rows=2, cols=2, horizontal_spacing=0.1, vertical_spacing=0.14,
                         subplot_titles=("image ROC", "image precision-recall", "pixel ROC", "pixel precision-recall"))
     subplot = 0  # 1..4 row by row: the axes and the legend of subplot k are named xaxis{k}, legend{k} (k > 1)
-    for row, (level, key) in enumerate([("image", "curves"), ("pixel", "pixel_curves")], start=1):
-        have = {name: r[key] for name, r in results.items() if (r.get(key) or {}).get("fpr")}
+    levels = [("image", lambda r: r.curves, {"auroc": M.IMAGE_AUROC, "ap": M.IMAGE_AP}),
+              ("pixel", lambda r: r.pixel_curves, {"auroc": M.PIXEL_AUROC, "ap": M.PIXEL_AP})]
+    for row, (level, curves_of, keys) in enumerate(levels, start=1):
+        have = {name: asdict(curves_of(r)) for name, r in results.items() if curves_of(r)}
         if have:
             fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey", width=1),
                                      name="chance", hoverinfo="skip", showlegend=False), row=row, col=1)
@@ -330,7 +337,7 @@ def curves_figure(results: dict[str, dict[str, Any]], title: str = "ROC and prec
             for i, name in enumerate(results):
                 if name not in have:
                     continue
-                c, value = have[name], results[name].get(f"{level}_{metric}")
+                c, value = have[name], results[name].get(keys[metric])
                 colour, dash = METHOD_COLOURS[i % len(METHOD_COLOURS)], METHOD_DASHES[i % len(METHOD_DASHES)]
                 fig.add_trace(go.Scatter(
                     x=c[x], y=c[y], mode="lines", name=f"{name} ({short} {_f(value)})", legend=legend,
@@ -364,13 +371,13 @@ def _emptiest_corner(lines: Sequence[tuple[Sequence[float], Sequence[float]]]) -
     return corners[int(np.argmin(count))]
 
 
-METRIC_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"), ("image_f1max", "image F1-max"),
-                  ("pixel_auroc", "pixel AUROC"), ("pixel_ap", "pixel AP"), ("pixel_f1max", "pixel F1-max"),
-                  ("aupro", "AUPRO"), ("fit_s", "fit s"), ("head_ms", "ms / image"), ("head_mb", "head MB")]
+METRIC_COLUMNS = [(M.IMAGE_AUROC, "image AUROC"), (M.IMAGE_AP, "image AP"), (M.IMAGE_F1MAX, "image F1-max"),
+                  (M.PIXEL_AUROC, "pixel AUROC"), (M.PIXEL_AP, "pixel AP"), (M.PIXEL_F1MAX, "pixel F1-max"),
+                  (M.AUPRO, "AUPRO"), (M.FIT_S, "fit s"), (M.HEAD_MS, "ms / image"), (M.HEAD_MB, "head MB")]
 # a bootstrap 95% interval (metrics.intervals) shown right after each AUROC / AP, then the sample sizes
-INTERVAL_COLUMNS = {"image_auroc": "image AUROC 95% CI", "image_ap": "image AP 95% CI",
-                    "pixel_auroc": "pixel AUROC 95% CI", "pixel_ap": "pixel AP 95% CI"}
-COUNT_COLUMNS = [("n_normal", "n normal"), ("n_anomalous", "n anomalous")]
+INTERVAL_COLUMNS = {M.IMAGE_AUROC: (M.IMAGE_AUROC_CI, "image AUROC 95% CI"), M.IMAGE_AP: (M.IMAGE_AP_CI, "image AP 95% CI"),
+                    M.PIXEL_AUROC: (M.PIXEL_AUROC_CI, "pixel AUROC 95% CI"), M.PIXEL_AP: (M.PIXEL_AP_CI, "pixel AP 95% CI")}
+COUNT_COLUMNS = [(M.N_NORMAL, "n normal"), (M.N_ANOMALOUS, "n anomalous")]
 NOTE_COLUMN = "note"
 
 
@@ -381,7 +388,7 @@ def _f(v: Any, digits: int = 3) -> str:
 
 
 def _digits(key: str) -> int:
-    return 1 if key in ("fit_s", "head_ms") else 2 if key == "head_mb" else 3
+    return 1 if key in (M.FIT_S, M.HEAD_MS) else 2 if key == M.HEAD_MB else 3
 
 
 def _interval(v: Any) -> str:
@@ -393,12 +400,10 @@ def _interval(v: Any) -> str:
     return "–" if math.isnan(low) or math.isnan(high) else f"{low:.3f}–{high:.3f}"
 
 
-def _note(r: dict[str, Any]) -> str:
-    from .metrics import sample_note
-
-    if r.get("n_normal") is None or r.get("n_anomalous") is None:
-        return r.get("note") or ""
-    return sample_note(int(r["n_normal"]), int(r["n_anomalous"]))
+def _note(r: "Evaluation") -> str:
+    if r.get(M.N_NORMAL) is None or r.get(M.N_ANOMALOUS) is None:
+        return r.get(M.NOTE) or ""
+    return M.sample_note(int(r[M.N_NORMAL]), int(r[M.N_ANOMALOUS]))
 
 
 def table_columns() -> list[tuple[str, str]]:
@@ -407,21 +412,21 @@ def table_columns() -> list[tuple[str, str]]:
     for key, label in METRIC_COLUMNS:
         cols.append((key, label))
         if key in INTERVAL_COLUMNS:
-            cols.append((f"{key}_ci", INTERVAL_COLUMNS[key]))
-    return cols + COUNT_COLUMNS + [("note", NOTE_COLUMN)]
+            cols.append(INTERVAL_COLUMNS[key])
+    return cols + COUNT_COLUMNS + [(M.NOTE, NOTE_COLUMN)]
 
 
-def _cell(r: dict[str, Any], key: str) -> str:
-    if key.endswith("_ci"):
+def _cell(r: "Evaluation", key: str) -> str:
+    if key in M.UNCERTAINTY[:4]:
         return _interval(r.get(key))
-    if key == "note":
+    if key == M.NOTE:
         return _note(r)
-    if key in ("n_normal", "n_anomalous"):
+    if key in (M.N_NORMAL, M.N_ANOMALOUS):
         return "–" if r.get(key) is None else str(int(r[key]))
     return _f(r.get(key), _digits(key))
 
 
-def metrics_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def metrics_table(results: dict[str, "Evaluation"]) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of the metrics table as text, one row per method; missing values show as "–"."""
     cols = table_columns()
     headers = ["method"] + [label for _, label in cols]
@@ -429,7 +434,7 @@ def metrics_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[l
     return headers, rows
 
 
-def small_sample_note(results: dict[str, dict[str, Any]]) -> str:
+def small_sample_note(results: dict[str, "Evaluation"]) -> str:
     """One sentence for the screen when the metrics rest on fewer than 10 normal or anomalous images; ""."""
     notes = {_note(r) for r in results.values()} - {""}
     if not notes:
@@ -438,7 +443,7 @@ def small_sample_note(results: dict[str, dict[str, Any]]) -> str:
             ". The 95% intervals in the table show how little they say.")
 
 
-def metrics_frame(results: dict[str, dict[str, Any]]):
+def metrics_frame(results: dict[str, "Evaluation"]):
     """The metrics table as a pandas DataFrame: "method", then the metrics as NUMERIC (float) columns, rounded
     for display, NaN where a value is missing, so a gr.Dataframe sorts them as numbers; after each AUROC / AP
     its bootstrap 95% interval (text), then n normal / n anomalous and a note where the sample is too small

@@ -16,7 +16,7 @@ from scipy.ndimage import affine_transform
 
 from ..backbones import resolve_name
 from ..features import PatchFeatures
-from ..layers import KNN_MODES, cached_index
+from ..layers import HNSW_MIN_BANK, KNN_MODES, cached_index
 from ..settings import OFFLINE_DEFAULT
 from .base import AnomalyResult, FitContext, Method, register_method
 
@@ -124,6 +124,7 @@ class AnomalyDINO(Method):
     summary = ("Keeps every patch token of the normal images as a memory bank. A test patch is as anomalous as "
                "its cosine distance to the most similar normal patch; the image score averages the 1% most "
                "anomalous patches. No training, so it works from a handful of normal images.")
+    fit_in_one_pass = True  # a memory bank: cross-fitting in 5 folds costs seconds
     paper_inputs = dict(backbone="dinov2_vits14", resize=448, image_size=448)  # 32 x 32 patches
     smooth_radius = None  # sigma 4 (the shared default), scipy's gaussian_filter default truncate=4
     presets = {"tiny": {}, "quick": {}, "paper": dict(masking="auto", top_percent=1.0, rotation=True, knn="exact")}
@@ -144,6 +145,13 @@ class AnomalyDINO(Method):
         self.knn = knn
         self.register_buffer("memory_bank", torch.zeros(0, 0))
         self.register_buffer("mask_test", torch.tensor(masking is True))  # decided at fit for "auto"
+
+    @property
+    def monotone_bank(self) -> bool:
+        """True when adding normal references can only lower every score (exact k = 1 search over all tokens;
+        the masking depends on the test image alone): then cross-fitted held-out scores bound the shipped
+        head's, and its calibration promise is exact (``postprocess.Calibration`` protocol "monotone")."""
+        return self.knn == "exact" or (self.knn == "auto" and len(self.memory_bank) < HNSW_MIN_BANK)
 
     def layers_for(self, spec) -> list[str]:
         if self.layers:

@@ -128,7 +128,7 @@ class FitRecord:
         own = {f.name for f in fields(cls)} - {"train", "details"}
         kw = {k: d.pop(k) for k in list(d) if k in own}
         if kw.get("calibration") is not None:
-            kw["calibration"] = Calibration(**kw["calibration"])
+            kw["calibration"] = Calibration.from_dict(kw["calibration"])
         kw["metrics"] = kw.get("metrics") or {}
         names = [f.name for f in fields(TrainRecord)]
         required = [f.name for f in fields(TrainRecord) if f.default is MISSING and f.default_factory is MISSING]
@@ -171,6 +171,9 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         zero_shot: True when the method trains on an auxiliary labelled set instead of target normals.
         combines_heads: True for heads that combine the calibrated outputs of the run's other heads (the
             ensemble); the run fits and scores them through ``combine``, not through features.
+        fit_in_one_pass: True for heads whose fit is one pass over the features (memory banks, statistics):
+            the run's refit protocol cross-fits them in K = round(1 / val_fraction) folds; heads trained for
+            many steps in 2 (``pipeline.n_folds``).
         presets: named hyperparameter sets, e.g. {"quick": {...}, "paper": {...}}.
         paper_inputs: the paper's backbone and input geometry (``backbone``, ``resize``, ``image_size``),
             used by ``--preset paper`` where the user did not choose them; {} when the paper does not say.
@@ -184,6 +187,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
     summary: ClassVar[str] = ""
     zero_shot: ClassVar[bool] = False
     combines_heads: ClassVar[bool] = False
+    fit_in_one_pass: ClassVar[bool] = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     paper_inputs: ClassVar[dict[str, Any]] = {}
     sigma: ClassVar[float] = DEFAULT_SIGMA
@@ -331,6 +335,8 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         metrics = kwargs.get("metrics") or self.fit_record.metrics
         example = kwargs.get("example_image")
         window = self.fit_record.window
+        cal = kwargs.get("calibration") or self.fit_record.calibration
+        calibration = cal.statement if cal is not None else None
         cfg = json.dumps(self.config(), indent=2, sort_keys=True)
         rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
         text = f"""---
@@ -358,6 +364,10 @@ Method: {self.paper or self.name}
 ```json
 {cfg}
 ```
+
+## Calibration
+
+{calibration or "Not recorded: this head's scores are uncalibrated raw values."}
 
 ## Metrics
 

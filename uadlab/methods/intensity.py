@@ -37,6 +37,7 @@ class Intensity(Method):
     summary = ("No learning: how unusual each pixel's (windowed) intensity is compared with the normal training "
                "images, as a z-score against the per-pixel mean and spread (zscore) or as the rarity of the "
                "intensity in their histogram (histogram). A baseline that tells what learned features add.")
+    fit_in_one_pass = True  # statistics of the training images: cross-fitting costs seconds
     presets = {
         "tiny": dict(mode="zscore"),
         "quick": dict(mode="zscore"),

@@ -14,6 +14,7 @@ import gradio as gr
 import numpy as np
 
 from .. import viz
+from ..safety import public_text
 from ..viz import VMAX  # the colour scale: [0, VMAX] calibrated units (1 = the normal limit)
 from ..workspace import Workspace
 from ..workspace.session import LRU
@@ -238,7 +239,16 @@ def on_show(user: str, run_id: str | None, names: list[str], labels: str):
         viewer = on_viewer(user, run_id, names)
     except gr.Error as e:
         viewer, note = gr.skip(), error_text(e.message) + note
-    return viewer, fig, table, note
+    notes = on_notes(user, run_id) if run_id else ""  # excluded images, what each head's 1.0 promises
+    return viewer, fig, table, "\n\n".join(t for t in (note, notes) if t)
+
+
+@ui_errors
+def on_notes(user: str, run_id: str | None) -> str:
+    """What the run's numbers rest on: excluded images, and what each head's 1.0 promises (or cannot)."""
+    if not run_id:
+        return ""
+    return "\n\n".join(public_text(n) for n in open_workspace(user).runs.notes(run_id))
 
 
 # the export takes the viewer's threshold and window as they are on screen (the viewer is client-side)
@@ -260,8 +270,10 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     show_btn = gr.Button("Show", variant="primary", elem_id="compare-show")
     status = gr.Markdown(elem_id="compare-status")
     gr.Markdown(f"Heatmaps and image scores of every method on one calibrated scale: 0 = the median normal "
-                f"pixel, **1 = the normal limit** (the 99.9th percentile of held-out normal pixels; for image "
-                f"scores, of held-out normal images). Colour scale [0, {VMAX:g}]; the threshold draws the region "
+                f"pixel, **1 = the normal limit**: for image scores a split-conformal threshold on held-out normal "
+                f"images (a new normal image scores above 1 with at most the promised probability, shown below "
+                f"per method, or why it cannot be promised); for heatmaps the 99.9th percentile of held-out normal "
+                f"pixels. Colour scale [0, {VMAX:g}]; the threshold draws the region "
                 f"at or above it. Wheel or +/− to zoom (all panels together), drag to pan, click a panel to "
                 f"see it at the image's own resolution.")
     viewer = gr.HTML(viewer_html([]), head=HEAD, js_on_load=JS_ON_LOAD, elem_id="compare-viewer",

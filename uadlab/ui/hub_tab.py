@@ -46,7 +46,11 @@ def on_hub_score(repo_id: str, token: str | None, method: str, files: list[str] 
     scores, maps, views = hub.score_images(head, images, token=token)
     gallery = [(viz.overlay(v, m), f"{os.path.basename(f)}: score {s:.2f}") for f, s, m, v in
                zip(files, scores, maps, views)]
-    return gallery, f"**{head.name}** on `{head.backbone}`: {len(images)} images scored (1 = the normal limit)."
+    from ..postprocess import Calibration
+
+    # what 1.0 promises for this head, or why it promises nothing (too few held-out images when it was trained)
+    statement = (head.fit_record.calibration or Calibration.from_dict(None)).statement
+    return gallery, f"**{head.name}** on `{head.backbone}`: {len(images)} images scored.\n\n{statement}"
 
 
 def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:

@@ -28,7 +28,7 @@ def on_train_data(user: str):
     ds = ws.data.dataset(choice)
     s = ds.summary()
     md = (f"**Trains on** {S.public_text(source_label(choice))}: **{s['train']} normal images** "
-          f"(80% fit, 20% calibrate the scale, then a refit on all); evaluates on {s['test_normal']} normal and "
+          f"(cross-fitted: each scored by a head fitted without it, to calibrate the scale; then fitted on all); evaluates on {s['test_normal']} normal and "
           f"{s['test_anomalous']} anomalous test images"
           + (f"; {s['test_unlabelled']} unlabelled test images are only shown" if s['test_unlabelled'] else "") + ".")
     return md, [(thumbnail(x, 96), x.name) for x in ds.train[:6]]
@@ -46,6 +46,7 @@ def on_train(user: str, backbone: str | None, methods: list[str], preset: str, i
     msg = f"Run **{ws.runs.label(run_id)}** trained and saved. Open **Compare** to see the heatmaps."
     if not evaluation:
         msg += " (No labelled test images: no metrics.)"
+    msg += "".join(f"\n\n{S.public_text(n)}" for n in ws.runs.notes(run_id))  # exclusions, what 1.0 promises
     return msg, metrics_frame(evaluation), run_id
 
 
@@ -69,7 +70,9 @@ def build(user: gr.State) -> SimpleNamespace:
                               "40/400. Fitted on the training images, applied to every image, saved with the run.")
     with gr.Row():
         aux_source = gr.Radio(["other categories", "annotations"], value="other categories",
-                              label="Auxiliary labelled set for zero-shot methods")
+                              label="Auxiliary labelled set for zero-shot methods",
+                              info="annotations: your annotated test images of this data; they are then left "
+                                   "out of the run's evaluation (a head is never evaluated on its training data)")
         token = gr.Textbox(label="Hugging Face token (gated backbones; used once, never stored)", type="password")
     train_btn = gr.Button("Train", variant="primary", elem_id="train")
     status = gr.Markdown(elem_id="train-status")

@@ -21,6 +21,7 @@ from .session import ID_RE, LRU
 from .sources import DataChoice, dataset_key, describe, source_label
 
 if TYPE_CHECKING:
+    from ..metrics import Evaluation
     from ..pipeline import Run, Scored
     from . import Workspace
 
@@ -75,10 +76,14 @@ class Runs:
 
     def train(self, methods: Sequence[str], backbone: str | None = None, preset: str = "quick",
               image_size: int | None = None, aux_source: str = "other categories", token: str | None = None,
-              progress: ProgressFn | None = None, window: str | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
+              progress: ProgressFn | None = None, window: str | None = None) -> tuple[str, dict[str, "Evaluation"]]:
         """Fit the chosen heads on the current data, evaluate on its labelled test images, save; return
         (run id, evaluation). ``window``: the intensity window of scans and 16-bit images (``medical.Window``;
-        None: the default). The settings are checked (``RunConfig``) before any data is read."""
+        None: the default). The settings are checked (``RunConfig``) before any data is read.
+
+        With ``aux_source="annotations"`` zero-shot heads train on the user's annotated TEST images of this
+        dataset: those images are excluded from every evaluation of the run (recorded in the run as
+        ``excluded_from_evaluation``; ``notes`` says so), so no head is evaluated on its own training data."""
         from ..pipeline import Run, RunConfig
 
         if not methods:
@@ -93,6 +98,7 @@ class Runs:
         if not ds.train and not all(get_method_class(m).zero_shot for m in methods):
             raise DataError(f"{ds.name}: no normal training images")
         aux = self.ws.data.auxiliary(choice, aux_source) if any(get_method_class(m).zero_shot for m in methods) else None
+        excluded = sorted({s.name for s in aux}) if aux and aux_source == "annotations" else []
         self.ws.check_disk()
         lim = limits()
         with TRAININGS.hold(self.ws.user, lim.trainings_per_workspace, lim.trainings):
@@ -104,13 +110,14 @@ class Runs:
                 raise QuotaError(f"{e} (an estimate of this run's saved heads; train on fewer images, or delete "
                                  "runs or uploads)") from None
             run.fit(ds.train, within(progress, 0.0, 0.85), aux=aux)
-            evaluation: dict[str, dict[str, Any]] = {}
-            labelled = [s for s in ds.test if s.label in (0, 1)]
+            evaluation: dict[str, Evaluation] = {}
+            labelled = [s for s in ds.test if s.label in (0, 1) and s.name not in set(excluded)]
             if labelled:
                 step = Stages(within(progress, 0.85, 0.99), [1]).stage(f"evaluating on {len(labelled)} labelled test images")
                 evaluation = run.evaluate(labelled, progress=step)
             run.save({"data": choice.to_dict(), "dataset_key": dataset_key(choice), "dataset": ds.summary(),
-                      "evaluation": evaluation, "estimated_bytes": estimate})
+                      "evaluation": evaluation, "estimated_bytes": estimate, "aux_source": aux_source if aux else None,
+                      "excluded_from_evaluation": excluded, "n_evaluated": len(labelled)})
             size = disk_usage(run.dir)
             try:  # the estimate bounds the data-sized heads; a network larger than foreseen must not stay either
                 self.ws.check_disk()
@@ -122,18 +129,40 @@ class Runs:
         (progress or quiet)(Progress(1, 1, stage="saved", overall=1.0))
         return run.run_id, evaluation
 
-    def evaluation(self, run_id: str, labels: str = "dataset") -> dict[str, dict[str, Any]]:
-        """The run's metrics with the dataset's test labels (saved at training) or with the user's annotations."""
+    def evaluation(self, run_id: str, labels: str = "dataset") -> dict[str, "Evaluation"]:
+        """The run's metrics with the dataset's test labels (saved at training) or with the user's annotations
+        (never the images its zero-shot heads trained on)."""
         run = self.get(run_id)
         if labels == "annotations":
             key = run.meta.get("dataset_key") or dataset_key(run_data(run.meta) or DataChoice("?"))
+            excluded = set(run.meta.get("excluded_from_evaluation") or [])
             ds = self.dataset(run_id)
-            samples = self.ws.annotations.samples(key, images=list(ds.train) + list(ds.test))
+            samples = [s for s in self.ws.annotations.samples(key, images=list(ds.train) + list(ds.test))
+                       if s.name not in excluded]
             if not samples:
                 raise ValueError("no annotations with a normal/anomalous label for this run's dataset yet: "
-                                 "label some images in the Annotate tab, or use the dataset labels")
+                                 "label some images in the Annotate tab, or use the dataset labels"
+                                 + (f" ({len(excluded)} annotated images trained this run's zero-shot heads and "
+                                    "are never evaluated on)" if excluded else ""))
             return run.evaluate(samples, record=False)
         return run.meta.get("evaluation") or {}
+
+    def notes(self, run_id: str) -> list[str]:
+        """What a reader of the run's numbers must know: images left out of its evaluation and why, and what
+        each head's calibrated 1.0 promises (or that it cannot be calibrated)."""
+        run = self.get(run_id)
+        out = []
+        excluded = run.meta.get("excluded_from_evaluation") or []
+        if excluded:
+            out.append(f"{len(excluded)} annotated test image{'s' if len(excluded) != 1 else ''} trained the zero-shot "
+                       "heads (auxiliary set: annotations) and are excluded from every evaluation of this run.")
+        for name, head in run.heads.items():
+            weights = head.fit_record.details.get("weights") if head.combines_heads else None
+            if weights:
+                used = ", ".join(f"{m} ({w:.2f})" for m, w in weights.items() if w > 0)
+                out.append(f"{name} combines {used} (weights from held-out normal images; no test label used).")
+        out += [f"{name}: {cal.statement}" for name, cal in run.calibration.items()]
+        return out
 
     # ---- scoring and pictures --------------------------------------------------------------------------------
     def scored(self, run_id: str, samples: Sequence[Sample], progress: ProgressFn | None = None, keep: bool = True

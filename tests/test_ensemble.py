@@ -29,7 +29,7 @@ def test_default_ensemble_holds_its_best_member_on_the_hard_set(hard):
     run.fit(tr)
     ens = run.heads["ensemble"]
     assert ens.fit_record.details["members_used"] == ["patchcore", "anomalydino"]  # the memory banks, a stated prior
-    assert set(ens.fit_record.details["weights"]) == {"patchcore", "anomalydino"}
+    assert set(ens.fit_record.details["member_weights"]) == {"patchcore", "anomalydino"}
     res = run.evaluate(te)
     best = max(res[m][M.IMAGE_AUROC] for m in ("patchcore", "anomalydino", "spatial_ar"))
     assert res["ensemble"][M.IMAGE_AUROC] >= best - 0.01

@@ -121,7 +121,7 @@ def test_ensemble_combines_calibrated_members(fitted, tmp_path):
     labels = np.array([s.label for s in ds.test])
     # the ensemble's raw map is the weighted mean of its members' calibrated maps; it is then calibrated again
     raw, _ = ens._raw("ensemble", ens.features(ds.test[:2]))
-    w = ens.heads["ensemble"].fit_record.details["weights"]  # chosen from held-out normal scores, recorded
+    w = ens.heads["ensemble"].fit_record.details["member_weights"]  # chosen from held-out normal scores, recorded
     assert set(w) == {"patchcore", "anomalydino"} and sum(w.values()) == pytest.approx(1, abs=1e-3)
     members = sum(w[m] * out[m].maps[:2] for m in ("patchcore", "anomalydino"))
     np.testing.assert_allclose(raw.numpy(), members, rtol=1e-3, atol=1e-3)

@@ -68,7 +68,7 @@ class Ensemble(Method):
 
     The combination is calibrated again on the same held-out normal images, so 1.0 keeps its meaning.
     The weights come from the members' cross-fitted held-out normal scores (``member_weights``; no test
-    label is ever used) and are recorded in ``fit_record.details["weights"]``; a member with weight 0 is left out.
+    label is ever used) and are recorded in ``fit_record.details["member_weights"]``; a member with weight 0 is left out.
     It has no other learned state: it is fitted, saved, benchmarked and shown like any head, but scores
     through a ``Run`` (which holds its members), not from features.
 
@@ -136,7 +136,7 @@ class Ensemble(Method):
         self.weights = w
         self._fitted.fill_(True)
         self.fit_record.details.update(combine=self.combine_mode, select=self.select, weighting=self.weighting,
-                                       weights={m: round(float(x), 4) for m, x in zip(names, w)},
+                                       member_weights={m: round(float(x), 4) for m, x in zip(names, w)},
                                        members_used=[m for m, x in zip(names, w) if x > 0])
         return self.eval()
 

@@ -157,7 +157,7 @@ class Runs:
             out.append(f"{len(excluded)} annotated test image{'s' if len(excluded) != 1 else ''} trained the zero-shot "
                        "heads (auxiliary set: annotations) and are excluded from every evaluation of this run.")
         for name, head in run.heads.items():
-            weights = head.fit_record.details.get("weights") if head.combines_heads else None
+            weights = head.fit_record.details.get("member_weights") if head.combines_heads else None
             if weights:
                 used = ", ".join(f"{m} ({w:.2f})" for m, w in weights.items() if w > 0)
                 out.append(f"{name} combines {used} (weights from held-out normal images; no test label used).")

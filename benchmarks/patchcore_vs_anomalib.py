@@ -140,7 +140,7 @@ def run_uadlab(train: PatchFeatures, test: PatchFeatures, layers: list[str], cor
     maps, scores = model.heatmap(model.score(test), (IMAGE_SIZE, IMAGE_SIZE))
     score_s = time.perf_counter() - t0
     return dict(fit_s=fit_s, score_s=score_s, bank=len(model.memory_bank), dim=int(model.memory_bank.shape[1]),
-                proj_dim=model.proj_dim, train_patches=model.fit_info["train_patches"],
+                proj_dim=model.proj_dim, train_patches=model.fit_record.details["train_patches"],
                 knn=model.knn, scores=scores.float(), maps=maps.float())
 
 

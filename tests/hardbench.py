@@ -68,10 +68,9 @@ def main() -> None:
                 rows.setdefault(name, {})[tex] = (r["image_auroc"], r["pixel_auroc"])
                 fit_s[name] = fit_s.get(name, 0.0) + run.info["fit_s"][name] + \
                     run.info.get("calibration_fit_s", {}).get(name, 0.0)
-                best = run.heads[name].fit_info.get("best_epoch")
-                if best is not None:
-                    print(f"  {tex} {name}: best_epoch {best}, steps {run.heads[name].fit_info.get('steps')}",
-                          file=sys.stderr)
+                rec = run.heads[name].fit_record.train
+                if rec is not None:
+                    print(f"  {tex} {name}: best_epoch {rec.best_epoch}, steps {rec.steps}", file=sys.stderr)
             s, m = token_mean(run, train, test)
             gt = masks_at(run.backbone, test)
             rows.setdefault("token_mean", {})[tex] = (image_metrics(labels, s)["image_auroc"],

@@ -5,7 +5,7 @@ from PIL import Image
 
 from uadlab.data import Sample, load_mvtec
 from uadlab.features import FeatureCache, PatchFeatures
-from uadlab.methods import create_method
+from uadlab.methods import FitContext, create_method
 from uadlab.methods.anomalydino import first_component, foreground_mask, rotate_reflect
 from uadlab.pipeline import Run, RunConfig
 
@@ -17,7 +17,7 @@ def test_k_shot_run_keeps_every_patch_of_the_k_references(tiny_demo, tmp_path):
     head = run.heads["anomalydino"]
     h, w = run.features(ds.train[:1]).grid
     assert head.memory_bank.shape[0] == 2 * h * w  # refit on all k = 2 references, no coreset
-    assert head.fit_info["category"] == "brick" and head.fit_info["masking"] is False  # textures: not in the table
+    assert head.fit_record.category == "brick" and head.fit_record.details["masking"] is False  # textures: not in the table
 
 
 def _object_tokens(seed=0):
@@ -53,11 +53,11 @@ def test_masking_auto_follows_the_paper_table_and_zeroes_background():
     test = _object_tokens(1).permute(2, 0, 1)[None].clone()
     test[0, 1, 0, 0] += 30.0  # a background anomaly: masked away when masking applies
     test = PatchFeatures({"stage2": test}, (64, 64))
-    masked = create_method("anomalydino", backbone="dinov2_vits14", layers=["stage2"]).fit(ref, category="screw")
-    plain = create_method("anomalydino", backbone="dinov2_vits14", layers=["stage2"]).fit(ref, category="carpet")
+    masked = create_method("anomalydino", backbone="dinov2_vits14", layers=["stage2"]).fit(ref, context=FitContext(category="screw"))
+    plain = create_method("anomalydino", backbone="dinov2_vits14", layers=["stage2"]).fit(ref, context=FitContext(category="carpet"))
     assert bool(masked.mask_test) and not bool(plain.mask_test)
     # the official code masks on DINOv2 only: the table's category on another backbone stays unmasked
-    assert not bool(create_method("anomalydino", layers=["stage2"]).fit(ref, category="screw").mask_test)
+    assert not bool(create_method("anomalydino", layers=["stage2"]).fit(ref, context=FitContext(category="screw")).mask_test)
     m, p = masked.score(test).patch_map[0], plain.score(test).patch_map[0]
     assert p[0, 0] > 0 and m[0, 0] == 0 and torch.equal(m, p * foreground_mask(test.maps["stage2"][0].permute(1, 2, 0)))
     assert bool(create_method("anomalydino", masking=True).fit(ref).mask_test)  # forced
@@ -85,7 +85,7 @@ def test_reference_augment_gives_eight_views_and_fit_insists_on_them():
     feats = PatchFeatures({"stage2": torch.randn(8, 4, 4, 4)}, (32, 32))
     with pytest.raises(ValueError, match="reference_augment"):
         head.fit(feats)
-    assert head.fit(feats, references_augmented=True).memory_bank.shape == (8 * 16, 4)
+    assert head.fit(feats, context=FitContext(references_augmented=True)).memory_bank.shape == (8 * 16, 4)
 
 
 def test_the_run_fits_rotated_references(tiny_demo, tmp_path):

@@ -170,7 +170,7 @@ def test_aux_sets_for_zero_shot_methods(app, trained):
     aux = ws.data.auxiliary(choice, "other categories")
     assert aux and {s.category for s in aux} == {"grass", "gravel"} and {s.label for s in aux} == {0, 1}
     fresh = app.W.Workspace(app.header.on_start(None)[0])
-    fresh.data.set({"kind": "demo", "category": "brick"})
+    fresh.data.set(app.W.DataChoice("demo", category="brick"))
     with pytest.raises(DataError, match="auxiliary"):
         fresh.data.auxiliary(fresh.data.choice(), "annotations")
 
@@ -325,3 +325,21 @@ def test_hf_dataset_streams_into_the_users_workspace(app, tmp_path, monkeypatch)
     assert all(Path(s.path).is_relative_to(ws.dir / "hf") for s in ds.train + ds.test)
     assert not stale.exists()
     assert not (app.W.Workspace(other).dir / "hf").exists()
+
+
+def test_data_choice_reads_what_earlier_versions_wrote(app):
+    """data.json and run.json hold a data choice as a JSON object: the typed choice reads the objects of earlier
+    versions and writes them back unchanged (a streamed dataset's spool folder is named by it)."""
+    DataChoice = app.W.DataChoice
+    hf = {"kind": "hf", "repo": "o/n", "config": "", "split": "train", "test_split": "test", "image_column": "image",
+          "label_column": "label", "mask_column": "", "category_column": "", "limit": 200, "streaming": True,
+          "category": "all"}
+    for d in (hf, {"kind": "demo", "category": "brick"}, {"kind": "upload", "id": "x", "label": "a.zip"},
+              {"kind": "folder", "path": "/srv/data", "category": "all"}):
+        assert DataChoice.from_dict(d).to_dict() == d
+    assert "token" not in DataChoice.from_dict({**hf, "token": "hf_secret"}).to_dict()  # never kept
+    ws = app.W.Workspace(app.header.on_start(None)[0])
+    (ws.dir / "data.json").write_text(json.dumps({"kind": "demo", "category": "grass"}))
+    assert ws.data.choice() == DataChoice("demo", category="grass")
+    (ws.dir / "data.json").write_text(json.dumps({"category": "grass"}))  # no kind: damaged
+    assert ws.data.choice() is None

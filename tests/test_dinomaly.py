@@ -6,7 +6,7 @@ import torch
 
 from uadlab.backbones import BackboneSpec
 from uadlab.features import PatchFeatures
-from uadlab.methods import get_method_class
+from uadlab.methods import FitContext, get_method_class
 from uadlab.methods.dinomaly import (Attention, Dinomaly, StableAdamW, hard_mining_cosine, split_groups,
                                      warm_cosine_lr)
 
@@ -52,7 +52,7 @@ def test_anomaly_scores_higher(trained):
     normal = trained.score(synth(4, 9)).patch_map
     assert torch.isfinite(amap).all()
     assert inside > 3 * outside and inside > 3 * normal.mean()
-    assert trained.fit_info["dim"] == 32 and not trained.project  # ViT path: no projection
+    assert trained.fit_record.details["dim"] == 32 and not trained.project  # ViT path: no projection
 
 
 def test_seed_reproducible_and_roundtrip(trained, tmp_path):
@@ -80,7 +80,7 @@ def test_each_switch_changes_the_output(trained, switch):
 def test_cnn_projection_path():
     maps = {f"stage{i}": torch.randn(4, c, s, s) for i, (c, s) in zip(range(1, 5), [(24, 16), (40, 8), (112, 4), (320, 2)])}
     m = Dinomaly(steps=3, batch_size=4).fit(PatchFeatures(maps, (64, 64)))
-    assert m.project and m.fit_info["dim"] == 320 and m.fit_info["grid"] == [4, 4]
+    assert m.project and m.fit_record.details["dim"] == 320 and m.fit_record.details["grid"] == [4, 4]
     p = m.proj0  # (24, 320): orthonormal rows, an isometry of stage1 into the common width
     torch.testing.assert_close(p @ p.T, torch.eye(24), atol=1e-5, rtol=0)
     assert m.score(PatchFeatures(maps, (64, 64))).patch_map.shape == (4, 4, 4)
@@ -151,15 +151,15 @@ def test_resume_after_interruption(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Dinomaly(**cfg).fit(x, progress=crash, checkpoint_dir=str(tmp_path))
+        Dinomaly(**cfg).fit(x, progress=crash, context=FitContext(checkpoint_dir=str(tmp_path)))
     assert len(list(tmp_path.glob("dinomaly_*.safetensors"))) == 1
-    resumed = Dinomaly(**cfg).fit(x, checkpoint_dir=str(tmp_path))
-    assert resumed.fit_info["resumed_from"] == 8
+    resumed = Dinomaly(**cfg).fit(x, context=FitContext(checkpoint_dir=str(tmp_path)))
+    assert resumed.fit_record.details["resumed_from"] == 8
     assert not list(tmp_path.glob("dinomaly_*.safetensors"))  # completed: the resume file is gone
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=0)
-    other = Dinomaly(**cfg).fit(synth(8, 1), checkpoint_dir=str(tmp_path))  # other data: starts afresh
-    assert other.fit_info["resumed_from"] == 0
+    other = Dinomaly(**cfg).fit(synth(8, 1), context=FitContext(checkpoint_dir=str(tmp_path)))  # other data: starts afresh
+    assert other.fit_record.details["resumed_from"] == 0
 
 
 def test_pipeline_resumes_an_interrupted_training(tiny_demo, tmp_path):
@@ -181,7 +181,7 @@ def test_pipeline_resumes_an_interrupted_training(tiny_demo, tmp_path):
         Run(cfg, cache=cache).fit(train, crash)
     assert list((tmp_path / "checkpoints").glob("dinomaly_*.safetensors"))
     again = Run(cfg, workdir=tmp_path / "runs", cache=cache).fit(train)
-    assert again.heads["dinomaly"].fit_info["resumed_from"] == 8
+    assert again.heads["dinomaly"].fit_record.details["resumed_from"] == 8
     assert not list((tmp_path / "checkpoints").glob("dinomaly_*.safetensors"))
     saved = again.save()  # the checkpoint folder is a machine path: it must not land in the saved config
     configs = list(Path(saved).rglob("config.json"))

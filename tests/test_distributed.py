@@ -55,7 +55,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     two = Run.load(_fit(torchrun, data, tmp_path / "two", tmp_path / "c2"))
     assert two.meta["world_size"] == 2 and one.meta["world_size"] == 1
     pc1, pc2 = one.heads["patchcore"], two.heads["patchcore"]
-    assert pc2.fit_info["world_size"] == 2 and pc2.fit_info["distributed_coreset"] == "exact"
+    assert pc2.fit_record.details["world_size"] == 2 and pc2.fit_record.details["distributed_coreset"] == "exact"
     assert torch.allclose(pc1.memory_bank, pc2.memory_bank, atol=1e-6)  # the same rows in the same order
     assert torch.allclose(one.heads["anomalydino"].memory_bank, two.heads["anomalydino"].memory_bank, atol=1e-5)
     test = load_data(str(data), categories=["grass"]).test

@@ -28,8 +28,8 @@ def test_default_ensemble_holds_its_best_member_on_the_hard_set(hard):
               workdir=cache.root.parent / "runs", cache=cache)
     run.fit(tr)
     ens = run.heads["ensemble"]
-    assert ens.fit_info["members_used"] == ["patchcore", "anomalydino"]  # the memory banks, a stated prior
-    assert set(ens.fit_info["weights"]) == {"patchcore", "anomalydino"}
+    assert ens.fit_record.details["members_used"] == ["patchcore", "anomalydino"]  # the memory banks, a stated prior
+    assert set(ens.fit_record.details["member_weights"]) == {"patchcore", "anomalydino"}
     res = run.evaluate(te)
     best = max(res[m][M.IMAGE_AUROC] for m in ("patchcore", "anomalydino", "spatial_ar"))
     assert res["ensemble"][M.IMAGE_AUROC] >= best - 0.01

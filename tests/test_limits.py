@@ -126,7 +126,7 @@ def test_zip_unpacks_only_images_and_says_so(tmp_path, monkeypatch):
     after = disk_usage(ws.dir)
     print(f"\nzip of 3 PNGs + 24 MiB of other members ({z.stat().st_size:,} B): workspace {before:,} -> {after:,} B")
     assert after - before < 100_000 and len(ds.train) == 3
-    assert not list((ws.data.uploads / choice["id"]).rglob("*.bin"))
+    assert not list((ws.data.uploads / choice.id).rglob("*.bin"))
     assert any("blob0.bin: not an image, mask or scan (not kept)" in w for w in ds.warnings)
     assert any("readme.txt" in w for w in ds.warnings)
     # the Python API the same way

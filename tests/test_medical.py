@@ -217,7 +217,7 @@ def test_percentile_window_fitted_on_train_only_and_keys_the_cache(tmp_path):
     run.fit(ds.train)
     allv = np.concatenate([s.pixels().values.ravel() for s in ds.train])  # 33*41 px a slice: all sampled
     np.testing.assert_allclose([run.window.lo, run.window.hi], np.percentile(allv, [1, 99]), rtol=1e-5)
-    assert run.heads["intensity"].fit_info["window"]["lo"] == run.window.lo
+    assert run.heads["intensity"].fit_record.window["lo"] == run.window.lo
     # the same test image under another window is another cache entry with other pixels
     s = ds.test[5]
     a, b = run.window.bind([s])[0], medical.Window.parse("minmax").bind([s])[0]

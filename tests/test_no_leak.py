@@ -9,7 +9,7 @@ import pytest
 def test_annotations_that_train_zero_shot_heads_are_never_evaluated_on(app):
     user, _, _ = app.header.on_start(None)
     ws = app.W.Workspace(user)
-    ws.data.set({"kind": "demo", "category": "brick"})
+    ws.data.set(app.W.DataChoice("demo", category="brick"))
     test = ws.data.dataset(ws.data.choice()).test
     labelled = [s for s in test if s.label in (0, 1)]
     painted = np.zeros(test[1].load().size[::-1], np.uint8)

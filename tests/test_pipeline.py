@@ -4,6 +4,7 @@ import pytest
 from uadlab import metrics as M
 from uadlab.data import load_mvtec
 from uadlab.features import FeatureCache
+from uadlab.methods import FitContext
 from uadlab.pipeline import Run, RunConfig, list_runs, split_normals
 
 
@@ -100,7 +101,7 @@ def test_calibration_protocol_fits_on_all_normals(tiny_demo, tmp_path, mode, exp
     assert _bank_images(run, "anomalydino", grid) == expected
     assert run.info["n_fit"] == expected and run.info["n_calibration"] == held and run.info["n_train"] == 5
     cal = run.calibration["anomalydino"]
-    assert run.heads["anomalydino"].fit_info["calibration"] == cal.to_dict()
+    assert run.heads["anomalydino"].fit_record.calibration == cal
     assert (cal.n, cal.protocol, cal.calibrated) == (held, protocol, False)  # 5 images cannot promise 1%
     assert "cannot be calibrated" in cal.statement and f"1/{held + 1}" in cal.statement
 
@@ -120,7 +121,7 @@ def test_ensemble_combines_calibrated_members(fitted, tmp_path):
     labels = np.array([s.label for s in ds.test])
     # the ensemble's raw map is the weighted mean of its members' calibrated maps; it is then calibrated again
     raw, _ = ens._raw("ensemble", ens.features(ds.test[:2]))
-    w = ens.heads["ensemble"].fit_info["weights"]  # chosen from held-out normal scores, recorded
+    w = ens.heads["ensemble"].fit_record.details["member_weights"]  # chosen from held-out normal scores, recorded
     assert set(w) == {"patchcore", "anomalydino"} and sum(w.values()) == pytest.approx(1, abs=1e-3)
     members = sum(w[m] * out[m].maps[:2] for m in ("patchcore", "anomalydino"))
     np.testing.assert_allclose(raw.numpy(), members, rtol=1e-3, atol=1e-3)
@@ -313,7 +314,7 @@ def test_dinomaly_paper_budget_follows_the_setting():
         totals: list[int] = []
         head = get_method_class("dinomaly").from_preset("paper", layers=["stage2", "stage3"], batch_size=2)
         with pytest.raises(Stop):
-            head.fit(feats, progress=stop, category=category)
+            head.fit(feats, progress=stop, context=FitContext(category=category))
         assert totals == [budget]
 
 

@@ -36,18 +36,18 @@ def test_sessions_see_only_their_own_uploads_runs_and_annotations(app, tmp_path)
     a, b = app.header.on_start(None)[0], app.header.on_start(None)[0]
     _upload(app, a, _images(tmp_path / "a", 3))
     wa, wb = app.W.Workspace(a), app.W.Workspace(b)
-    uid = wa.data.choice()["id"]
+    uid = wa.data.choice().id
     run_id = "20250101-000000-abcdef"
     (wa.runs.dir / run_id).mkdir()
     (wa.runs.dir / run_id / "run.json").write_text(json.dumps({"run_id": run_id, "created": 0, "config": {}}))
     for forged in (uid, f"../../{a}/uploads/{uid}"):
         with pytest.raises(DataError, match="no longer in this workspace"):
-            wb.data.set({"kind": "upload", "id": forged})
+            wb.data.set(app.W.DataChoice("upload", id=forged))
     with pytest.raises(gr.Error, match="not in this workspace"):
         app.on_run_change(b, run_id)
     assert app.header.on_refresh_runs(b, None)["choices"] == []
     for w in (wa, wb):
-        w.data.set({"kind": "demo", "category": "brick"})
+        w.data.set(app.W.DataChoice("demo", category="brick"))
     wa.annotations.save(0, "anomalous", np.ones((96, 96), np.uint8), "mine")
     *_, status = app.annotate.on_annotate_show(b, 0, None, 1.0)
     assert "not annotated yet" in status and "Annotated in this dataset: 0" in status

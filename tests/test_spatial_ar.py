@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from uadlab.features import PatchFeatures
-from uadlab.methods import create_method, get_method_class
+from uadlab.methods import FitContext, create_method, get_method_class
 from uadlab.methods.spatial_ar import build_net, conv_mask
 
 TINY = dict(hidden=16, epochs=30, batch_size=4, dilations=[1, 1, 1, 1], mode="causal", seed=0)
@@ -27,7 +27,7 @@ def feats(x: torch.Tensor) -> PatchFeatures:
 @pytest.fixture(scope="module")
 def fitted():
     head = create_method("spatial_ar", **TINY)
-    head.fit(feats(textures(16)), val_features=feats(textures(4, seed=1)))
+    head.fit(feats(textures(16)), context=FitContext(val_features=feats(textures(4, seed=1))))
     return head
 
 
@@ -108,17 +108,17 @@ def test_learns_normality(fitted):
     assert torch.isfinite(anomalous).all() and anomalous.shape == (4, 12, 12)
     assert anomalous[:, 4:7, 4:7].mean() > 5 * normal[:, 4:7, 4:7].mean()
     assert anomalous[:, 4:7, 4:7].mean() > 5 * anomalous[:, 9:, 9:].mean()  # far from the defect: still normal
-    info = fitted.fit_info
-    assert info["selection"] == "val_loss" and len(info["val_loss"]) == TINY["epochs"]
-    assert info["val_loss"][info["best_epoch"] - 1] == min(info["val_loss"])
+    info = fitted.fit_record.train
+    assert info.selection == "val_loss" and len(info.val_loss) == TINY["epochs"]
+    assert info.val_loss[info.best_epoch - 1] == min(info.val_loss)
 
 
 def test_seeded_and_reproducible():
     x, v = feats(textures(8)), feats(textures(2, seed=1))
     small = {**TINY, "epochs": 3}
-    a = create_method("spatial_ar", **small).fit(x, val_features=v).score(v).patch_map
-    b = create_method("spatial_ar", **small).fit(x, val_features=v).score(v).patch_map
-    c = create_method("spatial_ar", **{**small, "seed": 1}).fit(x, val_features=v).score(v).patch_map
+    a = create_method("spatial_ar", **small).fit(x, context=FitContext(val_features=v)).score(v).patch_map
+    b = create_method("spatial_ar", **small).fit(x, context=FitContext(val_features=v)).score(v).patch_map
+    c = create_method("spatial_ar", **{**small, "seed": 1}).fit(x, context=FitContext(val_features=v)).score(v).patch_map
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
@@ -131,12 +131,12 @@ def test_switches_change_outputs(fitted):
     assert not torch.allclose(base, flipped) and torch.isfinite(flipped).all()
     small = {**TINY, "epochs": 2}
     for kw in [dict(mode="four_way"), dict(mode="bidirectional"), dict(mode="standard"), dict(loss="gaussian_nll"), dict(select="last")]:
-        head = create_method("spatial_ar", **{**small, **kw}).fit(x, val_features=v)
+        head = create_method("spatial_ar", **{**small, **kw}).fit(x, context=FitContext(val_features=v))
         m = head.score(v).patch_map
         assert torch.isfinite(m).all() and not torch.allclose(m, base), kw
-    assert head.fit_info["selection"] == "last" and head.fit_info["best_epoch"] == 2
+    assert head.fit_record.train.selection == "last" and head.fit_record.train.best_epoch == 2
     capped = create_method("spatial_ar", **{**small, "epochs": 10, "max_steps": 4}).fit(x)  # 2 steps per epoch
-    assert capped.fit_info["epochs"] == 2 and capped.fit_info["steps"] == 4
+    assert capped.fit_record.train.epochs == 2 and capped.fit_record.train.steps == 4
     nll = create_method("spatial_ar", **small, loss="gaussian_nll")
     nll.fit(x)
     assert nll.net.convs[-1].out_channels == 12  # mean and log-variance per channel
@@ -211,15 +211,15 @@ def test_darker_smoother_anomalies_rank_above_normals(hard_features):
 
 
 def test_refit_trains_the_selected_epoch_count():
-    """A budget (a refit) trains exactly that many epochs and keeps them; refit_kwargs hands on the selection."""
+    """A budget (a refit) trains exactly that many epochs and keeps them; refit_budget hands on the selection."""
     x, v = feats(textures(8)), feats(textures(2, seed=1))
-    first = create_method("spatial_ar", **{**TINY, "epochs": 6}).fit(x, val_features=v)
-    best = first.fit_info["best_epoch"]
-    assert first.refit_kwargs() == {"budget": best} and first.fit_info["selection"] == "val_loss"
-    again = create_method("spatial_ar", **{**TINY, "epochs": 6}).fit(x, **first.refit_kwargs())
-    assert again.fit_info["epochs"] == best and again.fit_info["selection"] == "budget"
-    assert again.fit_info["steps"] == best * 2 and again.fit_info["val_loss"] == []
-    assert create_method("spatial_ar").refit_kwargs() == {}  # nothing selected yet
+    first = create_method("spatial_ar", **{**TINY, "epochs": 6}).fit(x, context=FitContext(val_features=v))
+    best = first.fit_record.train.best_epoch
+    assert first.refit_budget() == best and first.fit_record.train.selection == "val_loss"
+    again = create_method("spatial_ar", **{**TINY, "epochs": 6}).fit(x, context=FitContext(budget=first.refit_budget()))
+    assert again.fit_record.train.epochs == best and again.fit_record.train.selection == "budget"
+    assert again.fit_record.train.steps == best * 2 and again.fit_record.train.val_loss == []
+    assert create_method("spatial_ar").refit_budget() is None  # nothing selected yet
 
 
 def test_pipeline_refit_ships_the_selected_head(tiny_demo, tmp_path, monkeypatch):
@@ -234,7 +234,7 @@ def test_pipeline_refit_ships_the_selected_head(tiny_demo, tmp_path, monkeypatch
 
     def recording_fit(self, features, progress=None, **kw):  # the real fit; keeps each fit's record
         out = real_fit(self, features, progress=progress, **kw)
-        seen.append(dict(self.fit_info))
+        seen.append(self.fit_record.train)
         return out
 
     monkeypatch.setattr(SpatialAR, "fit", recording_fit)
@@ -243,7 +243,7 @@ def test_pipeline_refit_ships_the_selected_head(tiny_demo, tmp_path, monkeypatch
                         method_kwargs={"spatial_ar": {"epochs": 8}}), cache=FeatureCache(tmp_path))
     run.fit(train)
     *folds, final = seen  # cross-fitting: a trained head is fitted on 2 folds, then on all (pipeline.n_folds)
-    assert len(folds) == 2 and all(f["selection"] == "val_loss" and len(f["val_loss"]) == 8 for f in folds)
-    chosen = int(round(float(np.median([f["best_epoch"] for f in folds]))))  # what the fold heads selected
-    assert final["selection"] == "budget" and final["epochs"] == chosen
-    assert run.heads["spatial_ar"].fit_info["epochs"] == chosen
+    assert len(folds) == 2 and all(f.selection == "val_loss" and len(f.val_loss) == 8 for f in folds)
+    chosen = int(round(float(np.median([f.best_epoch for f in folds]))))  # what the fold heads selected
+    assert final.selection == "budget" and final.epochs == chosen
+    assert run.heads["spatial_ar"].fit_record.train.epochs == chosen

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from uadlab.features import PatchFeatures
-from uadlab.methods import create_method, get_method_class
+from uadlab.methods import FitContext, create_method, get_method_class
 from uadlab.methods.spg import GUIDES, TopKSAE, auxk_loss
 
 C, H, S = 16, 8, 32  # token width, grid side, image side (4 px per patch)
@@ -38,7 +38,7 @@ def aux():
 @pytest.fixture(scope="module")
 def fitted(aux):
     feats, labels, masks = aux
-    return create_method("spg", **SMALL).fit(feats, labels=labels, masks=masks)
+    return create_method("spg", **SMALL).fit(feats, context=FitContext(labels=labels, masks=masks))
 
 
 def test_sae_topk_codes_and_unit_dictionary():
@@ -77,7 +77,7 @@ def test_zero_shot_transfer_to_unseen_category(fitted):
     assert m[gt].mean() > m[~gt].mean() + 0.2
     img = m.flatten(1).max(1).values
     assert img[labels == 1].min() > img[labels == 0].max()
-    assert fitted.fit_info["alive_atoms"] > 0 and fitted.fit_info["sae_fvu"] < 1
+    assert fitted.fit_record.details["alive_atoms"] > 0 and fitted.fit_record.details["sae_fvu"] < 1
 
 
 def test_l1_default_and_topk_ablation(fitted, aux):
@@ -90,8 +90,8 @@ def test_l1_default_and_topk_ablation(fitted, aux):
     vals = [v for _, v in top["local_anomaly"]]
     assert vals == sorted(vals, reverse=True) and vals[0] > 0
     feats, labels, masks = aux
-    topk = create_method("spg", **{**SMALL, **CHEAP, "sparsity": "topk"}).fit(feats, labels=labels, masks=masks)
-    l1 = create_method("spg", **{**SMALL, **CHEAP}).fit(feats, labels=labels, masks=masks)
+    topk = create_method("spg", **{**SMALL, **CHEAP, "sparsity": "topk"}).fit(feats, context=FitContext(labels=labels, masks=masks))
+    l1 = create_method("spg", **{**SMALL, **CHEAP}).fit(feats, context=FitContext(labels=labels, masks=masks))
     assert ((topk.coefficients(topk.theta_ema)[0] > 0).sum(1) <= SMALL["guide_k"]).all()
     assert not torch.allclose(l1.score(feats[:4]).patch_map, topk.score(feats[:4]).patch_map)
 
@@ -109,8 +109,8 @@ def test_official_post_processing(fitted):
 def test_image_labels_only(aux):
     """An auxiliary set without masks trains through the MIL image loss and still transfers."""
     feats, labels, _ = aux
-    head = create_method("spg", **SMALL).fit(feats, labels=labels, masks=None)
-    assert head.fit_info["supervision"] == "image labels only"
+    head = create_method("spg", **SMALL).fit(feats, context=FitContext(labels=labels))
+    assert head.fit_record.details["supervision"] == "image labels only"
     test, tl, tm = synthetic(2, 8, 3)
     m = head.score(test).patch_map
     gt = torch.nn.functional.avg_pool2d(tm[:, None], 4)[:, 0] > 0.5
@@ -121,7 +121,7 @@ def test_image_labels_only(aux):
 
 def test_seeded_and_round_trip(fitted, aux, tmp_path):
     feats, labels, masks = aux
-    one, two, other = (create_method("spg", **{**SMALL, **CHEAP, "seed": s}).fit(feats, labels=labels, masks=masks)
+    one, two, other = (create_method("spg", **{**SMALL, **CHEAP, "seed": s}).fit(feats, context=FitContext(labels=labels, masks=masks))
                        for s in (0, 0, 1))
     torch.testing.assert_close(one.score(feats).patch_map, two.score(feats).patch_map)  # same seed, same maps
     assert not torch.allclose(other.score(feats).patch_map, one.score(feats).patch_map)
@@ -152,7 +152,7 @@ def test_needs_labels_and_matching_masks(aux):
     with pytest.raises(ValueError, match="zero-shot"):
         create_method("spg", **SMALL).fit(feats)
     with pytest.raises(ValueError, match="masks"):
-        create_method("spg", **SMALL).fit(feats, labels=labels, masks=torch.zeros(3, S, S))
+        create_method("spg", **SMALL).fit(feats, context=FitContext(labels=labels, masks=torch.zeros(3, S, S)))
     with pytest.raises(ValueError, match="sparsity"):
         create_method("spg", sparsity="l0")
 

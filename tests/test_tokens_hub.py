@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import json, os, sys, urllib.request
     from uadlab.ui import data_tab, hub_tab, train_tab
-    from uadlab.workspace import Workspace, new_user_id
+    from uadlab.workspace import DataChoice, Workspace, new_user_id
 
     out = {}
     def step(name, fn):
@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent("""
 
     user = new_user_id()
     ws = Workspace(user)
-    ws.data.set({"kind": "demo", "category": "brick"})
+    ws.data.set(DataChoice("demo", category="brick"))
     run_id, _ = ws.runs.train(["patchcore"], None, "quick", 32)
     for who, token in (("empty", ""), ("visitor", os.environ["VISITOR"])):
         hf = lambda repo, stream: data_tab.HfSource(repo, streaming=stream, limit=4)
@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent("""
         step(f"push_own/{who}", lambda: hub_tab.on_push(user, run_id, "patchcore", "visitor/head", token, True))
         step(f"load_operator/{who}", lambda: hub_tab.on_hub_score("acme/private-head", token, "auto", None))
         step(f"load_own/{who}", lambda: hub_tab.on_hub_score("visitor/head", token, "auto", None))
-        ws.data.set({"kind": "demo", "category": "brick"})
+        ws.data.set(DataChoice("demo", category="brick"))
         for bb in ("dinov3_vits16", "vit_tiny_patch16_224.augreg_in21k"):
             step(f"backbone_{'listed' if bb.startswith('dino') else 'unlisted'}/{who}",
                  lambda: train_tab.on_train(user, bb, ["patchcore"], "quick", 32, "other categories", token))

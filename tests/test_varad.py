@@ -5,7 +5,7 @@ import torch
 
 from uadlab.backbones import BackboneSpec
 from uadlab.features import PatchFeatures
-from uadlab.methods import create_method, get_method_class
+from uadlab.methods import FitContext, create_method, get_method_class
 from uadlab.methods.varad import Mamba, scan_orders, selective_scan, selective_scan_ref
 
 TINY = dict(d_model=16, n_layers=1, d_state=4, epochs=4, batch_size=4, lr=3e-3)
@@ -119,7 +119,7 @@ def test_beats_the_token_mean_baseline_on_misplaced_texture():
     # 160 steps: with TRAIN's 20 steps the model is still a copy-the-previous-token predictor and LOSES to the
     # baseline here (pixel AUROC 0.29 vs 0.37); at 160 steps 0.61, at 400 steps 0.64 (measured, issue 13)
     head = create_method("varad", seed=1, **{**TRAIN, "d_model": 32, "n_layers": 2, "epochs": 40, "batch_size": 4,
-                                             "lr": 1e-2}).fit(train, val_features=_texture(4, 2))
+                                             "lr": 1e-2}).fit(train, context=FitContext(val_features=_texture(4, 2)))
     ours, base = _pixel_auroc(head.score(test).patch_map, gt), _pixel_auroc(token_mean_baseline(head, train, test), gt)
     assert base < 0.5  # the baseline cannot see it ...
     assert ours > base + 0.15  # ... the autoregressive model does, though far from perfectly
@@ -130,14 +130,14 @@ def test_synthetic_anomaly_scores_higher():
     for m in test.maps.values():  # a blob that breaks the stripes in the middle of image 0
         s = m.shape[-1]
         m[0, :, s // 2 - s // 8: s // 2 + s // 8 + 1, s // 2 - s // 8: s // 2 + s // 8 + 1] = -2.0
-    head = create_method("varad", seed=1, **TRAIN).fit(train, val_features=_texture(4, 2))
+    head = create_method("varad", seed=1, **TRAIN).fit(train, context=FitContext(val_features=_texture(4, 2)))
     res = head.score(test)
     pm = res.patch_map  # (2, 8, 8): the middle layer's grid
     assert pm.shape == (2, 8, 8) and torch.isfinite(pm).all()
     assert pm[0, 3:6, 3:6].mean() > 1.4 * pm[1].mean()  # the blob is well above a normal image
     assert pm[0, 3:6, 3:6].mean() > 1.2 * pm[0, :2].mean()  # ... and above the normal part of the same image
     assert set(res.extras) >= {"hierarchy_stage2", "direction_row", "direction_col_rev"}
-    assert head.fit_info["best_epoch"] >= 1 and len(head.fit_info["val_discrepancy"]) == TRAIN["epochs"]
+    assert head.fit_record.train.best_epoch >= 1 and len(head.fit_record.train.val_loss) == TRAIN["epochs"]
     ex = head.explain(test[0])
     assert ex["direction_row"].shape == (8, 8)
 
@@ -176,13 +176,13 @@ def test_trains_until_the_held_out_loss_stops_falling_and_refits_to_that_budget(
     all normals trains the selected epoch count."""
     train, val = _texture(8, 0), _texture(4, 2)
     # only a 90% drop counts as better: the first epoch stays best, two stale epochs stop training
-    head = create_method("varad", **{**TINY, "epochs": 30, "patience": 2, "min_delta": 0.9}).fit(train, val_features=val)
-    info = head.fit_info
-    assert info["epochs"] == 3 and info["stopped_early"] and info["best_epoch"] == 1
-    assert len(info["val_discrepancy"]) == 3 and info["selection"] == "val_loss"
-    assert head.refit_kwargs() == {"budget": 1}
-    again = create_method("varad", **{**TINY, "epochs": 30, "patience": 2}).fit(train, **head.refit_kwargs())
-    assert again.fit_info["epochs"] == 1 and again.fit_info["selection"] == "budget" and again.fit_info["steps"] == 2
+    head = create_method("varad", **{**TINY, "epochs": 30, "patience": 2, "min_delta": 0.9}).fit(train, context=FitContext(val_features=val))
+    info = head.fit_record.train
+    assert info.epochs == 3 and info.stopped_early and info.best_epoch == 1
+    assert len(info.val_loss) == 3 and info.selection == "val_loss"
+    assert head.refit_budget() == 1
+    again = create_method("varad", **{**TINY, "epochs": 30, "patience": 2}).fit(train, context=FitContext(budget=head.refit_budget()))
+    assert again.fit_record.train.epochs == 1 and again.fit_record.train.selection == "budget" and again.fit_record.train.steps == 2
     quick = get_method_class("varad").presets["quick"]
     assert quick["patience"] and quick["epochs"] >= 50  # a cap, not a fixed count
 

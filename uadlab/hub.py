@@ -46,18 +46,19 @@ def prepare_head(run, method: str, folder: str | Path, example_image: Image.Imag
     evaluation = (getattr(run, "meta", {}).get("evaluation") or {}).get(method)
     # the metrics only: curve points are plotted, never listed (an Evaluation keeps them apart)
     metrics = Evaluation.from_dict(evaluation).finite() if evaluation is not None else \
-        _finite_metrics(head.fit_info.get("metrics") or {})
+        _finite_metrics(head.fit_record.metrics)
     inputs = cfg.inputs_of(method)  # the head's own backbone geometry (a paper preset may give each its own)
-    head.fit_info.update(method=method, image_size=inputs.image_size, resize=inputs.resize, weights=cfg.weights,
-                         sigma=cfg.sigma, score_mode=cfg.score_mode, metrics=metrics)
+    rec = head.fit_record
+    rec.method, rec.image_size, rec.resize, rec.weights = method, inputs.image_size, inputs.resize, cfg.weights
+    rec.sigma, rec.score_mode, rec.metrics = cfg.sigma, cfg.score_mode, metrics
     if method in run.calibration:
-        head.fit_info["calibration"] = run.calibration[method].to_dict()
+        rec.calibration = run.calibration[method]
     if example_image is not None:
         example_image.convert("RGB").save(folder / EXAMPLE_FILE)
     (folder / "README.md").unlink(missing_ok=True)
     head.save_pretrained(folder, model_card_kwargs={"metrics": metrics,
                                                     "example_image": EXAMPLE_FILE if example_image else None,
-                                                    "calibration": head.fit_info.get("calibration")})
+                                                    "calibration": head.fit_record.calibration})
     return folder
 
 

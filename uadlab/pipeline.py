@@ -32,7 +32,7 @@ from .errors import DataError
 from .features import FeatureCache, PatchFeatures
 from .fsio import write_atomic
 from .medical import Window
-from .methods import Method, get_method_class, list_methods
+from .methods import FitContext, Method, get_method_class, list_methods
 from .postprocess import DEFAULT_ALPHA, Calibration, check_score_mode, upsample
 from .progress import Progress, ProgressFn, Stages
 from .settings import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, check_side, feature_cache_dir
@@ -355,18 +355,12 @@ def n_folds(head: Method, val_fraction: float, mode: str) -> int:
     return max(2, round(1 / val_fraction)) if head.fit_in_one_pass else 2
 
 
-def _merge_refit_kwargs(kws: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the shipped head's fit takes from its fold heads' fits (``Method.refit_kwargs``, e.g. the epoch
-    count each selected on its held-out fold): the median of numbers every fold gave, else the first fold's."""
-    if not kws or not kws[0]:
-        return {}
-    out = dict(kws[0])
-    for key, value in kws[0].items():
-        vals = [kw.get(key) for kw in kws]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-            med = float(np.median(vals))
-            out[key] = int(round(med)) if isinstance(value, int) else med
-    return out
+def _merge_budgets(budgets: list[int | None]) -> int | None:
+    """The budget of the shipped head's fit from its fold heads' fits (``Method.refit_budget``: the epoch count
+    each selected on its held-out fold): their median when every fold gave one, else None."""
+    if not budgets or any(b is None for b in budgets):
+        return None
+    return int(round(float(np.median(budgets))))
 
 
 def _rows(feats: PatchFeatures, rows: list[int]) -> PatchFeatures:
@@ -574,7 +568,7 @@ class Run:
         if not any(h.combines_heads for h in self.heads.values()):
             held.clear()
         for head in self.heads.values():  # a head scores right only through the window it was fitted with
-            head.fit_info["window"] = self.info["window"]
+            head.fit_record.window = self.info["window"]
         stages.finish("trained")
         return self
 
@@ -588,7 +582,7 @@ class Run:
         refit = self.config.calibration == "refit"
         inputs = self.config.inputs_of(name)
         raws, fold_s = [], 0.0
-        refit_kw: list[dict[str, Any]] = []
+        budgets: list[int | None] = []
         for k, part in enumerate(parts):
             keep = [i for i in range(len(train)) if not part.start <= i < part.stop]
             head = self._new_head(name) if refit or k else self.heads[name]
@@ -597,17 +591,17 @@ class Run:
             t0 = time.perf_counter()
             held_out = {inputs: f_all[inputs][part]}
             self._fit_learned(name, head, [train[i] for i in keep], {inputs: _rows(f_all[inputs], keep)}, step,
-                              category=category, val_features=self._select(name, held_out))
+                              FitContext(category=category, val_features=self._select(name, held_out)))
             fold_s += time.perf_counter() - t0
             raws.append(self._head_raw(name, head, held_out))
-            refit_kw.append(head.refit_kwargs())
+            budgets.append(head.refit_budget())
             if not refit:
                 self.heads[name] = head
         if refit or not parts:  # the shipped head sees every normal image
             head = self._new_head(name)
             self._fit_learned(name, head, train, f_all, stages.stage(f"fitting {name} on all {len(train)} normal "
-                                                                       "images"), category=category,
-                              **_merge_refit_kwargs(refit_kw))
+                                                                       "images"),
+                              FitContext(category=category, budget=_merge_budgets(budgets)))
             self.heads[name] = head
             if parts:
                 self.info.setdefault("calibration_fit_s", {})[name] = fold_s
@@ -618,16 +612,16 @@ class Run:
         return held, ("monotone" if monotone else "cross-fit") if refit else "split"
 
     def _fit_learned(self, name: str, head: Method, samples: Sequence[Sample], feats: "dict[Inputs, PatchFeatures]",
-                     step: ProgressFn, **kw: Any) -> None:
+                     step: ProgressFn, context: FitContext) -> None:
         """Fit a head on normal images; heads that train for long keep resumable checkpoints next to the cache."""
         inputs = self.config.inputs_of(name)
         f = feats[inputs]
         refs = head.reference_augment(samples)
         if len(refs) != len(samples):  # image-space augmentation of the references (AnomalyDINO's rotations)
             f = self.features(refs, lambda p: step(replace(p, stage="features of the augmented references")), inputs)
-            kw = {**kw, "references_augmented": True}
+            context = replace(context, references_augmented=True)
         head.fit(f.select(head.layers_for(self.backbone_of(name).spec)), progress=step,
-                 checkpoint_dir=str(self.cache.root.parent / "checkpoints"), **kw)
+                 context=replace(context, checkpoint_dir=str(self.cache.root.parent / "checkpoints")))
 
     def _fit_zero_shot(self, name: str, head: Method, aux: Sequence[Sample] | None, step: ProgressFn) -> None:
         if not aux:
@@ -637,8 +631,8 @@ class Run:
         f_aux = self.features(aux, lambda p: step(replace(p, stage="features of the auxiliary set")), inputs)
         labels = torch.tensor([max(s.label, 0) for s in aux], dtype=torch.float32)
         masks = masks_at(self.backbone_of(name), aux)
-        head.fit(f_aux.select(head.layers_for(self.backbone_of(name).spec)), progress=step, labels=labels,
-                 masks=None if masks is None else torch.from_numpy(masks).float())
+        head.fit(f_aux.select(head.layers_for(self.backbone_of(name).spec)), progress=step,
+                 context=FitContext(labels=labels, masks=None if masks is None else torch.from_numpy(masks).float()))
 
     def _head_raw(self, name: str, head: Method, feats: "dict[Inputs, PatchFeatures]") -> tuple[torch.Tensor,
                                                                                                 torch.Tensor]:
@@ -686,7 +680,7 @@ class Run:
         else:
             cal = Calibration.fit(held[0], held[1], alpha=self.config.alpha, protocol=protocol)
         self.calibration[name] = cal
-        self.heads[name].fit_info["calibration"] = cal.to_dict()
+        self.heads[name].fit_record.calibration = cal
 
     # ---- scoring --------------------------------------------------------------------------------------------
     def score(self, samples: Sequence[Sample] | PatchFeatures, methods: Sequence[str] | None = None,
@@ -752,7 +746,7 @@ class Run:
                                          M.Curves(**M.pixel_curves(mask, sc.maps)))
         if record:
             for name, r in results.items():
-                self.heads[name].fit_info["metrics"] = {k: v for k, v in r.metrics.items() if v is not None}
+                self.heads[name].fit_record.metrics = {k: v for k, v in r.metrics.items() if v is not None}
             self.info["metrics"] = {k: dict(v.metrics) for k, v in results.items()}
         return results
 
@@ -802,16 +796,15 @@ class Run:
     def from_head(cls, head: Method, cache: FeatureCache | None = None, token: str | None = None) -> "Run":
         """A run of one loaded head (e.g. pulled from the Hub): its backbone, geometry and calibration come
         from what the head recorded when it was saved, so it scores exactly like the run that trained it."""
-        info = head.fit_info
-        recorded = dict(image_size=info.get("image_size"), resize=info.get("resize"), weights=info.get("weights"),
-                        sigma=info.get("sigma"), score_mode=info.get("score_mode"),
-                        window=(info.get("window") or {}).get("spec"))
+        info = head.fit_record
+        recorded = dict(image_size=info.image_size, resize=info.resize, weights=info.weights, sigma=info.sigma,
+                        score_mode=info.score_mode, window=Window.from_dict(info.window) if info.window else None)
         config = RunConfig(backbone=head.backbone, methods=[head.name],  # what it did not record: the defaults
                            **{k: v for k, v in recorded.items() if v is not None})
         run = cls(config, cache=cache, token=token, heads={head.name: head})
-        run.window = Window.from_dict(info.get("window"))
-        if info.get("calibration"):
-            run.calibration[head.name] = Calibration.from_dict(info["calibration"])
+        run.window = Window.from_dict(info.window)
+        if info.calibration is not None:
+            run.calibration[head.name] = info.calibration
         return run
 
 

@@ -18,7 +18,7 @@ from ..backbones import resolve_name
 from ..features import PatchFeatures
 from ..layers import HNSW_MIN_BANK, KNN_MODES, cached_index
 from ..settings import OFFLINE_DEFAULT
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 # The paper's masking table ("agnostic" preprocessing, official src/utils.py): mask the test image's
 # background for these MVTec-AD categories and for every VisA category; never for the other MVTec ones.
@@ -175,8 +175,8 @@ class AnomalyDINO(Method):
         x = features.stacked(self.layers or features.layers)  # (B, C, h, w)
         return F.normalize(x.permute(0, 2, 3, 1), dim=-1)  # (B, h, w, C), unit vectors
 
-    def _fit(self, features: PatchFeatures, progress=None, category: str | None = None,
-             references_augmented: bool = False, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
+        category, references_augmented = context.category, context.references_augmented
         if self.rotation and not references_augmented:
             raise ValueError("anomalydino: rotation=True needs the features of reference_augment(samples); fit them "
                              "with references_augmented=True (or set rotation=false)")
@@ -186,7 +186,8 @@ class AnomalyDINO(Method):
         t = self._tokens(features)
         self.memory_bank = t.reshape(-1, t.shape[-1]).contiguous()
         cached_index(self, self.memory_bank, "ip", self.knn, progress)  # built now: the fit, not the first score, pays for it
-        self.fit_info.update(bank_size=int(len(self.memory_bank)), masking=bool(mask), category=category)
+        self.fit_record.category = category
+        self.fit_record.details.update(bank_size=int(len(self.memory_bank)), masking=bool(mask))
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:
         t = self._tokens(features)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,7 +23,8 @@ from ..errors import DataError
 from ..settings import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..progress import ProgressFn
-from ..postprocess import DEFAULT_SIGMA, image_score, to_heatmap
+from ..postprocess import DEFAULT_SIGMA, Calibration, image_score, to_heatmap
+from ..trainer import TrainRecord
 
 if TYPE_CHECKING:
     from ..backbones import BackboneSpec
@@ -77,6 +78,88 @@ class NotFittedError(RuntimeError):
     pass
 
 
+@dataclass
+class FitRecord:
+    """What a head's fit did and how the head scores: ``uadlab_info.json`` next to its weights, and the model card.
+
+    One type for every head; the file stays the flat JSON object of earlier versions (``to_dict`` /
+    ``from_dict``), so heads saved before this record existed still load.
+
+    Attributes:
+        train: the training loop's record for heads trained with ``uadlab.trainer`` (None for the rest).
+        details: facts only the method knows (a memory bank's size, SAE statistics ...), under names its own
+            module chooses; shown as they are.
+        category: the category the head was fitted on (None: not given).
+        calibration: the label-free calibration of the run that fitted the head (None: not calibrated yet).
+        window: the intensity window the head was fitted through (``Window.to_dict()``; None: 8-bit images).
+        metrics: test metrics recorded by ``Run.evaluate`` (scalars only, never curves).
+        method, image_size, resize, weights, sigma, score_mode: the geometry and post-processing recorded
+            when the head is exported (``uadlab.hub.prepare_head``), so a loaded head scores like its run.
+    """
+
+    train: TrainRecord | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    category: str | None = None
+    calibration: Calibration | None = None
+    window: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    method: str | None = None
+    image_size: int | None = None
+    resize: int | None = None
+    weights: str | None = None
+    sigma: float | None = None
+    score_mode: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON object of ``uadlab_info.json`` (details, then the training record, then the rest)."""
+        d = {**self.details, **(self.train.to_dict() if self.train is not None else {})}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("train", "details") or v is None or (f.name == "metrics" and not v):
+                continue
+            d[f.name] = v.to_dict() if isinstance(v, Calibration) else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "FitRecord":
+        """The record of a ``uadlab_info.json`` object, of this version or an earlier one (keys it does not
+        know are kept as ``details``)."""
+        d = dict(d or {})
+        own = {f.name for f in fields(cls)} - {"train", "details"}
+        kw = {k: d.pop(k) for k in list(d) if k in own}
+        if kw.get("calibration") is not None:
+            kw["calibration"] = Calibration.from_dict(kw["calibration"])
+        kw["metrics"] = kw.get("metrics") or {}
+        names = [f.name for f in fields(TrainRecord)]
+        required = [f.name for f in fields(TrainRecord) if f.default is MISSING and f.default_factory is MISSING]
+        train = {k: d.pop(k) for k in names if k in d} if all(k in d for k in required) else None
+        return cls(train=TrainRecord(**train) if train is not None else None, details=d, **kw)
+
+
+@dataclass
+class FitContext:
+    """What a fit may use besides the training features; every field is optional and each method reads
+    the ones it needs (the run fills them, a caller of ``Method.fit`` may too).
+
+    Attributes:
+        category: the one category of the normal training images (None: several, i.e. multi-class training).
+        val_features: features of held-out NORMAL training images, for selection and reports (never test data).
+        checkpoint_dir: a folder for resumable training checkpoints (a place on this machine, not a setting).
+        budget: train exactly this many epochs, without selection (a refit with ``Method.refit_budget()``).
+        references_augmented: the features are of ``reference_augment(samples)``, not of the samples.
+        labels: zero-shot heads: the image labels (B,) of the auxiliary labelled set the features are of.
+        masks: zero-shot heads: that set's pixel masks (B, H, W) in the network input, None if it has none.
+    """
+
+    category: str | None = None
+    val_features: PatchFeatures | None = None
+    checkpoint_dir: str | None = None
+    budget: int | None = None
+    references_augmented: bool = False
+    labels: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+
+
 class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=["anomaly-detection", "uadlab"]):
     """Base class of every method. Subclasses set ``name``, ``paper`` and ``summary`` and implement
     ``_fit`` and ``_score``.
@@ -115,7 +198,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         super().__init__()
         self.backbone = backbone
         self.register_buffer("_fitted", torch.zeros((), dtype=torch.bool))
-        self.fit_info: dict[str, Any] = {}  # filled by fit; written into the model card
+        self.fit_record = FitRecord()  # filled by fit and the run; saved with the head, shown in the model card
         # the hyperparameters config.json holds: the constructor's arguments (captured by the Hub mixin before
         # __init__ runs), plus what a fit learns about the data's shape (``record_config``)
         self._config: dict[str, Any] = dict(getattr(self, "_hub_mixin_config", None) or {})
@@ -125,11 +208,13 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
     def is_fitted(self) -> bool:
         return bool(self._fitted)
 
-    def fit(self, features: PatchFeatures, progress: ProgressFn | None = None, **kwargs: Any) -> "Method":
-        """Learn from the features of normal images (or a labelled auxiliary set for zero-shot methods)."""
+    def fit(self, features: PatchFeatures, progress: ProgressFn | None = None,
+            context: FitContext | None = None) -> "Method":
+        """Learn from the features of normal images (zero-shot methods: of a labelled auxiliary set, whose
+        labels and masks are in ``context``)."""
         if len(features) == 0:
             raise ValueError(f"{self.name}: cannot fit on zero images")
-        self._fit(features, progress=progress, **kwargs)
+        self._fit(features, progress, context if context is not None else FitContext())
         self._fitted.fill_(True)
         self.eval()
         return self
@@ -170,17 +255,16 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         features with ``references_augmented=True``."""
         return list(samples)
 
-    def refit_kwargs(self) -> dict[str, Any]:
-        """What a refit of this method on all normal images takes from this fit (``fit`` keyword arguments):
-        trained heads pass the epoch count they selected on held-out normals, so the shipped head is the
-        selected one; {} for the rest."""
-        return {}
+    def refit_budget(self) -> int | None:
+        """The ``FitContext.budget`` of a refit of this method on all normal images: trained heads give the
+        epoch count they selected on held-out normals, so the shipped head is the selected one; None for the rest."""
+        return None
 
     def explain(self, features: PatchFeatures) -> dict[str, Any]:
         """Optional: named explanation images (numpy arrays) for ONE image; methods without any return {}."""
         return {}
 
-    def _fit(self, features: PatchFeatures, progress: ProgressFn | None = None, **kwargs: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress: ProgressFn | None, context: FitContext) -> None:
         raise NotImplementedError
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:
@@ -235,8 +319,8 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
             raise DataError(f"{where}/model.safetensors: does not hold a {cls.name} head ({str(e)[:200]})") from None
         info = Path(path).with_name("uadlab_info.json")
         try:
-            model.fit_info = json.loads(info.read_text()) if info.exists() else {}
-        except ValueError as e:
+            model.fit_record = FitRecord.from_dict(json.loads(info.read_text()) if info.exists() else None)
+        except (ValueError, TypeError) as e:
             raise DataError(f"{where}/uadlab_info.json: damaged ({e})") from None
         return model.eval()
 
@@ -244,13 +328,15 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
         super()._save_pretrained(save_directory)
         # config.json from our own record (the mixin writes its private copy only when this file is absent)
         (Path(save_directory) / "config.json").write_text(json.dumps(self.config(), sort_keys=True, indent=2))
-        (Path(save_directory) / "uadlab_info.json").write_text(json.dumps(self.fit_info, indent=2, default=str))
+        (Path(save_directory) / "uadlab_info.json").write_text(json.dumps(self.fit_record.to_dict(), indent=2, default=str))
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """A model card with backbone, method, hyperparameters, metrics and how to load the head."""
-        metrics = kwargs.get("metrics") or self.fit_info.get("metrics") or {}
+        metrics = kwargs.get("metrics") or self.fit_record.metrics
         example = kwargs.get("example_image")
-        calibration = (kwargs.get("calibration") or self.fit_info.get("calibration") or {}).get("statement")
+        window = self.fit_record.window
+        cal = kwargs.get("calibration") or self.fit_record.calibration
+        calibration = cal.statement if cal is not None else None
         cfg = json.dumps(self.config(), indent=2, sort_keys=True)
         rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
         text = f"""---
@@ -271,7 +357,7 @@ Method: {self.paper or self.name}
 
 {self.summary}
 {f"{chr(10)}Intensity window (DICOM, NIfTI, 16-bit images; fitted on the training images): "
- f"{self.fit_info['window'].get('description', self.fit_info['window'].get('spec'))}{chr(10)}" if self.fit_info.get("window") else ""}
+ f"{window.get('description', window.get('spec'))}{chr(10)}" if window else ""}
 
 ## Hyperparameters
 

@@ -27,7 +27,7 @@ from ..features import PatchFeatures
 from ..fsio import replacing
 from ..progress import Progress
 from ..postprocess import image_score, upsample
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 ATTENTIONS = ("linear", "softmax")
 LOSSES = ("hard_mining", "global_cosine")
@@ -383,8 +383,7 @@ class Dinomaly(Method):
         return float(loss.detach())
 
     # ---- fit / score ---------------------------------------------------------------------------------------
-    def _fit(self, features: PatchFeatures, progress=None, val_features: PatchFeatures | None = None,
-             checkpoint_dir: str | None = None, category: str | None = None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
         """Train ``steps`` steps on batches of cached features (``steps=None``: the official budget, 5,000 steps
         for one ``category``, class-separated, and 10,000 for several, multi-class: the pipeline passes the
         category when the training images have one).
@@ -394,6 +393,7 @@ class Dinomaly(Method):
         written every ``checkpoint_every`` steps and resumed from if training was interrupted; it is deleted
         when the training completes.
         """
+        val_features, checkpoint_dir, category = context.val_features, context.checkpoint_dir, context.category
         layers = list(self.layers or features.layers)
         dims = [features.maps[l].shape[1] for l in layers]
         if self.bottleneck is None:
@@ -441,7 +441,7 @@ class Dinomaly(Method):
         if val_features is not None and len(val_features):  # reported only: the paper keeps the last weights
             with torch.no_grad():
                 info["val_mean_map"] = float(self._maps(*self._tokens(val_features))[0].mean())
-        self.fit_info.update(info)
+        self.fit_record.details.update(info)
 
     def _maps(self, tokens: list[torch.Tensor], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean map (B, h, w) and per-group maps (G, B, h, w): 1 - cos_C(encoder group, decoder group)."""

@@ -13,7 +13,7 @@ image AUROC agree with each other most, 0.6-0.7 rank correlation). So the defaul
 stated here: the run's memory banks (heads fitted in one pass, ``fit_in_one_pass``), the strongest members in
 every comparison we have (two real sets, the hard set); other heads join when named in ``members`` or with
 ``select="all"``. Weights among the chosen members come from their held-out normal scores
-(``member_weights``); both are recorded in ``fit_info``. Measured on 9 hard sets (brick, grass, gravel x 3
+(``member_weights``); both are recorded in ``fit_record.details``. Measured on 9 hard sets (brick, grass, gravel x 3
 seeds, 30 normals, quick preset): the banks' ensemble is 0.0009 image AUROC below its best member on average,
 0.0117 at worst (gravel, seed 1; 3 of 256 pairs); the plain mean of all five heads was 0.012 and 0.035 below
 on the two sets where all five were run; the max of the banks 0.010 below on average, 0.043 at worst.
@@ -26,7 +26,7 @@ import torch
 
 from ..settings import OFFLINE_DEFAULT
 from ..features import PatchFeatures
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 WEIGHTINGS = ("agreement", "equal")
 SELECTIONS = ("banks", "all")
@@ -68,7 +68,7 @@ class Ensemble(Method):
 
     The combination is calibrated again on the same held-out normal images, so 1.0 keeps its meaning.
     The weights come from the members' cross-fitted held-out normal scores (``member_weights``; no test
-    label is ever used) and are recorded in ``fit_info["weights"]``; a member with weight 0 is left out.
+    label is ever used) and are recorded in ``fit_record.details["member_weights"]``; a member with weight 0 is left out.
     It has no other learned state: it is fitted, saved, benchmarked and shown like any head, but scores
     through a ``Run`` (which holds its members), not from features.
 
@@ -135,9 +135,9 @@ class Ensemble(Method):
             w = torch.full((len(names),), 1.0 / len(names))
         self.weights = w
         self._fitted.fill_(True)
-        self.fit_info.update(combine=self.combine_mode, select=self.select, weighting=self.weighting,
-                             weights={m: round(float(x), 4) for m, x in zip(names, w)},
-                             members_used=[m for m, x in zip(names, w) if x > 0])
+        self.fit_record.details.update(combine=self.combine_mode, select=self.select, weighting=self.weighting,
+                                       member_weights={m: round(float(x), 4) for m, x in zip(names, w)},
+                                       members_used=[m for m, x in zip(names, w) if x > 0])
         return self.eval()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -155,7 +155,7 @@ class Ensemble(Method):
         w = w.to(m.dtype)
         return (w.view(-1, 1, 1, 1) * m).sum(0), (w.view(-1, 1) * s).sum(0)
 
-    def _fit(self, features: PatchFeatures, progress=None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
         raise TypeError("the ensemble is fitted by a Run (it combines the run's other heads)")
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:

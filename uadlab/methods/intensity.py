@@ -11,7 +11,7 @@ import torch
 
 from ..features import PIXELS, PatchFeatures
 from ..settings import OFFLINE_DEFAULT
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 
 @register_method
@@ -61,7 +61,7 @@ class Intensity(Method):
     def layers_for(self, spec) -> list[str]:
         return [PIXELS]
 
-    def _fit(self, features: PatchFeatures, progress=None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
         x = features.maps[PIXELS][:, 0].float()  # (B, S, S) in [0, 1]
         if self.mode == "zscore":
             self.mean = x.mean(0)
@@ -70,7 +70,7 @@ class Intensity(Method):
         else:
             counts = torch.histc(x, bins=self.bins, min=0.0, max=1.0) + 1.0  # add-one smoothing
             self.rarity = -(counts / counts.sum()).log()
-        self.fit_info.update(train_images=len(features))
+        self.fit_record.details.update(train_images=len(features))
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:
         x = features.maps[PIXELS][:, 0].float()  # (B, S, S)

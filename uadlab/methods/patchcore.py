@@ -16,7 +16,7 @@ from .. import distributed
 from ..features import PatchFeatures
 from ..progress import Progress, ProgressFn
 from ..layers import KNN_MODES, cached_index
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 
 def neighbourhood_mean(features: PatchFeatures, layers: list[str], patch_size: int = 3,
@@ -416,7 +416,7 @@ class PatchCore(Method):
         bank = self._take(mine, idx, part.start * per_image) if len(mine) else torch.zeros(len(idx), D)
         return distributed.all_reduce_sum(bank)  # each row from its one owner, zeros elsewhere: exact
 
-    def _fit(self, features: PatchFeatures, progress=None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
         """Greedy coreset of ``coreset_ratio`` of all training patches.
 
         Under torchrun (several processes) ``distributed_coreset`` says how: ``"exact"`` (default) is the
@@ -446,9 +446,9 @@ class PatchCore(Method):
             bank = self._select(features, n, W, progress)
         self.memory_bank = bank.contiguous()
         cached_index(self, self.memory_bank, "l2", self.knn, progress)  # built now: the fit, not the first score, pays for it
-        self.fit_info.update(bank_size=int(n), train_patches=int(N), coreset_s=time.perf_counter() - t0,
-                             world_size=distributed.world_size(),
-                             distributed_coreset=self.distributed_coreset if distributed.is_distributed() else None)
+        self.fit_record.details.update(bank_size=int(n), train_patches=int(N), coreset_s=time.perf_counter() - t0,
+                                       world_size=distributed.world_size(),
+                                       distributed_coreset=self.distributed_coreset if distributed.is_distributed() else None)
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:
         x = self._embed(features)

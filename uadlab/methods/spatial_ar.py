@@ -21,7 +21,7 @@ from ..settings import OFFLINE_DEFAULT
 from .. import distributed
 from ..features import PatchFeatures
 from ..trainer import TrainConfig, fingerprint, train
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 MODES = ("four_way", "causal", "bidirectional", "standard")
 NORMALIZE = ("none", "channel")
@@ -214,7 +214,7 @@ class SpatialAR(Method):
     each step; checkpoint selection uses the loss on held-out NORMAL images (``select="val_loss"``) or the
     last epoch (``select="last"``), never the test set as the official code allows; a refit on all normal
     images (the run's ``calibration="refit"``) trains the epoch count the first fit selected
-    (``refit_kwargs``), so the shipped head is the selected one; the "quick" preset uses
+    (``refit_budget``), so the shipped head is the selected one; the "quick" preset uses
     batch 8 (the demo has ~24 training images; the paper trains batch 64 on thousands of slices) and
     ``max_steps=120``, which lowers the number of epochs (never below 1) so that a fit costs at most ~120
     steps on any dataset size; "tiny" (contract tests only) shrinks the model; with a CNN backbone the
@@ -326,10 +326,10 @@ class SpatialAR(Method):
         self.tok_var.copy_(x_all.var((0, 2, 3)).clamp_min(1e-8))
 
     # ---- fit / score ------------------------------------------------------------------------------------
-    def _fit(self, features: PatchFeatures, progress=None, val_features: PatchFeatures | None = None,
-             budget: int | None = None, checkpoint_dir: str | None = None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
         """Train on normal tokens; select the epoch on ``val_features`` (held-out normals), or, with ``budget``
         (a refit), train exactly that many epochs."""
+        val_features, budget, checkpoint_dir = context.val_features, context.budget, context.checkpoint_dir
         x_all = self._tokens(features)  # (N, C, h, w)
         if self.net is None:
             self._build(x_all.shape[1], self.dilations or [self.grid_dilation(x_all.shape[-2:])] * 4)
@@ -360,11 +360,12 @@ class SpatialAR(Method):
                        val_loss=val_loss if x_val is not None else None, checkpoint=ckpt, key=key)
         with torch.no_grad():
             self._fit_normal_stats(x_all)
-        self.fit_info.update(record.to_dict())
+        self.fit_record.train = record
 
-    def refit_kwargs(self) -> dict[str, Any]:
+    def refit_budget(self) -> int | None:
         """A refit on all normal images trains the epoch count this fit selected on its held-out images."""
-        return {"budget": self.fit_info["best_epoch"]} if self.fit_info.get("best_epoch") else {}
+        train = self.fit_record.train
+        return train.best_epoch if train is not None and train.best_epoch else None
 
     def _score(self, features: PatchFeatures) -> AnomalyResult:
         return AnomalyResult(self._maps(self._tokens(features)))  # (B, h, w)

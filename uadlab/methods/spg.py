@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..settings import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..progress import Progress
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 GUIDES = ("global_normal", "global_anomaly", "local_normal", "local_anomaly")  # rows of theta / the guides
 
@@ -229,8 +229,8 @@ class SPG(Method):
         return p.transpose(1, 2).reshape(p.shape[0], 2, *grid)
 
     # ---- training ---------------------------------------------------------------------------------------------
-    def _fit(self, features: PatchFeatures, progress=None, labels: torch.Tensor | None = None,
-             masks: torch.Tensor | None = None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
+        labels, masks = context.labels, context.masks  # the auxiliary set's
         if labels is None:
             raise ValueError("spg is zero-shot: fit needs labels (B,) (and masks (B, H, W) if any) of an auxiliary "
                              "labelled set")
@@ -253,7 +253,7 @@ class SPG(Method):
         t1 = time.perf_counter()
         self._fit_guides(tok, glob, grid, labels.float(), None if masks is None else masks.float(), g, progress,
                          n_sae, total)
-        self.fit_info.update(aux_images=B, aux_anomalous=int((labels > 0).sum()), tokens=B * L, **sae_info,
+        self.fit_record.details.update(aux_images=B, aux_anomalous=int((labels > 0).sum()), tokens=B * L, **sae_info,
                              supervision="image labels only" if masks is None else "pixel masks",
                              sae_s=round(t1 - t0, 2), guide_s=round(time.perf_counter() - t1, 2),
                              top_atoms={k: [[i, round(v, 4)] for i, v in a] for k, a in self.top_atoms(8).items()})

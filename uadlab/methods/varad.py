@@ -23,7 +23,7 @@ from ..settings import OFFLINE_DEFAULT
 from .. import distributed
 from ..features import PatchFeatures
 from ..trainer import TrainConfig, fingerprint, train
-from .base import AnomalyResult, Method, register_method
+from .base import AnomalyResult, FitContext, Method, register_method
 
 DIRECTIONS = ("row", "col", "row_rev", "col_rev")  # scan orders of the token grid
 
@@ -220,7 +220,7 @@ class VarAD(Method):
     Budget (``epochs``, ``patience``, ``min_delta``; ``uadlab.trainer``): training stops when the held-out
     discrepancy has not fallen below ``best * (1 - min_delta)`` for ``patience`` epochs, at most ``epochs``
     epochs. A refit on all normal images (the run's ``calibration="refit"``) trains the epoch count the first
-    fit selected (``refit_kwargs``). Without held-out images the fit trains ``epochs`` epochs.
+    fit selected (``refit_budget``). Without held-out images the fit trains ``epochs`` epochs.
 
     Scoring (``normalize="channel"``, ours, as Spatial AR's): each channel's squared error is divided by its
     mean on the normal training tokens (a diagonal Mahalanobis of the prediction error), so channels that
@@ -401,11 +401,11 @@ class VarAD(Method):
         return dist if per_channel else torch.stack(dist)
 
     # ---- fit / score ----------------------------------------------------------------------------------
-    def _fit(self, features: PatchFeatures, progress=None, val_features: PatchFeatures | None = None,
-             budget: int | None = None, checkpoint_dir: str | None = None, **kw: Any) -> None:
+    def _fit(self, features: PatchFeatures, progress, context: FitContext) -> None:
         """Train on normal tokens until the discrepancy on ``val_features`` (held-out normals) stops falling for
         ``patience`` epochs (at most ``epochs``), keeping the best epoch; with ``budget`` (a refit), train
         exactly that many epochs."""
+        val_features, budget, checkpoint_dir = context.val_features, context.budget, context.checkpoint_dir
         tokens, grid = self._tokens(features)
         dims = [t.shape[-1] for t in tokens]
         if self.hier is None:
@@ -456,13 +456,12 @@ class VarAD(Method):
                     acc += e * len(part)
             for acc, hier in zip(sums, self.hier):
                 hier.err_var.copy_((acc / n).clamp_min(1e-8))
-        info = record.to_dict()
-        info["val_discrepancy"] = info.pop("val_loss")  # the name this head's records have always used
-        self.fit_info.update(info)
+        self.fit_record.train = record  # its held-out loss is the scan-order discrepancy
 
-    def refit_kwargs(self) -> dict[str, Any]:
+    def refit_budget(self) -> int | None:
         """A refit on all normal images trains the epoch count this fit selected on its held-out images."""
-        return {"budget": self.fit_info["best_epoch"]} if self.fit_info.get("best_epoch") else {}
+        train = self.fit_record.train
+        return train.best_epoch if train is not None and train.best_epoch else None
 
     def _maps(self, tokens: list[torch.Tensor], grid: tuple[int, int], normalised: bool = False) -> torch.Tensor:
         """(nh, nd, B, h, w) discrepancy maps for every hierarchy and selected direction."""

@@ -10,7 +10,7 @@ from .. import safety as S
 from .. import tokens
 from ..data import DataError, Dataset
 from ..demo import CATEGORIES
-from ..workspace import Workspace, describe, source_label, thumbnail
+from ..workspace import DataChoice, Workspace, describe, source_label, thumbnail
 from .common import in_panel, open_workspace, reporter, ui_errors
 
 SOURCES = ["Demo (offline)", "Upload", "Local folder", "Hugging Face dataset"]
@@ -48,15 +48,15 @@ class HfSource:
     limit: int | None = 200
     streaming: bool = True  # read only the rows used (a Space must not download a whole dataset)
 
-    def choice(self) -> dict:
-        return {"kind": "hf", **self.__dict__}
+    def choice(self) -> DataChoice:
+        return DataChoice("hf", **self.__dict__)
 
 
 # ---- callbacks (plain functions: the tests call them) --------------------------------------------------------
-def data_view(ws: Workspace, ds: Dataset, choice: dict):
+def data_view(ws: Workspace, ds: Dataset, choice: DataChoice):
     """(summary, preview gallery, skipped files, category picker) of the current data."""
     s = ds.summary()
-    cats = ws.data.categories(choice) if choice.get("kind") != "hf" else ds.categories
+    cats = ws.data.categories(choice) if choice.kind != "hf" else ds.categories
     md = (f"**{S.public_text(source_label(choice))}** · dataset `{S.public_text(ds.name)}` · categories: "
           f"{', '.join(s['categories'])}\n\n"
           f"| train (normal) | test normal | test anomalous | test unlabelled | masks | skipped files |\n"
@@ -65,7 +65,7 @@ def data_view(ws: Workspace, ds: Dataset, choice: dict):
     preview = [(thumbnail(x), f"train · {x.name}") for x in ds.train[:8]]
     preview += [(thumbnail(x), f"test · {describe(x)} · {x.name}")
                 for x in ds.test[:: max(1, len(ds.test) // 16)][:16]]
-    category = choice.get("category") if choice.get("category") in cats else "all"
+    category = choice.category if choice.category in cats else "all"
     return md, preview, bad_files(ds.warnings), gr.update(choices=["all"] + cats, value=category)
 
 
@@ -77,22 +77,21 @@ def bad_files(warnings: list[str]) -> str:
               + S.public_text("\n".join(f"- {w[len('skipped '):]}" for w in skipped[:50])))] if skipped else \
         ["No bad files."]
     if notes:
-        parts.append(f"**Notes ({len(notes)})** : warnings, no file was skipped for them\n\n"
+        parts.append(f"**Notes ({len(notes)})**: warnings, no file was skipped for them\n\n"
                      + S.public_text("\n".join(f"- {w}" for w in notes[:20])))
     return "\n\n".join(parts)
 
 
-def _open(ws: Workspace, choice: dict, category: str | None, token: str | None = None, new_upload: bool = False,
+def _open(ws: Workspace, choice: DataChoice, category: str | None, token: str | None = None, new_upload: bool = False,
           progress=None):
-    choice["category"] = category or "all"
-    if choice["kind"] != "demo" and category in CATEGORIES:
-        choice["category"] = "all"  # the demo's default category means nothing for other data
+    # the demo's default category means nothing for other data
+    choice = choice.with_category("all" if choice.kind != "demo" and category in CATEGORIES else category or "all")
     return data_view(ws, ws.data.set(choice, token=token, new_upload=new_upload, progress=progress), choice)
 
 
 @ui_errors
 def on_load_demo(user: str, category: str):
-    return _open(open_workspace(user), {"kind": "demo"}, category)
+    return _open(open_workspace(user), DataChoice("demo"), category)
 
 
 @ui_errors
@@ -112,7 +111,7 @@ def on_load_upload(user: str, category: str, upload: Upload):
 
 @ui_errors
 def on_load_folder(user: str, category: str, folder: str):
-    return _open(open_workspace(user), {"kind": "folder", "path": folder}, category)
+    return _open(open_workspace(user), DataChoice("folder", path=folder), category)
 
 
 @ui_errors
@@ -126,12 +125,12 @@ def on_load_hf(user: str, category: str, source: HfSource, hf_token: str | None,
 def on_restore_data(user: str):
     """Show the data source of this workspace; a first visit starts on the demo data (brick)."""
     ws = open_workspace(user)
-    choice = ws.data.choice() or {"kind": "demo", "category": CATEGORIES[0]}
+    choice = ws.data.choice() or DataChoice("demo", category=CATEGORIES[0])
     try:
         ds = ws.data.set(choice)
     except DataError as e:
         gr.Warning(f"could not reopen the last data source: {S.public_text(str(e))}")
-        choice = {"kind": "demo", "category": CATEGORIES[0]}
+        choice = DataChoice("demo", category=CATEGORIES[0])
         ds = ws.data.set(choice)
     return data_view(ws, ds, choice)
 

@@ -5,6 +5,7 @@ import gradio as gr
 
 from .. import safety as S
 from ..workspace import Workspace, examples, new_user_id, source_label, valid_user_id
+from ..workspace.runs import run_data
 from .common import open_workspace, ui_errors
 
 INTRO = """## uadlab: unsupervised anomaly detection lab
@@ -41,7 +42,7 @@ def on_refresh_runs(user: str, current: str | None):
 
 def run_summary(ws: Workspace, run_id: str) -> str:
     run = ws.runs.get(run_id)
-    data = run.meta.get("data")
+    data = run_data(run.meta)
     backbones = "`, `".join(dict.fromkeys(i.backbone for i in run.config.inputs_list()))  # a paper run may hold several
     return (f"**{S.public_text(source_label(data)) if data else '?'}** · backbone `{backbones}` · "
             f"preset {run.config.preset} · image {run.config.image_size} px · methods {', '.join(run.heads)}")

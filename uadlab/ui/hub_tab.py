@@ -49,7 +49,7 @@ def on_hub_score(repo_id: str, token: str | None, method: str, files: list[str] 
     from ..postprocess import Calibration
 
     # what 1.0 promises for this head, or why it promises nothing (too few held-out images when it was trained)
-    statement = Calibration.from_dict(head.fit_info.get("calibration")).statement
+    statement = (head.fit_record.calibration or Calibration.from_dict(None)).statement
     return gallery, f"**{head.name}** on `{head.backbone}`: {len(images)} images scored.\n\n{statement}"
 
 

@@ -35,7 +35,7 @@ from . import examples
 from .annotations import Annotations
 from .runs import Runs
 from .session import JOBS, browser_secret, expire_workspaces, new_user_id, start_sweeper, sweep, valid_user_id
-from .sources import DataSources, dataset_key, default_selection, describe, source_label, thumbnail
+from .sources import DataChoice, DataSources, dataset_key, default_selection, describe, source_label, thumbnail
 from .store import AnnotationStore
 
 __all__ = ["JOBS", "Workspace", "browser_secret", "dataset_key", "default_selection", "describe", "examples",

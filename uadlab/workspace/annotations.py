@@ -102,7 +102,7 @@ class Annotations:
         key = dataset_key(choice)
         if not self.store.list(self.user, key):
             raise ValueError("nothing annotated in this dataset yet: save an annotation first")
-        cat = str(choice.get("category") or "annotated")
+        cat = str(choice.category or "annotated")
         cat = "annotated" if cat == "all" else cat
         out = export_path(f"annotations-{cat}-{time.strftime('%Y%m%d-%H%M%S')}.zip")
         return self.store.export_mvtec_zip(self.user, key, out, category=cat, train=ds.train,

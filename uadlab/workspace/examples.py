@@ -61,7 +61,7 @@ class ExampleBuilder:
         from ..data import load_mvtec
         from ..demo import make_demo
         from ..pipeline import Run, RunConfig
-        from .sources import demo_kwargs
+        from .sources import DataChoice, dataset_key, demo_kwargs
 
         folder = examples_dir() / f"example-{_key()}"
         try:
@@ -85,8 +85,8 @@ class ExampleBuilder:
                 run = Run(RunConfig.resolve(list(METHODS), "quick"), workdir=examples_dir())
                 run.run_id, run.dir = folder.name, folder
                 run.fit(ds.train, progress=self._report)
-                data = {"kind": "demo", "category": CATEGORY}
-                extra = {"data": data, "dataset_key": f"demo/{CATEGORY}", "dataset": ds.summary(), "example": True}
+                data = DataChoice("demo", category=CATEGORY)
+                extra = {"data": data.to_dict(), "dataset_key": dataset_key(data), "dataset": ds.summary(), "example": True}
                 run.save(extra)  # heatmaps can show from here on
                 self.state = "scoring the test images"
                 evaluation = run.evaluate(ds.test, progress=self._report)

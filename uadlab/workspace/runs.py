@@ -18,7 +18,7 @@ from ..safety import TRAININGS, QuotaError, disk_usage, export_path, limits, meg
 from ..viz import GridRow, compare_grid
 from .examples import examples_dir
 from .session import ID_RE, LRU
-from .sources import dataset_key, describe, source_label
+from .sources import DataChoice, dataset_key, describe, source_label
 
 if TYPE_CHECKING:
     from ..metrics import Evaluation
@@ -69,8 +69,8 @@ class Runs:
 
     def dataset(self, run_id: str) -> Dataset:
         """The data the run was trained on (its test split is what the screens show)."""
-        choice = self.get(run_id).meta.get("data")
-        if not choice:
+        choice = run_data(self.get(run_id).meta)
+        if choice is None:
             raise DataError(f"run {run_id} does not record its data source")
         return self.ws.data.dataset(choice)
 
@@ -115,7 +115,7 @@ class Runs:
             if labelled:
                 step = Stages(within(progress, 0.85, 0.99), [1]).stage(f"evaluating on {len(labelled)} labelled test images")
                 evaluation = run.evaluate(labelled, progress=step)
-            run.save({"data": choice, "dataset_key": dataset_key(choice), "dataset": ds.summary(),
+            run.save({"data": choice.to_dict(), "dataset_key": dataset_key(choice), "dataset": ds.summary(),
                       "evaluation": evaluation, "estimated_bytes": estimate, "aux_source": aux_source if aux else None,
                       "excluded_from_evaluation": excluded, "n_evaluated": len(labelled)})
             size = disk_usage(run.dir)
@@ -134,7 +134,7 @@ class Runs:
         (never the images its zero-shot heads trained on)."""
         run = self.get(run_id)
         if labels == "annotations":
-            key = run.meta.get("dataset_key") or dataset_key(run.meta.get("data", {}))
+            key = run.meta.get("dataset_key") or dataset_key(run_data(run.meta) or DataChoice("?"))
             excluded = set(run.meta.get("excluded_from_evaluation") or [])
             ds = self.dataset(run_id)
             samples = [s for s in self.ws.annotations.samples(key, images=list(ds.train) + list(ds.test))
@@ -157,8 +157,9 @@ class Runs:
             out.append(f"{len(excluded)} annotated test image{'s' if len(excluded) != 1 else ''} trained the zero-shot "
                        "heads (auxiliary set: annotations) and are excluded from every evaluation of this run.")
         for name, head in run.heads.items():
-            if head.combines_heads and head.fit_info.get("weights"):
-                used = ", ".join(f"{m} ({w:.2f})" for m, w in head.fit_info["weights"].items() if w > 0)
+            weights = head.fit_record.details.get("member_weights") if head.combines_heads else None
+            if weights:
+                used = ", ".join(f"{m} ({w:.2f})" for m, w in weights.items() if w > 0)
                 out.append(f"{name} combines {used} (weights from held-out normal images; no test label used).")
         out += [f"{name}: {cal.statement}" for name, cal in run.calibration.items()]
         return out
@@ -352,11 +353,21 @@ def estimate_run_bytes(run: "Run", train: Sequence[Sample]) -> int:
     return total
 
 
+def run_data(meta: dict[str, Any]) -> DataChoice | None:
+    """The data choice a saved run was trained on (None when its run.json does not record a valid one)."""
+    data = meta.get("data")
+    try:
+        return DataChoice.from_dict(data) if isinstance(data, dict) else None
+    except TypeError:  # no kind: written by hand or damaged
+        return None
+
+
 def run_label(meta: dict[str, Any]) -> str:
     """A run named after its data, methods, backbone and time (``demo/brick · patchcore · ... · 12-01 07:10``)."""
     cfg = meta.get("config", {})
     when = "example" if meta.get("example") else time.strftime("%m-%d %H:%M", time.localtime(meta.get("created", 0)))
-    data = source_label(meta["data"]) if isinstance(meta.get("data"), dict) else meta.get("dataset_key", "?")
+    choice = run_data(meta)
+    data = source_label(choice) if choice is not None else meta.get("dataset_key", "?")
     return f"{data} · {'+'.join(cfg.get('methods', []))} · {cfg.get('backbone')} · {when}"
 
 

@@ -1,5 +1,5 @@
 """Data sources of a workspace: the demo, uploads (zip or loose files), allowed server folders and Hugging
-Face datasets. A source is a JSON-able *choice* (``{"kind": "demo" | "upload" | "folder" | "hf", ...}``);
+Face datasets. A source is a ``DataChoice`` (kind "demo" | "upload" | "folder" | "hf" and what that kind needs);
 the current one is kept in ``data.json`` (never a token) and its Dataset in a process-wide LRU."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from PIL import Image
@@ -30,44 +31,94 @@ if TYPE_CHECKING:
 _DATASETS = LRU(16)  # (user, data choice json) -> Dataset (lazy samples: cheap)
 
 
+KINDS = ("demo", "upload", "folder", "hf")
+_HF_FIELDS = ("repo", "config", "split", "test_split", "image_column", "label_column", "mask_column",
+              "category_column", "limit", "streaming")
+
+
+@dataclass(frozen=True)
+class DataChoice:
+    """What data a workspace reads: JSON in ``data.json`` and in a run's ``run.json`` (``to_dict``/``from_dict``).
+
+    Attributes:
+        kind: "demo", "upload" (``id``, shown as ``label``), "folder" (an allowed server ``path``) or "hf"
+            (a Hugging Face dataset ``repo`` and how to read it: ``config`` ... ``streaming``).
+        category: one category of the source, or "all" / None for every one.
+    """
+
+    kind: str
+    category: str | None = None
+    path: str | None = None
+    id: str | None = None
+    label: str | None = None
+    repo: str | None = None
+    config: str | None = None
+    split: str | None = None
+    test_split: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    mask_column: str | None = None
+    category_column: str | None = None
+    limit: int | None = None
+    streaming: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: the kind, the category and the fields of that kind (the Hugging Face form's whole
+        form, as earlier versions wrote it: its spool folder is named by it)."""
+        own = {"demo": (), "upload": ("id", "label"), "folder": ("path",), "hf": _HF_FIELDS}.get(self.kind, ())
+        d = {"kind": self.kind, **{k: getattr(self, k) for k in own if self.kind == "hf" or getattr(self, k) is not None}}
+        if self.category is not None:
+            d["category"] = self.category
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataChoice":
+        """A choice of a ``data.json`` or ``run.json`` object (keys it does not know, such as a token, are dropped)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def with_category(self, category: str | None) -> "DataChoice":
+        return replace(self, category=category)
+
+
 def demo_kwargs() -> dict[str, Any]:
     """Arguments of ``make_demo`` for the app's demo data (env ``UADLAB_DEMO`` as JSON, e.g. smaller for tests)."""
     raw = settings.demo_settings()
     return json.loads(raw) if raw.strip() else {}
 
 
-def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None,
+def open_source(choice: DataChoice, uploads: Path, token: str | None = None,
                 progress: ProgressFn | None = None) -> Dataset:
     """A dataset from a data choice, category applied (``progress``: the rows of a streamed dataset)."""
-    kind = choice.get("kind")
+    kind = choice.kind
     if kind == "demo":
         from ..demo import make_demo
 
         ds = load_mvtec(make_demo(**demo_kwargs()), skip_bad=True)
         ds.name = "demo"
     elif kind == "folder":
-        p = resolve_local_folder(str(choice.get("path") or ""))
+        p = resolve_local_folder(str(choice.path or ""))
         ds = _confined(load_unpacked(p, skip_bad=True), p)
     elif kind == "upload":
-        uid = str(choice.get("id", ""))
+        uid = str(choice.id or "")
         if not ID_RE.match(uid) or not (uploads / uid).is_dir():
             raise DataError(f"upload {uid!r} is no longer in this workspace: upload it again")
         ds = _open_upload(uploads / uid)
     elif kind == "hf":
-        repo = hub_id(choice.get("repo"), "dataset")
-        opt = lambda k: (str(choice.get(k) or "").strip() or None)  # noqa: E731
+        repo = hub_id(choice.repo, "dataset")
+        opt = lambda v: (str(v or "").strip() or None)  # noqa: E731
         cap = limits().upload_images
-        spool = hf_spool(uploads, choice) if choice.get("streaming", True) else None
-        ds = load_hf(repo, split=opt("split") or "train", test_split=opt("test_split"),
-                     image_column=opt("image_column") or "image", label_column=opt("label_column"),
-                     mask_column=opt("mask_column"), category_column=opt("category_column"), config=opt("config"),
-                     token=token or None, limit=min(int(choice.get("limit") or cap), cap), skip_bad=True,
+        spool = hf_spool(uploads, choice) if choice.streaming else None
+        ds = load_hf(repo, split=opt(choice.split) or "train", test_split=opt(choice.test_split),
+                     image_column=opt(choice.image_column) or "image", label_column=opt(choice.label_column),
+                     mask_column=opt(choice.mask_column), category_column=opt(choice.category_column),
+                     config=opt(choice.config), token=token or None, limit=min(int(choice.limit or cap), cap), skip_bad=True,
                      streaming=spool is not None, spool=spool, progress=progress)
         if spool is not None and spool.exists():
             os.utime(spool)  # in use: not pruned (``DataSources._prune_streamed``)
     else:
         raise DataError(f"unknown data source {kind!r}")
-    cat = choice.get("category")
+    cat = choice.category
     if cat and cat != "all" and len(ds.categories) > 1:
         if cat not in ds.categories:
             raise DataError(f"{ds.name}: no category {cat!r} (have {', '.join(ds.categories)})")
@@ -75,10 +126,10 @@ def open_source(choice: dict[str, Any], uploads: Path, token: str | None = None,
     return ds
 
 
-def hf_spool(uploads: Path, choice: dict[str, Any]) -> Path:
+def hf_spool(uploads: Path, choice: DataChoice) -> Path:
     """Where the streamed rows of a Hugging Face choice are written: this user's workspace, one folder per
     dataset choice (whatever its category)."""
-    key = json.dumps({k: v for k, v in choice.items() if k != "category"}, sort_keys=True)
+    key = json.dumps({k: v for k, v in choice.to_dict().items() if k != "category"}, sort_keys=True)
     return uploads.parent / "hf" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -131,20 +182,18 @@ def scan_voxels(paths: Iterable[str | os.PathLike]) -> int:
     return sum(medical.declared_voxels(p) for p in paths if medical.medical_kind(p))
 
 
-def dataset_key(choice: dict[str, Any]) -> str:
+def dataset_key(choice: DataChoice) -> str:
     """A stable name of a data choice, used to key annotations (e.g. ``demo/brick``)."""
-    kind = choice.get("kind", "?")
-    base = {"demo": "demo", "folder": f"folder:{choice.get('path', '')}", "upload": f"upload:{choice.get('id', '')}",
-            "hf": f"hf:{choice.get('repo', '')}"}.get(kind, kind)
-    return f"{base}/{choice.get('category') or 'all'}"
+    base = {"demo": "demo", "folder": f"folder:{choice.path or ''}", "upload": f"upload:{choice.id or ''}",
+            "hf": f"hf:{choice.repo or ''}"}.get(choice.kind, choice.kind)
+    return f"{base}/{choice.category or 'all'}"
 
 
-def source_label(choice: dict[str, Any]) -> str:
+def source_label(choice: DataChoice) -> str:
     """What a person calls a data choice: ``demo/brick``, ``bottle.zip/all``, ``owner/name/all``."""
-    kind = choice.get("kind")
-    base = {"demo": "demo", "folder": Path(str(choice.get("path") or "folder")).name, "hf": str(choice.get("repo")),
-            "upload": str(choice.get("label") or "upload")}.get(kind, str(kind))
-    return f"{base}/{choice.get('category') or 'all'}"
+    base = {"demo": "demo", "folder": Path(choice.path or "folder").name, "hf": str(choice.repo),
+            "upload": choice.label or "upload"}.get(choice.kind, choice.kind)
+    return f"{base}/{choice.category or 'all'}"
 
 
 def _scan_of(s: Sample) -> str | None:
@@ -213,24 +262,24 @@ class DataSources:
         self.uploads = ws.dir / "uploads"
         self.uploads.mkdir(parents=True, exist_ok=True)
 
-    def choice(self) -> dict[str, Any] | None:
-        """The current data choice (None before the first load)."""
+    def choice(self) -> DataChoice | None:
+        """The current data choice (None before the first load, or when data.json is damaged)."""
         p = self.ws.dir / "data.json"
         try:
-            return json.loads(p.read_text()) if p.exists() else None
-        except (OSError, json.JSONDecodeError):
+            return DataChoice.from_dict(json.loads(p.read_text())) if p.exists() else None
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
 
-    def dataset(self, choice: dict[str, Any] | None = None, token: str | None = None,
+    def dataset(self, choice: DataChoice | None = None, token: str | None = None,
                 progress: ProgressFn | None = None) -> Dataset:
         """The dataset of ``choice`` (default: the current one), cached per user."""
         choice = choice or self.choice()
         if choice is None:
             raise DataError("no data loaded yet: choose a data source in the Data tab")
-        key = (self.ws.user, json.dumps(choice, sort_keys=True))
+        key = (self.ws.user, json.dumps(choice.to_dict(), sort_keys=True))
         return _DATASETS.get(key, lambda: open_source(choice, self.uploads, token, progress))
 
-    def set(self, choice: dict[str, Any], token: str | None = None, new_upload: bool = False,
+    def set(self, choice: DataChoice, token: str | None = None, new_upload: bool = False,
             progress: ProgressFn | None = None) -> Dataset:
         """Open a data source, make it the current one (saved to disk, without any token) and return it.
 
@@ -238,9 +287,8 @@ class DataSources:
             new_upload: ``choice`` is an upload just added: when it does not open, its folder is removed at once
                 (nothing could choose it again).
         """
-        choice = {k: v for k, v in choice.items() if k != "token"}
-        _DATASETS.drop(lambda k: k == (self.ws.user, json.dumps(choice, sort_keys=True)))
-        if choice.get("kind") == "hf":
+        _DATASETS.drop(lambda k: k == (self.ws.user, json.dumps(choice.to_dict(), sort_keys=True)))
+        if choice.kind == "hf":
             self._prune_streamed(keep=hf_spool(self.uploads, choice))
             self.ws.check_disk()  # streamed rows are written into the workspace
         try:
@@ -248,10 +296,10 @@ class DataSources:
             if not ds.train and not ds.test:
                 raise DataError(f"{ds.name}: no usable images")
         except Exception:
-            if new_upload and choice.get("kind") == "upload" and ID_RE.match(str(choice.get("id", ""))):
-                shutil.rmtree(self.uploads / choice["id"], ignore_errors=True)
+            if new_upload and choice.kind == "upload" and ID_RE.match(str(choice.id or "")):
+                shutil.rmtree(self.uploads / choice.id, ignore_errors=True)
             raise
-        write_atomic(self.ws.dir / "data.json", json.dumps(choice))  # two tabs may write at once
+        write_atomic(self.ws.dir / "data.json", json.dumps(choice.to_dict()))  # two tabs may write at once
         return ds
 
     def _prune_streamed(self, keep: Path, idle_s: float = 3600) -> None:
@@ -261,23 +309,23 @@ class DataSources:
             if d != keep and d.is_dir() and time.time() - d.stat().st_mtime > idle_s:
                 shutil.rmtree(d, ignore_errors=True)
 
-    def categories(self, choice: dict[str, Any]) -> list[str]:
+    def categories(self, choice: DataChoice) -> list[str]:
         """Every category of the choice's source (the choice itself may be one of them)."""
-        return self.dataset({**choice, "category": "all"}).categories
+        return self.dataset(choice.with_category("all")).categories
 
-    def auxiliary(self, choice: dict[str, Any], source: str) -> list[Sample]:
+    def auxiliary(self, choice: DataChoice, source: str) -> list[Sample]:
         """The auxiliary labelled set of zero-shot methods: other categories' test images, or annotations."""
         if source == "annotations":
             aux = self.ws.annotations.samples(dataset_key(choice), require_masks=True)
             where = "your annotations of this dataset"
         else:
-            cat = choice.get("category")
+            cat = choice.category
             if not cat or cat == "all":
                 raise DataError("the auxiliary set 'other categories' needs one target category: choose a category "
                                 "in the Data tab (the others then serve as the labelled set), or use annotations")
             from ..pipeline import auxiliary_set
 
-            aux = auxiliary_set(self.dataset({**choice, "category": "all"}), [cat])
+            aux = auxiliary_set(self.dataset(choice.with_category("all")), [cat])
             where = "the other categories' test images"
         if not any(s.label == 1 for s in aux) or not any(s.label == 0 for s in aux):
             raise DataError(f"a zero-shot method needs an auxiliary labelled set with normal and anomalous "
@@ -285,7 +333,7 @@ class DataSources:
         return aux
 
     # ---- uploads --------------------------------------------------------------------------------------------
-    def add_zip(self, zip_path: str | os.PathLike) -> dict[str, Any]:
+    def add_zip(self, zip_path: str | os.PathLike) -> DataChoice:
         """Unpack an uploaded zip (safely, within the limits) into a new upload folder; return its data choice."""
         try:
             with zipfile.ZipFile(zip_path) as zf:
@@ -305,10 +353,10 @@ class DataSources:
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
-        return {"kind": "upload", "id": uid, "label": Path(zip_path).name}
+        return DataChoice("upload", id=uid, label=Path(zip_path).name)
 
     def add_files(self, train: Sequence[str], test: Sequence[str] = (), masks: Sequence[str] = (),
-                  unmasked_test_normal: bool = False) -> dict[str, Any]:
+                  unmasked_test_normal: bool = False) -> DataChoice:
         """Copy uploaded loose images into a new upload folder; return its data choice.
 
         Masks pair with test images by file stem (``x.png`` <-> ``x.png`` or ``x_mask.png``); a test image with
@@ -342,4 +390,4 @@ class DataSources:
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
-        return {"kind": "upload", "id": root.name, "label": f"{len(train)} + {len(test)} uploaded images"}
+        return DataChoice("upload", id=root.name, label=f"{len(train)} + {len(test)} uploaded images")

@@ -171,6 +171,27 @@ def test_switches_change_the_output():
         create_method("varad", directions=["diagonal"])
 
 
+def test_direction_fusion_min_mean_max():
+    """The default keeps, per token, the smallest discrepancy over the scan orders (the fusion only changes the
+    scoring, so one trained head gives all three): min <= mean <= max everywhere, and not all equal."""
+    train, test = _texture(8, 0), _texture(2, 1)
+    head = create_method("varad", **{**TINY, "epochs": 1}).fit(train)
+    assert head.direction_fusion == "min"
+    fused = {}
+    for mode in ("min", "mean", "max"):
+        head.direction_fusion = mode
+        fused[mode] = head.score(test).patch_map
+    assert (fused["min"] <= fused["mean"] + 1e-6).all() and (fused["mean"] <= fused["max"] + 1e-6).all()
+    assert (fused["mean"] - fused["min"]).max() > 1e-3
+    head.direction_fusion = "min"
+    tokens, grid = head._tokens(test)
+    with torch.no_grad():
+        per_dir = head._maps(tokens, grid, normalised=True)  # (nh, nd, B, h, w)
+    torch.testing.assert_close(fused["min"], per_dir.amin(1).mean(0))
+    with pytest.raises(ValueError, match="direction_fusion"):
+        create_method("varad", direction_fusion="median")
+
+
 def test_trains_until_the_held_out_loss_stops_falling_and_refits_to_that_budget():
     """Issue 25: the budget is what the model needs (patience on held-out normals, with a cap), and a refit on
     all normals trains the selected epoch count."""

@@ -25,7 +25,8 @@ import time
 import numpy as np
 import torch
 
-from uadlab.backbones import OFFLINE_DEFAULT, Backbone, backbone_spec
+from uadlab.backbones import Backbone, backbone_spec
+from uadlab.settings import OFFLINE_DEFAULT
 from uadlab.data import load_mvtec
 from uadlab.methods import get_method_class
 from uadlab.metrics import image_metrics, pixel_metrics

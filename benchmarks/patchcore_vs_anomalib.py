@@ -1,6 +1,6 @@
 """uadlab's PatchCore against anomalib 2.7's, on the same backbone features, in one process.
 
-The backbone runs ONCE: uadlab's EfficientNet-Lite0 (``uadlab.backbones.OFFLINE_DEFAULT``, the packaged ImageNet
+The backbone runs ONCE: uadlab's EfficientNet-Lite0 (``uadlab.settings.OFFLINE_DEFAULT``, the packaged ImageNet
 weights) gives the stage2 + stage3 maps that uadlab's PatchCore reads (``PatchCore.layers_for``). Both heads are
 then fit on those maps, one after the other, on the same threads:
 
@@ -72,7 +72,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # anomalib's coreset loop draws a tq
 import numpy as np
 import torch
 
-from uadlab.backbones import OFFLINE_DEFAULT, Backbone, backbone_spec
+from uadlab.backbones import Backbone, backbone_spec
+from uadlab.settings import OFFLINE_DEFAULT
 from uadlab.data import Sample, load_mvtec
 from uadlab.demo import make_demo
 from uadlab.features import PatchFeatures

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -99,6 +100,20 @@ def test_train_compare_threshold(app, trained):
     assert "No images" in empty and fig is None and tab is None
     runs = app.header.on_refresh_runs(user, None)
     assert runs["value"] == run_id  # the saved run is listed (it survives a restart: it is on disk)
+
+
+def test_compare_says_small_samples_and_drops_old_numbers(app, trained):
+    """The demo's few test images: the metrics carry intervals and counts, and the status says they are not
+    meaningful; switching to labels that give no metrics (no annotations yet) empties the table."""
+    user, run_id, _, _ = trained
+    names = app.on_run_change(user, run_id)[0]["value"]
+    viewer, fig, tab, status = app.compare.on_show(user, run_id, names, "dataset labels")
+    n_normal, n_anomalous = int(tab["n normal"][0]), int(tab["n anomalous"][0])
+    assert 0 < n_normal < 10 and n_anomalous > 0 and "not meaningful" in tab["note"][0]
+    assert "Small sample" in status and re.fullmatch(r"[01]\.\d{3}–[01]\.\d{3}", tab["image AUROC 95% CI"][0])
+    viewer2, fig2, tab2, status2 = app.compare.on_show(user, run_id, names, "my annotations")
+    assert tab2 is None and fig2 is None and "no annotations" in status2  # not the dataset's numbers
+    assert viewer2 == viewer  # the viewer still shows the chosen images
 
 
 def test_annotate_save_reload_export_and_labels(app, trained):

@@ -19,6 +19,33 @@ def test_bench_writes_all_columns(tiny_demo, tmp_path, capsys):
             "aupro", "fit_s", "backbone_ms", "head_ms", "head_mb", "peak_rss_mb"}
     assert all(keys <= set(r) for r in rows) and len(rows) == 2 * 2 + 2
     assert all(0 <= r["image_auroc"] <= 1 and r["backbone_ms"] > 0 and r["head_ms"] > 0 for r in rows)
+    # every AUROC / AP with its bootstrap 95% interval and the test images behind it; 4 normal images per
+    # category are too few: the table marks the values and says why
+    for r in rows[:4]:
+        lo, hi = r["image_auroc_ci"]
+        assert lo <= r["image_auroc"] <= hi and r["pixel_auroc_ci"][0] <= r["pixel_auroc"] <= r["pixel_auroc_ci"][1]
+        assert (r["n_normal"], r["n_anomalous"]) == (4, 8) and "not meaningful" in r["note"]
+    assert rows[-1]["category"] == "mean" and rows[-1]["n_normal"] == 8
+    assert "†" in table and "not meaningful: fewer than 10" in table and "[bootstrap 95% interval" in table
+
+
+def test_bench_multi_class_limit_per_category_and_seeds(tiny_demo, tmp_path, capsys):
+    """``--multi-class --train-limit N`` trains one model on N images of EACH category; ``--seeds K`` repeats
+    with K seeds: mean, standard deviation and the values per seed."""
+    out = tmp_path / "s.json"
+    assert main(["bench", "--data", str(tiny_demo), "--methods", "patchcore", "--categories", "brick,grass",
+                 "--multi-class", "--train-limit", "3", "--seeds", "2", "--image-size", "64", "--preset", "tiny",
+                 "--param", "patchcore.coreset_ratio=0.05", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("fitting patchcore on 6 normal images") == 2  # 3 brick + 3 grass, once per seed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["category"] for r in rows] == ["brick", "grass", "mean"]
+    for r in rows:
+        assert r["seeds"] == 2 and len(r["image_auroc_seeds"]) == 2
+        assert r["image_auroc"] == pytest.approx(sum(r["image_auroc_seeds"]) / 2)
+        assert r["image_auroc_std"] >= 0
+    # the seeds reach the heads: a 5% coreset of another start and another split of the normals
+    assert any(len(set(r["pixel_auroc_seeds"])) == 2 for r in rows)
 
 
 def test_bench_multi_class_and_missing_masks(tiny_demo, tmp_path, capsys):

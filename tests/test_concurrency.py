@@ -11,7 +11,7 @@ import traceback
 import torch
 
 from uadlab.features import FeatureCache, PatchFeatures
-from uadlab.store import AnnotationStore
+from uadlab.workspace.store import AnnotationStore
 
 THREADS, THREAD_ITERS, PROCS, PROC_ITERS = 4, 20, 2, 10
 FP, KEY = "tiny|packaged|64->64|stage2", "k" * 32

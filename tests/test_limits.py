@@ -143,7 +143,7 @@ def test_zip_unpacks_only_images_and_says_so(tmp_path, monkeypatch):
 
 
 def test_notes_have_a_size_limit(tmp_path):
-    from uadlab.store import MAX_NOTE_CHARS, AnnotationStore
+    from uadlab.workspace.store import MAX_NOTE_CHARS, AnnotationStore
     from uadlab.ui.annotate_tab import _short
 
     store = AnnotationStore(tmp_path / "a.sqlite")

@@ -172,3 +172,9 @@ def test_flat_index_matches_brute_force_across_chunks(metric):
     ref_d, ref_i = full.topk(3, dim=1, largest=metric == "ip")
     assert torch.equal(i, ref_i)
     torch.testing.assert_close(d, ref_d, rtol=1e-4, atol=1e-4)
+
+
+def test_distributed_coreset_choice_is_checked():
+    assert create_method("patchcore", distributed_coreset="two_round").distributed_coreset == "two_round"
+    with pytest.raises(ValueError, match="distributed_coreset"):
+        create_method("patchcore", distributed_coreset="approx")

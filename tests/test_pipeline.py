@@ -121,7 +121,7 @@ def test_ensemble_combines_calibrated_members(fitted, tmp_path):
 def test_settings_resolved_once():
     """The paper preset brings each method's backbone and geometry unless the user chose them; defaults from one
     place; papers that disagree give a run of several backbones, never a silent fallback."""
-    from uadlab.backbones import OFFLINE_DEFAULT
+    from uadlab.settings import OFFLINE_DEFAULT
     from uadlab.pipeline import Inputs
     from uadlab.settings import DEFAULT_IMAGE_SIZE
 

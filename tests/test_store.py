@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from uadlab.data import load_mvtec
-from uadlab.store import AnnotationStore
+from uadlab.workspace.store import AnnotationStore
 
 
 @pytest.fixture

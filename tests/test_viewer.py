@@ -160,11 +160,29 @@ def test_metrics_frame_is_numeric_and_sorts_as_numbers():
                "b": {"image_auroc": 0.85, "pixel_auroc": 0.97, "head_ms": None},
                "c": {"image_auroc": 0.95123, "pixel_auroc": 0.9}}
     frame = viz.metrics_frame(results)
-    assert list(frame.columns) == ["method"] + [label for _, label in viz.METRIC_COLUMNS]
+    assert list(frame.columns) == ["method"] + [label for _, label in viz.table_columns()]
     assert all(str(frame[label].dtype) == "float64" for _, label in viz.METRIC_COLUMNS)
     assert frame["pixel AUROC"].isna().tolist() == [True, False, False] and frame["ms / image"].isna().all()
     assert frame.sort_values("image AUROC")["method"].tolist() == ["b", "a", "c"]  # 0.85 < 0.9 < 0.951
     assert frame.loc[2, "image AUROC"] == 0.951 and frame.loc[0, "fit s"] == 12.3
+
+
+def test_metrics_frame_shows_intervals_counts_and_small_samples():
+    """Every AUROC / AP has its 95% interval beside it, with n normal / n anomalous; fewer than 10 images of a
+    class: the row says the number is not meaningful (intervals from a saved run are JSON lists)."""
+    from uadlab.metrics import Interval
+
+    results = {"small": {"image_auroc": 1.0, "image_auroc_ci": Interval(1.0, 1.0), "n_normal": 1, "n_anomalous": 1},
+               "big": {"image_auroc": 0.9, "image_auroc_ci": [0.85, 0.95], "pixel_ap_ci": [float("nan")] * 2,
+                       "n_normal": 40, "n_anomalous": 12}}
+    frame = viz.metrics_frame(results)
+    cols = list(frame.columns)
+    assert cols[cols.index("image AUROC") + 1] == "image AUROC 95% CI" and "pixel AP 95% CI" in cols
+    assert frame["image AUROC 95% CI"].tolist() == ["1.000–1.000", "0.850–0.950"]
+    assert frame["pixel AP 95% CI"].tolist() == ["–", "–"]  # no masks: missing
+    assert frame["n normal"].tolist() == [1, 40] and frame["n anomalous"].tolist() == [1, 12]
+    assert "not meaningful" in frame["note"][0] and frame["note"][1] == ""
+    assert "Small sample" in viz.small_sample_note(results) and viz.small_sample_note({"big": results["big"]}) == ""
 
 
 def test_scan_items_carry_values_window_and_volume():

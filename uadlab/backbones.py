@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,9 +23,10 @@ from PIL import Image
 
 from . import tokens
 from .errors import UadlabError
-from .features import PatchFeatures
+from .features import PIXELS, PatchFeatures
+from .lru import LRU
 from .progress import Progress, ProgressFn
-from .settings import DEFAULT_IMAGE_SIZE  # noqa: F401 - re-exported: the network input side by default
+from .settings import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT
 from .tokens import Token
 
 # short name -> timm model name (with pretrained tag)
@@ -44,8 +43,6 @@ SHORT_NAMES: dict[str, str] = {
     "efficientnet_lite0": "tf_efficientnet_lite0",
     "wide_resnet50_2": "wide_resnet50_2.tv_in1k",  # torchvision's ImageNet weights, as in PatchCore; stage2/3 = layer2/3
 }
-OFFLINE_DEFAULT = "efficientnet_lite0"
-PIXELS = "pixels"  # the pseudo-layer of input intensities
 
 
 class BackboneWeightsError(UadlabError, RuntimeError):
@@ -252,28 +249,19 @@ class Backbone(torch.nn.Module):
         return PatchFeatures.cat(out)
 
 
-_SHARED: "OrderedDict[tuple, Backbone]" = OrderedDict()
-_SHARED_LOCK = threading.Lock()
+_SHARED: "LRU[Backbone]" = LRU(2)
 
 
 def shared_backbone(name: str, layers: Sequence[str], image_size: int = DEFAULT_IMAGE_SIZE, resize: int | None = None,
-                    weights: str = "default", token: Token = None, keep: int = 2) -> Backbone:
-    """A frozen backbone shared by every run of the process (the ``keep`` most recently used stay loaded).
+                    weights: str = "default", token: Token = None) -> Backbone:
+    """A frozen backbone shared by every run of the process (the two most recently used stay loaded).
 
     Backbones are read-only after loading, so runs, app sessions and heads pulled from the Hub can share
     one copy; the token only unlocks gated weights and is not part of the key.
     """
     key = (resolve_name(name), tuple(layers), int(image_size), resize, weights)
-    with _SHARED_LOCK:
-        if key in _SHARED:
-            _SHARED.move_to_end(key)
-            return _SHARED[key]
-    bb = Backbone(name, layers=list(layers), image_size=image_size, resize=resize, weights=weights, token=token)
-    with _SHARED_LOCK:
-        _SHARED[key] = bb
-        while len(_SHARED) > keep:
-            _SHARED.popitem(last=False)
-    return bb
+    return _SHARED.get(key, lambda: Backbone(name, layers=list(layers), image_size=image_size, resize=resize,
+                                             weights=weights, token=token))
 
 
 def create_backbone(name: str = OFFLINE_DEFAULT, **kwargs) -> Backbone:

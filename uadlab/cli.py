@@ -234,7 +234,7 @@ def cmd_bench(a) -> int:
     rows = run_bench(a.data, run_config(a, a.methods.split(",")),
                      categories=a.categories.split(",") if a.categories else None, multi_class=a.multi_class,
                      train_limit=a.train_limit, cache=feature_cache(a), progress=_progress_bar, data_kwargs=_hf(a),
-                     log=lambda m: print(m, file=sys.stderr) if main_rank else None)
+                     log=lambda m: print(m, file=sys.stderr) if main_rank else None, seeds=a.seeds)
     if main_rank:
         print(markdown(rows))
     if a.json and main_rank:
@@ -283,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, "demo | FOLDER (MVTec layout) | hf:REPO_ID")
     p.add_argument("--methods", default="patchcore,anomalydino")
     p.add_argument("--multi-class", action="store_true", help="one model for all categories")
-    p.add_argument("--train-limit", type=_positive, default=None)
+    p.add_argument("--train-limit", type=_positive, default=None, metavar="N",
+                   help="the first N normal training images of each category (also with --multi-class)")
+    p.add_argument("--seeds", type=_positive, default=1, metavar="K", help="repeat with seeds SEED .. SEED+K-1 "
+                   "(the split of the normals and every method's seed): each metric's mean and standard deviation")
     p.add_argument("--json", default=None)
     _common(p)
     p.set_defaults(func=cmd_bench)

@@ -7,7 +7,8 @@ code that calls them reads the same either way:
 - ``init()`` joins the process group that torchrun describes in ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...;
 - ``shard(n)`` is this rank's contiguous part of ``n`` items (sizes differ by at most one, any n);
 - ``all_gather_cat(t)`` concatenates every rank's tensor along dim 0 in rank order (sizes may differ), so
-  gathering the shards of ``shard`` gives back the one-process order.
+  gathering the shards of ``shard`` gives back the one-process order;
+- ``all_gather_stack(t)`` stacks every rank's same-shaped tensor, ``all_reduce_sum(t)`` sums them.
 """
 from __future__ import annotations
 
@@ -76,6 +77,27 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(pad) for _ in sizes]
     dist.all_gather(parts, pad)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(t.device)
+
+
+def all_gather_stack(t: torch.Tensor) -> torch.Tensor:
+    """(world, *t.shape): every rank's ``t`` (same shape and dtype on every rank) in rank order; ``t[None]`` in
+    one process."""
+    if not is_distributed():
+        return t[None]
+    dev = _device()
+    parts = [torch.empty_like(t, device=dev) for _ in range(world_size())]
+    dist.all_gather(parts, t.to(dev))
+    return torch.stack(parts).to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``t`` over ranks (a new tensor); ``t`` itself in one process. Where only one rank
+    holds a non-zero value, the sum is that value exactly (x + 0 = x)."""
+    if not is_distributed():
+        return t
+    out = t.to(_device(), copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
 
 
 def all_reduce_mean(x: float) -> float:

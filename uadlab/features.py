@@ -5,10 +5,9 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import distributed
+from .fsio import replacing, write_atomic
 from .progress import Progress, ProgressFn
+
+
+PIXELS = "pixels"  # the pseudo-layer of input intensities: (B, 1, S, S) grey values in [0, 1]
 
 
 
@@ -115,16 +118,6 @@ class PatchFeatures:
         return PatchFeatures(maps, size, cls, backbone, meta)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write ``path`` through a temporary file unique to this writer, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
@@ -201,8 +194,7 @@ class FeatureCache:
         d.mkdir(exist_ok=True)
         fp = d / "backbone.json"
         if not fp.exists():
-            _atomic_write(fp, lambda tmp: tmp.write_text(json.dumps({"fingerprint": fingerprint,
-                                                                     "dtype": _ST[self.dtype]})))
+            write_atomic(fp, json.dumps({"fingerprint": fingerprint, "dtype": _ST[self.dtype]}))
         return d
 
     def get(self, fingerprint: str, key: str) -> PatchFeatures | None:
@@ -231,8 +223,8 @@ class FeatureCache:
         if feats.cls is not None:
             tensors["cls"] = feats.cls.to(self.dtype).contiguous()
         meta = {"layers": json.dumps(feats.layers), "image_size": json.dumps(list(feats.image_size))}
-        _atomic_write(self._dir(fingerprint) / f"{key}.safetensors",
-                      lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        with replacing(self._dir(fingerprint) / f"{key}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     def _entries(self) -> list[tuple[float, int, Path]]:
         """(mtime, bytes, path) of every entry and pack that still exists (others may evict concurrently)."""
@@ -273,15 +265,23 @@ class FeatureCache:
     ) -> PatchFeatures:
         """Features of ``samples`` (objects with ``load()`` -> PIL and ``content_key()``), from cache or backbone.
 
-        Under torchrun each rank extracts its shard (``distributed.shard``) and every rank receives all of them,
-        in order (``distributed.all_gather_cat``): the ranks share the backbone's work, not a file system.
+        Under torchrun each rank extracts its shard and every rank receives all of them, in order
+        (``distributed.all_gather_cat``): the ranks share the backbone's work, not a file system. The shards
+        are whole batches where there are at least as many batches as ranks, so a cold cache gives exactly
+        the one-process features (a convolution's rounding depends on the batch it runs in).
 
         Returns:
             PatchFeatures of all samples in order, in the cache's ``dtype`` (memory-mapped from ``pack_min``
             images); ``meta["backbone_s"]`` holds the seconds spent in the backbone (by this rank).
         """
         if distributed.is_distributed() and len(samples) >= distributed.world_size():
-            mine = self._extract(backbone, samples[distributed.shard(len(samples))], batch_size, progress)
+            batches = -(-len(samples) // batch_size)
+            if batches >= distributed.world_size():  # whole batches per rank: the one-process batches
+                part = distributed.shard(batches)
+                part = slice(part.start * batch_size, min(part.stop * batch_size, len(samples)))
+            else:
+                part = distributed.shard(len(samples))
+            mine = self._extract(backbone, samples[part], batch_size, progress)
             return PatchFeatures({l: distributed.all_gather_cat(m) for l, m in mine.maps.items()}, mine.image_size,
                                 None if mine.cls is None else distributed.all_gather_cat(mine.cls), mine.backbone,
                                 dict(mine.meta))
@@ -344,34 +344,33 @@ class FeatureCache:
         meta = {"layers": json.dumps(first.layers), "image_size": json.dumps(list(first.image_size))}
         if pack is None:
             out = {k: torch.empty(s, dtype=self.dtype).numpy() for k, s in shapes.items()}
-        else:
-            pack.parent.mkdir(exist_ok=True)
-            head, layout = _pack_header(shapes, self.dtype, meta)
-            tmp = pack.with_name(f".{pack.name}.{uuid.uuid4().hex}.tmp")
+            self._fill(out, first, fp, keys, samples, backbone, fresh)
+            t = {k: torch.from_numpy(a) for k, a in out.items()}
+            return PatchFeatures({l: t[f"map.{l}"] for l in first.layers}, first.image_size, t.get("cls"), fp)
+        pack.parent.mkdir(exist_ok=True)
+        head, layout = _pack_header(shapes, self.dtype, meta)
+        with replacing(pack) as tmp:
             with open(tmp, "wb") as f:
                 f.write(head)
                 f.truncate(len(head) + max(t["data_offsets"][1] for t in layout.values()))
             out, _ = _map_pack(tmp, mode="r+")
-        try:
-            for i, k in enumerate(keys):
-                one = first if i == 0 else fresh.pop(i) if i in fresh else self._entry(fp, k, samples[i], backbone)
-                if one.layers != first.layers or one.image_size != first.image_size:
-                    raise ValueError(f"{getattr(samples[i], 'name', k)}: cached features of another geometry")
-                for l, m in one.maps.items():
-                    out[f"map.{l}"][i] = m[0].numpy()
-                if "cls" in out:
-                    out["cls"][i] = one.cls[0].numpy()
-            if pack is not None:
-                for a in out.values():
-                    a.flush()
-                del out
-                os.replace(tmp, pack)
-                return self._open_pack(pack, fp)
-        finally:
-            if pack is not None:
-                tmp.unlink(missing_ok=True)
-        t = {k: torch.from_numpy(a) for k, a in out.items()}
-        return PatchFeatures({l: t[f"map.{l}"] for l in first.layers}, first.image_size, t.get("cls"), fp)
+            self._fill(out, first, fp, keys, samples, backbone, fresh)
+            for a in out.values():
+                a.flush()
+            del out
+        return self._open_pack(pack, fp)
+
+    def _fill(self, out: dict[str, np.ndarray], first: PatchFeatures, fp: str, keys: list[str], samples: Sequence,
+              backbone, fresh: dict[int, PatchFeatures]) -> None:
+        """Copy every entry into its row of ``out`` (the first is already read)."""
+        for i, k in enumerate(keys):
+            one = first if i == 0 else fresh.pop(i) if i in fresh else self._entry(fp, k, samples[i], backbone)
+            if one.layers != first.layers or one.image_size != first.image_size:
+                raise ValueError(f"{getattr(samples[i], 'name', k)}: cached features of another geometry")
+            for l, m in one.maps.items():
+                out[f"map.{l}"][i] = m[0].numpy()
+            if "cls" in out:
+                out["cls"][i] = one.cls[0].numpy()
 
     def _open_pack(self, path: Path, fp: str) -> PatchFeatures:
         arrays, meta = _map_pack(path)

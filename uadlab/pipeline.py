@@ -26,15 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
-from .backbones import OFFLINE_DEFAULT, Backbone, backbone_spec, shared_backbone
+from .backbones import Backbone, backbone_spec, shared_backbone
 from .data import Dataset, Sample
 from .errors import DataError
 from .features import FeatureCache, PatchFeatures
+from .fsio import write_atomic
 from .medical import Window
 from .methods import Method, get_method_class, list_methods
 from .postprocess import Calibration, check_score_mode, upsample
 from .progress import Progress, ProgressFn, Stages
-from .settings import DEFAULT_IMAGE_SIZE, check_side, feature_cache_dir
+from .settings import DEFAULT_IMAGE_SIZE, OFFLINE_DEFAULT, check_side, feature_cache_dir
 
 default_cache_dir = feature_cache_dir  # the feature cache's default folder (``UADLAB_CACHE``)
 
@@ -625,6 +626,7 @@ class Run:
             normal = labels == 0
             mask = masks[self.config.inputs_of(name)]
             r = {**M.image_metrics(labels, sc.scores), **M.pixel_metrics(mask, sc.maps),
+                 **M.intervals(labels, sc.scores, mask, sc.maps),  # 95% intervals, n normal / anomalous, note
                  "curves": M.curves(labels, sc.scores), "pixel_curves": M.pixel_curves(mask, sc.maps),
                  "head_ms": float(np.median(sc.head_ms)),
                  "head_mb": head_megabytes(self.heads[name]), "fit_s": self.info["fit_s"].get(name),
@@ -649,9 +651,7 @@ class Run:
         self.meta.update(extra or {})
         meta = {**self.meta, "run_id": self.run_id, "config": self.config.to_dict(), "info": self.info,
                 "calibration": {k: v.to_dict() for k, v in self.calibration.items()}, "created": time.time()}
-        tmp = self.dir / "run.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2, default=_jsonable))
-        os.replace(tmp, self.dir / "run.json")  # atomic: a crash never leaves half a run.json
+        write_atomic(self.dir / "run.json", json.dumps(meta, indent=2, default=_jsonable))  # never half a run.json
         return self.dir
 
     @classmethod

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 from . import settings
 from .errors import DataError
-from .tokens import clean as clean_token, scrub, secret_variants  # noqa: F401  (the app's names)
+from .tokens import scrub
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 # an absolute path of 2+ parts not inside a URL ("https://h/p": its slashes follow "/" or a word character)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 # ---- limits of run settings (the CLI, the app and the Python API check them through RunConfig) ----------
 DEFAULT_IMAGE_SIZE = 224  # the network input side (centre crop) unless a preset or the user says otherwise
+OFFLINE_DEFAULT = "efficientnet_lite0"  # the backbone unless the user names one: packaged weights, works offline
 MIN_SIDE, MAX_SIDE = 32, 4096  # network input / resize side in px: 4096 px is already minutes and GBs per image
 
 

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import distributed
+from .fsio import replacing
 from .progress import Progress, ProgressFn
 
 SELECT = ("val_loss", "last")
@@ -127,9 +128,8 @@ def _save(path: Path, key: str, module: nn.Module, opt: torch.optim.Optimizer, s
     meta = {"key": key, "loop": json.dumps(asdict(loop)),
             "param_groups": json.dumps(opt.state_dict()["param_groups"], default=str),  # lr as scheduled now
             "scheduler": json.dumps(scheduler.state_dict() if scheduler is not None else None, default=str)}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two trainings never share a temp file
-    save_file(t, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:  # a temp name per writer: two trainings never share one
+        save_file(t, str(tmp), metadata=meta)
 
 
 def _resume(path: Path, key: str, module: nn.Module, opt: torch.optim.Optimizer, scheduler: Any,

@@ -367,6 +367,11 @@ def _emptiest_corner(lines: Sequence[tuple[Sequence[float], Sequence[float]]]) -
 METRIC_COLUMNS = [("image_auroc", "image AUROC"), ("image_ap", "image AP"), ("image_f1max", "image F1-max"),
                   ("pixel_auroc", "pixel AUROC"), ("pixel_ap", "pixel AP"), ("pixel_f1max", "pixel F1-max"),
                   ("aupro", "AUPRO"), ("fit_s", "fit s"), ("head_ms", "ms / image"), ("head_mb", "head MB")]
+# a bootstrap 95% interval (metrics.intervals) shown right after each AUROC / AP, then the sample sizes
+INTERVAL_COLUMNS = {"image_auroc": "image AUROC 95% CI", "image_ap": "image AP 95% CI",
+                    "pixel_auroc": "pixel AUROC 95% CI", "pixel_ap": "pixel AP 95% CI"}
+COUNT_COLUMNS = [("n_normal", "n normal"), ("n_anomalous", "n anomalous")]
+NOTE_COLUMN = "note"
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -379,16 +384,65 @@ def _digits(key: str) -> int:
     return 1 if key in ("fit_s", "head_ms") else 2 if key == "head_mb" else 3
 
 
+def _interval(v: Any) -> str:
+    """"0.812–0.969" from an interval (a pair, or a JSON list from a saved run); "–" when missing."""
+    try:
+        low, high = (float(x) for x in v)
+    except (TypeError, ValueError):
+        return "–"
+    return "–" if math.isnan(low) or math.isnan(high) else f"{low:.3f}–{high:.3f}"
+
+
+def _note(r: dict[str, Any]) -> str:
+    from .metrics import sample_note
+
+    if r.get("n_normal") is None or r.get("n_anomalous") is None:
+        return r.get("note") or ""
+    return sample_note(int(r["n_normal"]), int(r["n_anomalous"]))
+
+
+def table_columns() -> list[tuple[str, str]]:
+    """(key, header) of every column after "method": each metric, its interval after it, sample sizes, note."""
+    cols: list[tuple[str, str]] = []
+    for key, label in METRIC_COLUMNS:
+        cols.append((key, label))
+        if key in INTERVAL_COLUMNS:
+            cols.append((f"{key}_ci", INTERVAL_COLUMNS[key]))
+    return cols + COUNT_COLUMNS + [("note", NOTE_COLUMN)]
+
+
+def _cell(r: dict[str, Any], key: str) -> str:
+    if key.endswith("_ci"):
+        return _interval(r.get(key))
+    if key == "note":
+        return _note(r)
+    if key in ("n_normal", "n_anomalous"):
+        return "–" if r.get(key) is None else str(int(r[key]))
+    return _f(r.get(key), _digits(key))
+
+
 def metrics_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of the metrics table as text, one row per method; missing values show as "–"."""
-    headers = ["method"] + [label for _, label in METRIC_COLUMNS]
-    rows = [[name] + [_f(r.get(key), _digits(key)) for key, _ in METRIC_COLUMNS] for name, r in results.items()]
+    cols = table_columns()
+    headers = ["method"] + [label for _, label in cols]
+    rows = [[name] + [_cell(r, key) for key, _ in cols] for name, r in results.items()]
     return headers, rows
 
 
+def small_sample_note(results: dict[str, dict[str, Any]]) -> str:
+    """One sentence for the screen when the metrics rest on fewer than 10 normal or anomalous images; ""."""
+    notes = {_note(r) for r in results.values()} - {""}
+    if not notes:
+        return ""
+    return ("**Small sample.** AUROC / AP are " + "; ".join(sorted(notes)) +
+            ". The 95% intervals in the table show how little they say.")
+
+
 def metrics_frame(results: dict[str, dict[str, Any]]):
-    """The metrics table as a pandas DataFrame: "method" plus NUMERIC (float) columns, rounded for display,
-    NaN where a value is missing, so a gr.Dataframe sorts them as numbers."""
+    """The metrics table as a pandas DataFrame: "method", then the metrics as NUMERIC (float) columns, rounded
+    for display, NaN where a value is missing, so a gr.Dataframe sorts them as numbers; after each AUROC / AP
+    its bootstrap 95% interval (text), then n normal / n anomalous and a note where the sample is too small
+    to mean anything (fewer than 10 images of a class)."""
     import pandas as pd
 
     def num(v: Any, digits: int) -> float:
@@ -397,6 +451,10 @@ def metrics_frame(results: dict[str, dict[str, Any]]):
         except (TypeError, ValueError):
             return math.nan
 
-    rows = [[name] + [num(r.get(key), _digits(key)) for key, _ in METRIC_COLUMNS] for name, r in results.items()]
-    frame = pd.DataFrame(rows, columns=["method"] + [label for _, label in METRIC_COLUMNS])
-    return frame.astype({label: "float64" for _, label in METRIC_COLUMNS})
+    cols = table_columns()
+    numeric = {key for key, _ in METRIC_COLUMNS + COUNT_COLUMNS}
+    rows = [[name] + [num(r.get(key), _digits(key) if key in dict(METRIC_COLUMNS) else 0) if key in numeric
+                      else _cell(r, key) for key, _ in cols] for name, r in results.items()]
+    frame = pd.DataFrame(rows, columns=["method"] + [label for _, label in cols])
+    frame = frame.astype({label: "float64" for key, label in METRIC_COLUMNS})
+    return frame.astype({label: "Int64" for _, label in COUNT_COLUMNS})  # whole numbers, missing as <NA>

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import affine_transform
 
-from ..data import Sample
-from ..backbones import OFFLINE_DEFAULT, resolve_name
+from ..backbones import resolve_name
 from ..features import PatchFeatures
 from ..layers import KNN_MODES, cached_index
+from ..settings import OFFLINE_DEFAULT
 from .base import AnomalyResult, Method, register_method
 
 # The paper's masking table ("agnostic" preprocessing, official src/utils.py): mask the test image's
@@ -150,8 +150,9 @@ class AnomalyDINO(Method):
             return list(self.layers)
         return ["stage2", "stage3"] if spec.kind == "cnn" else ["norm"]
 
-    def reference_augment(self, samples: Sequence[Sample]) -> list[Sample]:
-        """The reference images to fit on: ``samples`` and, with ``rotation``, their 7 further rotations."""
+    def reference_augment(self, samples: Sequence) -> list:
+        """The reference images to fit on: ``samples`` (``data.Sample``: methods see images only through the
+        pipeline's samples) and, with ``rotation``, their 7 further rotations."""
         if not self.rotation:
             return list(samples)
         out = []

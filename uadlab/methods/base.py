@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import DataError
-from ..backbones import OFFLINE_DEFAULT
+from ..settings import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..progress import ProgressFn
 from ..postprocess import DEFAULT_SIGMA, image_score, to_heatmap

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..backbones import OFFLINE_DEFAULT
+from ..settings import OFFLINE_DEFAULT
 from .. import distributed
 from ..features import PatchFeatures
+from ..fsio import replacing
 from ..progress import Progress
 from ..postprocess import image_score, upsample
 from .base import AnomalyResult, Method, register_method
@@ -155,7 +155,8 @@ def split_groups(n: int, groups: int | str) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(g)]
 
 
-def hard_mining_cosine(enc: list[torch.Tensor], dec: list[torch.Tensor], p: float, factor: float = 0.1) -> torch.Tensor:
+def hard_mining_cosine(enc: list[torch.Tensor], dec: list[torch.Tensor], p: float, factor: float = 0.1,
+                       split: bool = False) -> torch.Tensor:
     """The loose loss: global cosine distance per group with hard mining (the official global_cosine_hm_percent).
 
     For each group, e = stop-grad(encoder) and d = decoder tokens (B, N, D):
@@ -163,7 +164,8 @@ def hard_mining_cosine(enc: list[torch.Tensor], dec: list[torch.Tensor], p: floa
         L_g = mean_b [1 - cos(flat(e_b), flat(d_b))]  (one cosine over all of an image's N x D values)
     and a gradient hook multiplies the gradient of every point with delta < tau by ``factor``: the
     best-reconstructed share p of points barely trains, the hard ones do. L = mean_g L_g.
-    ``p = 0`` is the plain global cosine loss.
+    ``p = 0`` is the plain global cosine loss. ``split``: under torchrun, this rank holds its part of the
+    batch; tau is then taken over every rank's points (gathered), as one process takes it over the batch.
     """
     loss = enc[0].new_zeros(())
     for e, d in zip(enc, dec):
@@ -172,8 +174,9 @@ def hard_mining_cosine(enc: list[torch.Tensor], dec: list[torch.Tensor], p: floa
         if p > 0 and d.requires_grad:
             with torch.no_grad():
                 delta = 1 - F.cosine_similarity(e, d, dim=-1)  # (B, N)
-                k = max(1, int(delta.numel() * (1 - p)))
-                tau = delta.flatten().topk(k).values[-1]
+                every = distributed.all_gather_cat(delta) if split else delta  # the whole batch's points
+                k = max(1, int(every.numel() * (1 - p)))
+                tau = every.flatten().topk(k).values[-1]
                 scale = torch.where(delta < tau, factor, 1.0).unsqueeze(-1)  # (B, N, 1)
             d.register_hook(lambda grad, s=scale: grad * s)
     return loss / len(enc)
@@ -329,10 +332,14 @@ class Dinomaly(Method):
             out.append(t)
         return out, grid
 
-    def _reconstruct(self, tokens: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Encoder groups and decoder groups, each a list of (B, N, D)."""
+    def _reconstruct(self, tokens: list[torch.Tensor], part: slice | None = None
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Encoder groups and decoder groups, each a list of (B, N, D); with ``part``, of those images only
+        (the bottleneck's dropout still runs on the whole batch: the same noise as one process draws)."""
         x = torch.stack(tokens).mean(0)  # x0: mean of all encoder layers
         x = self.bottleneck(x)
+        if part is not None:
+            x, tokens = x[part], [t[part] for t in tokens]
         outs = []
         for blk in self.decoder:
             x = blk(x)
@@ -356,18 +363,21 @@ class Dinomaly(Method):
     def _trainable(self) -> list[nn.Parameter]:
         return [*self.bottleneck.parameters(), *self.decoder.parameters()]
 
-    def train_step(self, tokens: list[torch.Tensor], opt: StableAdamW, step: int, total: int,
-                   batch: int | None = None) -> float:
-        """One optimisation step on a batch of per-layer tokens; returns the loss. Under torchrun ``tokens`` are
-        this rank's part of a global batch of ``batch`` images, and gradients are averaged over the ranks
-        (hard mining then picks its hardest points per rank, not over the whole batch)."""
+    def train_step(self, tokens: list[torch.Tensor], opt: StableAdamW, step: int, total: int) -> float:
+        """One optimisation step on a batch of per-layer tokens; returns the loss (this rank's). Under torchrun
+        every rank gets the whole batch, runs the (cheap) noisy bottleneck on all of it with the same random
+        state, so the dropout noise is one process's, and decodes only its part (``local_part``); hard mining's
+        threshold is taken over all parts and the gradients are averaged over the ranks: the one-process step
+        up to rounding."""
         for g in opt.param_groups:
             g["lr"] = warm_cosine_lr(step, total, self.lr, self.final_lr, self.warmup)
-        enc, dec = self._reconstruct(tokens)
-        loss = hard_mining_cosine(enc, dec, self._p(step), self.hm_factor)
+        n = len(tokens[0])
+        split = distributed.is_distributed() and n >= distributed.world_size()
+        enc, dec = self._reconstruct(tokens, distributed.local_part(n) if split else None)
+        loss = hard_mining_cosine(enc, dec, self._p(step), self.hm_factor, split=split)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.average_gradients(self._trainable(), batch or len(tokens[0]))
+        distributed.average_gradients(self._trainable(), n)
         nn.utils.clip_grad_norm_(self._trainable(), self.grad_clip)
         opt.step()
         return float(loss.detach())
@@ -413,8 +423,8 @@ class Dinomaly(Method):
                 epoch, j = divmod(step, per_epoch)
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
                 idx = order[j * bs:(j + 1) * bs]
-                tokens, _ = self._tokens(features[idx[distributed.local_part(len(idx))]])  # (B, N, D) per layer;
-                loss = self.train_step(tokens, opt, step, steps, len(idx))  # under torchrun this rank's part
+                tokens, _ = self._tokens(features[idx])  # (B, N, D) per layer
+                loss = self.train_step(tokens, opt, step, steps)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"dinomaly: loss became {loss} at step {step}")
                 history.append(loss)
@@ -482,9 +492,8 @@ class Dinomaly(Method):
         for i, st in opt.state_dict()["state"].items():
             t.update({f"opt.{i}.{k}": v.clone().contiguous() for k, v in st.items()})
         t["rng"] = torch.get_rng_state()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(t, str(tmp), metadata={"step": str(step), "data_key": data_key})
-        os.replace(tmp, path)
+        with replacing(path) as tmp:  # two processes training the same run never share a temporary file
+            save_file(t, str(tmp), metadata={"step": str(step), "data_key": data_key})
 
     def _resume(self, path: Path, opt: StableAdamW, data_key: str) -> int:
         """Load a checkpoint of the same data and settings; returns the step to continue from (0 if none)."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..backbones import OFFLINE_DEFAULT
+from ..settings import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from .base import AnomalyResult, Method, register_method
 

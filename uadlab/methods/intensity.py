@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from ..backbones import OFFLINE_DEFAULT, PIXELS
-from ..features import PatchFeatures
+from ..features import PIXELS, PatchFeatures
+from ..settings import OFFLINE_DEFAULT
 from .base import AnomalyResult, Method, register_method
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import OFFLINE_DEFAULT
+from ..settings import OFFLINE_DEFAULT
 from ..features import PatchFeatures
 from ..progress import Progress
 from .base import AnomalyResult, Method, register_method

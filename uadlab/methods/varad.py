@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import OFFLINE_DEFAULT
+from ..settings import OFFLINE_DEFAULT
 from .. import distributed
 from ..features import PatchFeatures
 from ..trainer import TrainConfig, fingerprint, train

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .. import viz
-from ..store import LABELS, MAX_NOTE_CHARS, Annotation
+from ..workspace.store import LABELS, MAX_NOTE_CHARS, Annotation
 from ..data import Sample
 from ..workspace import describe
 from .common import in_panel, open_workspace, ui_errors

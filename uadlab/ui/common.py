@@ -9,7 +9,7 @@ from typing import Callable
 
 import gradio as gr
 
-from .. import safety as S
+from .. import safety as S, tokens
 from ..errors import UadlabError
 from ..progress import ProgressFn
 from ..workspace import Workspace, valid_user_id
@@ -27,8 +27,8 @@ def ui_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         given = {**dict(zip(names, args)), **kwargs}
-        secrets = S.secret_variants(v for k, v in given.items() if "token" in k)
-        clean = lambda text: S.public_text(S.scrub(str(text), secrets))  # noqa: E731
+        secrets = tokens.secret_variants(v for k, v in given.items() if "token" in k)
+        clean = lambda text: S.public_text(tokens.scrub(str(text), secrets))  # noqa: E731
         try:
             return fn(*args, **kwargs)
         except gr.Error as e:

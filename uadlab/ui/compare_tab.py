@@ -18,7 +18,7 @@ from ..viz import VMAX  # the colour scale: [0, VMAX] calibrated units (1 = the 
 from ..workspace import Workspace
 from ..workspace.session import LRU
 from ..workspace.runs import _volume_of
-from .common import in_panel, open_workspace, reporter, ui_errors
+from .common import error_text, in_panel, open_workspace, reporter, ui_errors
 from .viewer import HEAD, JS_ON_LOAD, Panel, ViewItem, Volume, item_payload, viewer_html
 
 LABELS = {0: "normal", 1: "anomalous"}
@@ -200,15 +200,45 @@ def on_export_maps(user: str, run_id: str | None, names: list[str], threshold: f
 
 
 @ui_errors
+def on_metrics(user: str, run_id: str | None, labels: str):
+    """(curves, metrics table, small-sample note) of a run with the chosen labels."""
+    if not run_id:
+        return None, None, ""
+    results = open_workspace(user).runs.evaluation(run_id, "annotations" if labels == "my annotations" else "dataset")
+    return viz.curves_figure(results) if results else None, viz.metrics_frame(results), viz.small_sample_note(results)
+
+
+@ui_errors
+def on_viewer(user: str, run_id: str | None, names: list[str]) -> str:
+    """The viewer of the chosen test images."""
+    if not run_id:
+        return viewer_html([])
+    volumes: dict[str, Volume] = {}
+    items = view_items(open_workspace(user), run_id, names or [], volumes)
+    return viewer_html(items, vmax=VMAX, elem_id="viewer", volumes=volumes)
+
+
 def on_compare(user: str, run_id: str | None, names: list[str], labels: str):
     """(viewer, curves, metrics table) of the chosen test images."""
-    if not run_id:
-        return viewer_html([]), None, None
-    ws = open_workspace(user)
-    volumes: dict[str, Volume] = {}
-    viewer = viewer_html(view_items(ws, run_id, names or [], volumes), vmax=VMAX, elem_id="viewer", volumes=volumes)
-    results = ws.runs.evaluation(run_id, "annotations" if labels == "my annotations" else "dataset")
-    return viewer, viz.curves_figure(results) if results else None, viz.metrics_frame(results)
+    viewer = on_viewer(user, run_id, names)
+    fig, table, _ = on_metrics(user, run_id, labels)
+    return viewer, fig, table
+
+
+def on_show(user: str, run_id: str | None, names: list[str], labels: str):
+    """(viewer, curves, metrics table, status) for the Show button and the labels choice. The metrics and the
+    viewer fail apart: when the chosen labels give no metrics (no annotations yet), the table and curves
+    empty and the status says why, so the previous choice's numbers never stay under the new one; a
+    small sample is said in the status too."""
+    try:
+        fig, table, note = on_metrics(user, run_id, labels)
+    except gr.Error as e:
+        fig, table, note = None, None, error_text(e.message)
+    try:
+        viewer = on_viewer(user, run_id, names)
+    except gr.Error as e:
+        viewer, note = gr.skip(), error_text(e.message) + note
+    return viewer, fig, table, note
 
 
 # the export takes the viewer's threshold and window as they are on screen (the viewer is client-side)
@@ -248,10 +278,7 @@ def build(user: gr.State, run: gr.Dropdown) -> SimpleNamespace:
     export_file = gr.File(label="Export", interactive=False, height=100, elem_id="export-file")
     export_status = gr.Markdown()
 
-    def compare(user, run_id, names, labels):
-        return (*on_compare(user, run_id, names, labels), "")
-
-    show = (in_panel(compare, status=3, n_outputs=4), [user, run, names, labels], [viewer, curves, table, status])
+    show = (in_panel(on_show, status=3, n_outputs=4), [user, run, names, labels], [viewer, curves, table, status])
     show_btn.click(*show)
     labels.change(*show)
 

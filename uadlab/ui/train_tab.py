@@ -5,10 +5,10 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from .. import safety as S
-from ..backbones import OFFLINE_DEFAULT, SHORT_NAMES, public_backbone
+from .. import safety as S, tokens
+from ..backbones import SHORT_NAMES, public_backbone
 from ..medical import WINDOW_PRESETS, Window
-from ..settings import DEFAULT_IMAGE_SIZE, MAX_SIDE, MIN_SIDE
+from ..settings import DEFAULT_IMAGE_SIZE, MAX_SIDE, MIN_SIDE, OFFLINE_DEFAULT
 from ..methods import get_method_class, list_methods
 from ..workspace import source_label, thumbnail
 from ..viz import metrics_frame
@@ -42,7 +42,7 @@ def on_train(user: str, backbone: str | None, methods: list[str], preset: str, i
     ws = open_workspace(user)
     run_id, evaluation = ws.runs.train(methods, public_backbone(backbone), preset,
                                        None if image_size in (None, "") else image_size, aux_source,
-                                       S.clean_token(token), progress=reporter(progress), window=window or None)
+                                       tokens.clean(token), progress=reporter(progress), window=window or None)
     msg = f"Run **{ws.runs.label(run_id)}** trained and saved. Open **Compare** to see the heatmaps."
     if not evaluation:
         msg += " (No labelled test images: no metrics.)"

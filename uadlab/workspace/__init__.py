@@ -29,13 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..fsio import write_atomic
 from ..safety import QuotaError, disk_usage, limits, megabytes, workspace_root
-from ..store import AnnotationStore
 from . import examples
 from .annotations import Annotations
 from .runs import Runs
 from .session import JOBS, browser_secret, expire_workspaces, new_user_id, start_sweeper, sweep, valid_user_id
 from .sources import DataSources, dataset_key, default_selection, describe, source_label, thumbnail
+from .store import AnnotationStore
 
 __all__ = ["JOBS", "Workspace", "browser_secret", "dataset_key", "default_selection", "describe", "examples",
            "expire_workspaces", "new_user_id", "source_label", "start_sweeper", "sweep", "thumbnail", "valid_user_id",
@@ -73,9 +74,7 @@ class Workspace:
 
     def set_pref(self, key: str, value: Any) -> None:
         prefs = {**self.prefs(), key: value}
-        tmp = self.dir / "prefs.json.tmp"
-        tmp.write_text(json.dumps(prefs))
-        os.replace(tmp, self.dir / "prefs.json")
+        write_atomic(self.dir / "prefs.json", json.dumps(prefs))  # two tabs may write at once
 
     # ---- quotas -------------------------------------------------------------------------------------------------
     def check_upload(self, size: int, images: int, unpacked: int | None = None, voxels: int = 0) -> int:

@@ -1,6 +1,6 @@
 """Annotations and reviews of a workspace: the images to annotate, saving label/mask/note/verdicts, the
 counts and summaries the screens show, and the MVTec-layout export. Persistence is the store's
-(``uadlab.store``: one SQLite file, committed at once)."""
+(``store``: one SQLite file, committed at once)."""
 from __future__ import annotations
 
 import time
@@ -10,8 +10,8 @@ import numpy as np
 
 from ..data import DataError, Sample
 from ..safety import export_path
-from ..store import Annotation
 from .sources import dataset_key
+from .store import Annotation
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -10,14 +10,13 @@ import shutil
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .. import settings
+from .. import lru, settings
 from ..safety import TRAININGS, QuotaError, limits, remove_stale_exports, workspace_root
-from ..store import AnnotationStore
+from .store import AnnotationStore
 
 _USER_RE = re.compile(r"^[0-9a-f]{8,64}$")
 ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")  # upload and run ids (they become folder names)
@@ -57,45 +56,15 @@ def browser_secret(root: str | Path | None = None) -> str:
     return path.read_text().strip()
 
 
-class LRU:
-    """A small thread-safe least-recently-used cache shared by all sessions of the process.
-
-    Keys start with the user id, so an expired workspace leaves nothing behind (``forget``).
-    """
+class LRU(lru.LRU):
+    """A process-wide cache shared by all sessions whose keys start with the user id, so an expired
+    workspace leaves nothing behind (``forget``)."""
 
     instances: list["LRU"] = []
 
     def __init__(self, size: int) -> None:
-        self.size = size
-        self._d: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
+        super().__init__(size)
         LRU.instances.append(self)
-
-    def get(self, key: Any, make: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self._d:
-                self._d.move_to_end(key)
-                return self._d[key]
-        value = make()  # outside the lock: loading a run must not block other users
-        self.put(key, value)
-        return value
-
-    def peek(self, key: Any) -> Any:
-        """The value of ``key`` or None, without making one."""
-        with self._lock:
-            return self._d.get(key)
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
-
-    def drop(self, match: Callable[[Any], bool]) -> None:
-        with self._lock:
-            for k in [k for k in self._d if match(k)]:
-                del self._d[k]
 
     @classmethod
     def forget(cls, users: set[str]) -> None:

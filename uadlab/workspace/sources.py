@@ -19,6 +19,7 @@ from PIL import Image
 from .. import medical, settings
 from ..data import (IMAGE_EXTS, SKIPPED_MEMBERS, DataError, Dataset, Sample, file_stem, is_image_name, load_files,
                     load_hf, load_mvtec, load_unpacked, safe_extract_zip, skipped_warnings)
+from ..fsio import write_atomic
 from ..progress import ProgressFn
 from ..safety import confine, hub_id, limits, resolve_local_folder
 from .session import ID_RE, LRU
@@ -250,9 +251,7 @@ class DataSources:
             if new_upload and choice.get("kind") == "upload" and ID_RE.match(str(choice.get("id", ""))):
                 shutil.rmtree(self.uploads / choice["id"], ignore_errors=True)
             raise
-        tmp = self.ws.dir / "data.json.tmp"
-        tmp.write_text(json.dumps(choice))
-        os.replace(tmp, self.ws.dir / "data.json")
+        write_atomic(self.ws.dir / "data.json", json.dumps(choice))  # two tabs may write at once
         return ds
 
     def _prune_streamed(self, keep: Path, idle_s: float = 3600) -> None:

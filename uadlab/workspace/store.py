@@ -26,8 +26,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .data import Sample
-from .medical import medical_kind
+from ..data import Sample
+from ..medical import medical_kind
 
 LABELS = ("normal", "anomalous", "unsure")
 MAX_NOTE_CHARS = 10_000  # a note is a remark on one image, not a file: the database is shared by every user

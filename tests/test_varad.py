@@ -171,6 +171,27 @@ def test_switches_change_the_output():
         create_method("varad", directions=["diagonal"])
 
 
+def test_direction_fusion_min_mean_max():
+    """The default keeps, per token, the smallest discrepancy over the scan orders (the fusion only changes the
+    scoring, so one trained head gives all three): min <= mean <= max everywhere, and not all equal."""
+    train, test = _texture(8, 0), _texture(2, 1)
+    head = create_method("varad", **{**TINY, "epochs": 1}).fit(train)
+    assert head.direction_fusion == "min"
+    fused = {}
+    for mode in ("min", "mean", "max"):
+        head.direction_fusion = mode
+        fused[mode] = head.score(test).patch_map
+    assert (fused["min"] <= fused["mean"] + 1e-6).all() and (fused["mean"] <= fused["max"] + 1e-6).all()
+    assert (fused["mean"] - fused["min"]).max() > 1e-3
+    head.direction_fusion = "min"
+    tokens, grid = head._tokens(test)
+    with torch.no_grad():
+        per_dir = head._maps(tokens, grid, normalised=True)  # (nh, nd, B, h, w)
+    torch.testing.assert_close(fused["min"], per_dir.amin(1).mean(0))
+    with pytest.raises(ValueError, match="direction_fusion"):
+        create_method("varad", direction_fusion="median")
+
+
 def test_trains_until_the_held_out_loss_stops_falling_and_refits_to_that_budget():
     """Issue 25: the budget is what the model needs (patience on held-out normals, with a cap), and a refit on
     all normals trains the selected epoch count."""
@@ -207,3 +228,20 @@ def test_channel_normalised_error_is_one_on_normal_tokens(tmp_path):
     assert torch.equal(old.hier[0].err_var, torch.ones(6))
     with pytest.raises(ValueError, match="normalize"):
         create_method("varad", normalize="z")
+
+
+def test_head_saved_before_direction_fusion_keeps_its_mean(tmp_path):
+    """A head whose config.json predates ``direction_fusion`` loads with the fusion it was saved with (the mean
+    over scan orders), not today's default, so its scores do not change on loading."""
+    import json
+
+    train, test = _texture(8, 0), _texture(2, 1)
+    head = create_method("varad", direction_fusion="mean", **{**TINY, "epochs": 1}).fit(train)
+    head.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["direction_fusion"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    old = get_method_class("varad").from_pretrained(str(tmp_path))
+    assert old.direction_fusion == "mean"
+    torch.testing.assert_close(old.score(test).patch_map, head.score(test).patch_map)
+    assert create_method("varad").direction_fusion == "min"  # a new head takes today's default

@@ -175,6 +175,8 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
             the run's refit protocol cross-fits them in K = round(1 / val_fraction) folds; heads trained for
             many steps in 2 (``pipeline.n_folds``).
         presets: named hyperparameter sets, e.g. {"quick": {...}, "paper": {...}}.
+        saved_defaults: hyperparameters a head saved before they existed takes on loading (the behaviour it was
+            saved with), where the constructor's default has since changed.
         paper_inputs: the paper's backbone and input geometry (``backbone``, ``resize``, ``image_size``),
             used by ``--preset paper`` where the user did not choose them; {} when the paper does not say.
         sigma, smooth_radius, score_mode: the method's own post-processing (its paper's choice), used by
@@ -190,6 +192,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
     fit_in_one_pass: ClassVar[bool] = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     paper_inputs: ClassVar[dict[str, Any]] = {}
+    saved_defaults: ClassVar[dict[str, Any]] = {}
     sigma: ClassVar[float] = DEFAULT_SIGMA
     smooth_radius: ClassVar[int | None] = None
     score_mode: ClassVar[str] = "top1"
@@ -299,7 +302,7 @@ class Method(torch.nn.Module, PyTorchModelHubMixin, library_name="uadlab", tags=
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False,
                          local_files_only=False, token=None, map_location: str = "cpu", strict: bool = True,
                          **model_kwargs):
-        model = cls(**model_kwargs)
+        model = cls(**{**cls.saved_defaults, **model_kwargs})
         where = Path(model_id).name if os.path.isdir(model_id) else model_id
         if os.path.isdir(model_id):
             path = os.path.join(model_id, "model.safetensors")

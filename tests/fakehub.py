@@ -184,25 +184,20 @@ class FakeHub:
         return out
 
     @staticmethod
-    def _json(h, obj, status: int = 200) -> None:
+    def _json(h, obj, status: int = 200, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj).encode()
         h.send_response(status)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         h.wfile.write(data)
 
-    @staticmethod
-    def _error(h, status: int, code: str, message: str) -> None:
-        data = json.dumps({"error": message}).encode()
-        h.send_response(status)
-        if code:
-            h.send_header("X-Error-Code", code)
-        h.send_header("X-Error-Message", message)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+    @classmethod
+    def _error(cls, h, status: int, code: str, message: str) -> None:
+        headers = {"X-Error-Code": code} if code else {}
+        cls._json(h, {"error": message}, status, {**headers, "X-Error-Message": message})
 
     @staticmethod
     def _file(h, method: str, repo: Repo, data: bytes) -> None:

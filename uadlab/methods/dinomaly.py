@@ -10,8 +10,6 @@ Guo et al., "Dinomaly: The Less Is More Philosophy in Multi-Class Unsupervised A
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from .. import distributed
 from ..features import PatchFeatures
 from ..fsio import replacing
 from ..progress import Progress
+from ..trainer import fingerprint
 from ..postprocess import image_score, upsample
 from .base import AnomalyResult, FitContext, Method, register_method
 
@@ -411,7 +410,7 @@ class Dinomaly(Method):
             self.layer_scale.copy_((sums / (n * raw[0].shape[1])).float().clamp_min(1e-6))
         per_epoch = n // bs  # drop_last
         opt = self.make_optimizer()
-        data_key = _fingerprint([features.maps[l] for l in layers], self.config())
+        data_key = fingerprint([features.maps[l] for l in layers], self.config())
         # one file per (data, settings): trainings never mix
         ckpt = Path(checkpoint_dir) / f"dinomaly_{data_key}.safetensors" if checkpoint_dir else None
         history: list[float] = []
@@ -515,12 +514,3 @@ class Dinomaly(Method):
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
         torch.set_rng_state(t["rng"])
         return int(meta["step"])
-
-
-def _fingerprint(maps: list[torch.Tensor], config: dict) -> str:
-    """A short hash of the training features and the settings, so a checkpoint resumes only the same training."""
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for m in maps:  # (B, C, h, w): a strided sample of the values is enough to tell data sets apart
-        h.update(str(tuple(m.shape)).encode())
-        h.update(m[:, ::5, ::3, ::3].contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
